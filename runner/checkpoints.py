@@ -1,0 +1,211 @@
+"""Committed checkpoints in a job folder, for any framework: a checkpoint is a folder of files plus a manifest.
+
+Commit protocol (each step safe to cut by a kill):
+
+1. copy the files into ``checkpoints/.tmp-<id>-<pid>-<rand>/`` and fsync them;
+2. write ``MANIFEST.json`` (name, size, sha256 of each file, progress and metadata) last;
+3. check that this worker's claim is still current (fencing), then rename the folder to ``checkpoints/<id>/``;
+4. verify the committed copy, and only then prune older checkpoints down to ``keep``.
+
+Restore goes newest first by (generation, epoch, step), copies each candidate to local disk while hashing it,
+and takes the first that matches its manifest; every one it passes over is logged as a ``fallback`` event.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner import storage
+from runner.errors import CheckpointCorrupt, DamagedFile, StorageError
+from runner.job import Job
+from runner.paths import MANIFEST_NAME, is_temp_name
+
+MANIFEST_FORMAT = 1
+
+_ID = re.compile(r"^g(\d{6})-e(\d{6})-s(\d{9})$")
+
+
+def checkpoint_id(generation: int, epoch: int, step: int) -> str:
+    """The folder name of a checkpoint: sorts by claim generation, completed epochs, steps into the next epoch."""
+    return f"g{generation:06d}-e{epoch:06d}-s{step:09d}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint: where it is and how far training had come."""
+
+    id: str
+    path: Path
+    generation: int
+    epoch: int
+    step: int
+    manifest: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the trainer stored beside the files (metrics, elapsed time, ...); empty until read."""
+        return self.manifest.get("meta", {})
+
+    @property
+    def created_at(self) -> float | None:
+        """When the checkpoint was committed (wall clock of the writer)."""
+        return self.manifest.get("created_at")
+
+
+def parse_checkpoint_id(name: str) -> tuple[int, int, int] | None:
+    """(generation, epoch, step) from a checkpoint folder name, or ``None`` for anything else."""
+    match = _ID.match(name)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+class CheckpointStore:
+    """The committed checkpoints of one job."""
+
+    def __init__(
+        self,
+        job: Job,
+        *,
+        keep: int,
+        fence: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep!r}")
+        self.job, self.keep, self.fence, self.clock = job, keep, fence, clock
+        self.folder = job.paths.checkpoints
+
+    def committed(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, newest first, from folder names alone (cheap on a slow mount)."""
+        found = []
+        for name in storage.list_dir(self.folder):
+            if (parsed := parse_checkpoint_id(name)) is not None:
+                found.append(CheckpointInfo(name, self.folder / name, *parsed))
+        return sorted(found, key=lambda info: (info.generation, info.epoch, info.step), reverse=True)
+
+    def newest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint (not verified), or ``None``."""
+        committed = self.committed()
+        return committed[0] if committed else None
+
+    def commit(
+        self, source: Path, *, generation: int, epoch: int, step: int, meta: dict[str, Any] | None = None
+    ) -> CheckpointInfo:
+        """Publish the files under ``source`` as a checkpoint; fenced, verified, then older ones pruned."""
+        ident = checkpoint_id(generation, epoch, step)
+        target = self.job.paths.checkpoint(ident)
+        storage.make_dirs(self.folder)
+        if target.exists():
+            # A retried commit whose rename went through before the error was seen.
+            return self._verified(CheckpointInfo(ident, target, generation, epoch, step))
+        temp = self.job.paths.checkpoint_in_progress(ident)
+        try:
+            storage.make_dirs(temp)
+            files = {}
+            for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+                relative = path.relative_to(source).as_posix()
+                (temp / relative).parent.mkdir(parents=True, exist_ok=True)
+                size, digest = storage.copy_file(path, temp / relative)
+                files[relative] = {"size": size, "sha256": digest}
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "id": ident,
+                "generation": generation,
+                "epoch": epoch,
+                "step": step,
+                "created_at": round(self.clock(), 3),
+                "files": files,
+                "meta": meta or {},
+            }
+            storage.atomic_write_json(temp / MANIFEST_NAME, manifest)
+            self.fence()
+            storage.commit_dir(temp, target)
+        except BaseException:
+            storage.remove_tree(temp)
+            raise
+        info = self._verified(CheckpointInfo(ident, target, generation, epoch, step, manifest))
+        self.job.events.append("checkpoint", checkpoint=ident, generation=generation, epoch=epoch, step=step)
+        self.prune(keep_id=ident)
+        return info
+
+    def read_manifest(self, info: CheckpointInfo) -> dict[str, Any]:
+        """A checkpoint's manifest; :class:`CheckpointCorrupt` when missing or malformed."""
+        try:
+            manifest = storage.read_json(info.path / MANIFEST_NAME)
+        except DamagedFile as error:
+            raise CheckpointCorrupt(info.id, f"manifest unreadable ({error.reason})") from None
+        except StorageError as error:
+            if error.errno_ == 2:
+                raise CheckpointCorrupt(info.id, "no MANIFEST.json") from None
+            raise
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)):
+            raise CheckpointCorrupt(info.id, "manifest has no file list")
+        if manifest.get("id") != info.id:
+            raise CheckpointCorrupt(info.id, f"manifest belongs to {manifest.get('id')!r}")
+        return manifest
+
+    def verify(self, info: CheckpointInfo) -> CheckpointInfo:
+        """Check every file against the manifest (size and sha256); return the info with its manifest."""
+        return self._verified(info)
+
+    def _verified(self, info: CheckpointInfo, copy_to: Path | None = None) -> CheckpointInfo:
+        manifest = self.read_manifest(info)
+        for relative, expected in manifest["files"].items():
+            source = info.path / relative
+            if not source.is_file():
+                raise CheckpointCorrupt(info.id, f"{relative} is missing")
+            if copy_to is not None:
+                (copy_to / relative).parent.mkdir(parents=True, exist_ok=True)
+                size, digest = storage.copy_file(source, copy_to / relative)
+            else:
+                size, digest = storage.file_digest(source)
+            if size != expected.get("size"):
+                raise CheckpointCorrupt(info.id, f"{relative} has {size} bytes, manifest says {expected.get('size')}")
+            if digest != expected.get("sha256"):
+                raise CheckpointCorrupt(info.id, f"{relative} does not match its sha256")
+        return CheckpointInfo(info.id, info.path, info.generation, info.epoch, info.step, manifest)
+
+    def restore(self, target: Path) -> CheckpointInfo | None:
+        """Copy the newest checkpoint that verifies into ``target`` (local disk); ``None`` when none does."""
+        for info in self.committed():
+            scratch = Path(target) / f".restore-{info.id}"
+            storage.remove_tree(scratch)
+            try:
+                restored = self._verified(info, copy_to=scratch)
+            except CheckpointCorrupt as error:
+                storage.remove_tree(scratch)
+                self.job.events.append("fallback", checkpoint=info.id, reason=error.reason)
+                continue
+            for child in scratch.iterdir():
+                child.rename(Path(target) / child.name)
+            scratch.rmdir()
+            return restored
+        return None
+
+    def prune(self, *, keep_id: str | None = None) -> list[str]:
+        """Delete committed checkpoints beyond the newest ``keep``; never ``keep_id``. Returns what went."""
+        removed = []
+        for info in self.committed()[self.keep :]:
+            if info.id != keep_id:
+                storage.remove_tree(info.path)
+                removed.append(info.id)
+        return removed
+
+    def collect_garbage(self) -> list[str]:
+        """Delete temporary folders left by publishers that were cut off. Only the lease holder may call this."""
+        removed = [name for name in storage.list_dir(self.folder) if is_temp_name(name)]
+        for name in removed:
+            storage.remove_tree(self.folder / name)
+        return removed
+
+
+def manifest_summary(manifest: dict[str, Any]) -> str:
+    """One line describing a manifest, for logs."""
+    files = manifest.get("files", {})
+    size = sum(entry.get("size", 0) for entry in files.values())
+    return f"{manifest.get('id')}: {len(files)} files, {size} bytes, meta {json.dumps(manifest.get('meta', {}))}"

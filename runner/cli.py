@@ -1,0 +1,183 @@
+"""The ``runner`` command. Errors are one line and an exit code, never a traceback.
+
+argparse rather than a CLI framework: the commands are few, it adds no dependency, starts fast (``runner
+status`` must stay quick where TensorFlow is slow to import), and its usage errors already exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from runner import defaults, storage
+from runner.console import render_status, status_records, watch_status
+from runner.errors import EXIT_USAGE, RunnerError, SpecError, StorageError
+from runner.lease import lease_duration_from
+from runner.paths import default_queue_dir
+from runner.queue import Queue
+from runner.spec import json_schema, load_spec
+
+DEBUG_ENV = "RUNNER_DEBUG"
+"""Set to 1 to see the traceback of an unexpected error."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--queue",
+        metavar="DIR",
+        type=Path,
+        help=f"queue folder (default: ${defaults.QUEUE_ENV}, Drive on Colab, else ./{defaults.QUEUE_DIR_LOCAL})",
+    )
+    parser = argparse.ArgumentParser(
+        prog="runner", description="Resumable Keras training jobs for sessions that die without warning."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser("submit", parents=[common], help="validate job specs and add them to the queue")
+    submit.add_argument("specs", nargs="+", metavar="SPEC", type=Path, help="YAML or JSON job spec")
+
+    work = commands.add_parser("work", parents=[common], help="run every runnable job, resuming each")
+    work.add_argument("--job", metavar="NAME", help="run only this job")
+
+    status = commands.add_parser("status", parents=[common], help="show the jobs of the queue")
+    status.add_argument("--json", action="store_true", help="print the status JSON contract")
+    status.add_argument("--watch", action="store_true", help="refresh the table until Ctrl-C")
+
+    for name, text in (("cancel", "cancel a job"), ("retry", "queue a failed or cancelled job again")):
+        sub = commands.add_parser(name, parents=[common], help=text)
+        sub.add_argument("name", metavar="NAME")
+
+    logs = commands.add_parser("logs", parents=[common], help="print a job's log")
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
+
+    commands.add_parser("schema", help="print the JSON Schema of job specs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``runner`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    out, err = Console(), Console(stderr=True, highlight=False)
+    try:
+        return _dispatch(args, out, err)
+    except SpecError as error:
+        for line in str(error).splitlines():
+            err.print(f"[red]error:[/] {line}", markup=True, soft_wrap=True)
+        return error.exit_code
+    except RunnerError as error:
+        err.print(f"[red]error:[/] {error}", soft_wrap=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # the last line of defence: a bug must still not print a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        err.print(
+            f"[red]error:[/] unexpected {type(error).__name__}: {error} "
+            f"(set {DEBUG_ENV}=1 to see the traceback, and please report it)",
+            soft_wrap=True,
+        )
+        return 1
+
+
+def _queue(args: argparse.Namespace) -> Queue:
+    root = args.queue if args.queue is not None else default_queue_dir()
+    return Queue(root, lease_duration=lease_duration_from())
+
+
+def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    queue = _queue(args)
+    if args.command == "submit":
+        return _submit(queue, args.specs, err)
+    if args.command == "work":
+        return _work(queue, args.job, out, err)
+    if args.command == "status":
+        return _status(queue, as_json=args.json, watch=args.watch, out=out)
+    if args.command == "cancel":
+        err.print(queue.cancel(args.name))
+        return 0
+    if args.command == "retry":
+        err.print(queue.retry(args.name))
+        return 0
+    if args.command == "logs":
+        return _logs(queue, args.name, follow=args.follow)
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _submit(queue: Queue, paths: list[Path], err: Console) -> int:
+    specs, problems = [], []
+    for path in paths:  # validate every spec before writing anything
+        try:
+            specs.append(load_spec(path))
+        except SpecError as error:
+            problems.extend(str(error).splitlines())
+    names = [spec.name for spec in specs]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    problems += [f"job name {name!r} appears in more than one spec: give each its own name" for name in duplicated]
+    if problems:
+        raise SpecError("submit", problems)
+    for spec in specs:
+        job, new = queue.submit(spec)
+        verb = "submitted" if new else "already in the queue, unchanged:"
+        err.print(f"{verb} {spec.name} → {job.paths.folder}", soft_wrap=True)
+    return 0
+
+
+def _work(queue: Queue, only: str | None, out: Console, err: Console) -> int:
+    from runner.worker import Worker, default_trainer_name, load_trainer  # noqa: PLC0415 (keeps status fast)
+
+    worker = Worker(queue, load_trainer(default_trainer_name()), console=err, only=only)
+    worker.install_signal_handlers()
+    result = worker.run()
+    out.print(render_status(queue))
+    if result.skipped:
+        err.print(f"left to other live workers: {', '.join(result.skipped)}")
+    return result.exit_code
+
+
+def _status(queue: Queue, *, as_json: bool, watch: bool, out: Console) -> int:
+    if as_json:
+        print(json.dumps(status_records(queue.views(), time.time()), indent=2))
+    elif watch:
+        watch_status(queue, out, interval=defaults.STATUS_WATCH_INTERVAL_S)
+    else:
+        out.print(render_status(queue))
+    return 0
+
+
+def _logs(queue: Queue, name: str, *, follow: bool) -> int:
+    path = queue.job(name).paths.log
+    position = 0
+    while True:
+        try:
+            data = storage.read_bytes(path)
+        except StorageError as error:
+            if error.errno_ != 2:
+                raise
+            data = b""
+        if len(data) < position:
+            position = 0  # the log was replaced
+        sys.stdout.write(data[position:].decode("utf-8", errors="replace"))
+        sys.stdout.flush()
+        position = len(data)
+        if not follow:
+            if not data:
+                print(f"(job {name!r} has no log yet)", file=sys.stderr)
+            return 0
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

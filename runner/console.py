@@ -1,0 +1,162 @@
+"""What people see: the status table (rich) and the status JSON contract."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from runner.queue import INTERRUPTED, JobView, Queue
+
+STATE_STYLES = {
+    "queued": "cyan",
+    "running": "bold green",
+    INTERRUPTED: "bold yellow",
+    "done": "green",
+    "failed": "bold red",
+    "cancelled": "dim",
+}
+
+
+def eta_seconds(view: JobView, now: float) -> float | None:
+    """Seconds until a running job's last epoch, from its pace since this session's claim; ``None`` if unknown."""
+    state, spec = view.state, view.spec
+    if state is None or spec is None or view.shown_state(now) != "running":
+        return None
+    if state.session_started_at is None or state.checkpoint_at is None:
+        return None
+    done_since_claim = state.epoch - state.session_start_epoch
+    spent = state.checkpoint_at - state.session_started_at
+    if done_since_claim <= 0 or spent <= 0:
+        return None
+    remaining = (spec.training.epochs - state.epoch) * spent / done_since_claim
+    return max(0.0, remaining - (now - state.checkpoint_at))
+
+
+def status_record(view: JobView, now: float) -> dict[str, Any]:
+    """One job as the ``runner status --json`` contract describes it (plus a few extra keys)."""
+    state, spec = view.state, view.spec
+    holder = view.holder
+    return {
+        "name": view.name,
+        "state": view.shown_state(now),
+        "epoch": state.epoch if state else 0,
+        "epochs": spec.training.epochs if spec else None,
+        "step": state.step if state else 0,
+        "restarts": state.restarts if state else 0,
+        "checkpoint": state.checkpoint if state else None,
+        "metrics": dict(state.metrics) if state else {},
+        "error": view.error,
+        "priority": spec.priority if spec else None,
+        "generation": state.generation if state else None,
+        "worker": holder.describe() if holder else (state.worker if state else None),
+        "heartbeat_age_s": round(holder.heartbeat_age(now), 1) if holder else None,
+        "checkpoint_age_s": round(now - state.checkpoint_at, 1) if state and state.checkpoint_at else None,
+        "eta_s": _round(eta_seconds(view, now)),
+        "submitted_at": state.submitted_at if state else None,
+        "updated_at": state.updated_at if state else None,
+    }
+
+
+def status_records(views: list[JobView], now: float) -> list[dict[str, Any]]:
+    """Every job as JSON-able records, in claim order."""
+    return [status_record(view, now) for view in views]
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def format_age(seconds: float | None) -> str:
+    """A short human duration: 42s, 5m, 2h 05m, 3d 4h."""
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    return " ".join(f"{key}={value:.4g}" for key, value in list(metrics.items())[:4]) or "-"
+
+
+def status_table(views: list[JobView], now: float, *, title: str | None = None) -> Group:
+    """The status table, one row per job in claim order, with full error lines beneath it."""
+    table = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for column, options in (
+        ("job", {"style": "bold", "no_wrap": True, "min_width": 8, "overflow": "ellipsis"}),
+        ("state", {"no_wrap": True, "min_width": 7}),
+        ("epochs", {"no_wrap": True}),
+        ("step", {"justify": "right", "no_wrap": True}),
+        ("metrics", {"no_wrap": True, "overflow": "ellipsis", "min_width": 12, "ratio": 1}),
+        ("saved", {"justify": "right", "no_wrap": True}),
+        ("restarts", {"justify": "right", "no_wrap": True}),
+        ("worker", {"no_wrap": True, "overflow": "ellipsis", "max_width": 24}),
+        ("eta", {"justify": "right", "no_wrap": True}),
+    ):
+        table.add_column(column, **options)
+    errors = []
+    for view in views:
+        record = status_record(view, now)
+        shown, epochs = record["state"], record["epochs"] or 0
+        progress = Table.grid(padding=(0, 1))
+        progress.add_row(
+            ProgressBar(total=max(epochs, 1), completed=record["epoch"], width=6),
+            f"{record['epoch']}/{epochs or '?'}",
+        )
+        if record["error"]:
+            errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["error"], "red")))
+            notes = Text("error (below)", style="red")
+        else:
+            notes = Text(_metrics_text(record["metrics"]))
+        worker = "-"
+        if view.holder is not None:
+            worker = f"{view.holder.describe()} {format_age(record['heartbeat_age_s'])}"
+        table.add_row(
+            view.name,
+            Text(shown, style=STATE_STYLES.get(shown, "")),
+            progress,
+            str(record["step"]),
+            notes,
+            format_age(record["checkpoint_age_s"]),
+            str(record["restarts"]),
+            worker,
+            format_age(record["eta_s"]),
+        )
+    if not views:
+        table.caption = "no jobs yet: add one with `runner submit SPEC`"
+    return Group(table, *errors)
+
+
+def render_status(queue: Queue, *, clock: Callable[[], float] = time.time) -> Group:
+    """The queue's status table, read now."""
+    return status_table(queue.views(), clock(), title=f"queue {queue.root}")
+
+
+def watch_status(
+    queue: Queue,
+    console: Console,
+    *,
+    interval: float,
+    sleep: Callable[[float], None] = time.sleep,
+    rounds: int | None = None,
+) -> None:
+    """Refresh the status table in place every ``interval`` seconds (until Ctrl-C, or ``rounds`` refreshes)."""
+    with Live(render_status(queue), console=console, auto_refresh=False) as live:
+        done = 0
+        while rounds is None or done < rounds:
+            sleep(interval)
+            live.update(render_status(queue), refresh=True)
+            done += 1

@@ -1,0 +1,46 @@
+"""Named defaults, each with the reason for its value."""
+
+from __future__ import annotations
+
+LEASE_DURATION_S = 90.0
+"""Seconds a silent lease must stay unchanged before another worker takes the job.
+
+Long enough to ride out a slow Drive refresh (heartbeats come every third of it), short enough that a new
+Colab session does not wait long for the job of a session that died. Every worker of a queue must agree on it.
+"""
+
+RETRY_BUDGET_S = 300.0
+"""Seconds one file operation keeps retrying transient errors (errno 107, EIO, timeouts) before giving up."""
+
+RETRY_MAX_ATTEMPTS = 12
+"""Tries of one file operation before giving up, whatever the clock says (bounds retries under a fake sleep)."""
+
+RETRY_MAX_WAIT_S = 30.0
+"""Longest pause between two tries of one file operation (exponential backoff with jitter up to this)."""
+
+CHECKPOINT_KEEP = 2
+"""Committed checkpoints kept per job: the newest plus one to fall back to if the newest is damaged."""
+
+STATUS_WATCH_INTERVAL_S = 2.0
+"""Seconds between refreshes of ``runner status --watch``."""
+
+QUEUE_DIR_LOCAL = "runner-queue"
+"""Queue folder, relative to the working directory, when neither ``--queue`` nor ``$RUNNER_QUEUE`` is given."""
+
+QUEUE_DIR_COLAB = "/content/drive/MyDrive/runner"
+"""Queue folder on Colab: on the mounted Drive, so that it outlives the session."""
+
+QUEUE_ENV = "RUNNER_QUEUE"
+"""Environment variable naming the queue folder."""
+
+LEASE_DURATION_ENV = "RUNNER_LEASE_DURATION"
+"""Environment variable overriding :data:`LEASE_DURATION_S` (seconds)."""
+
+TRAINER_ENV = "RUNNER_TRAINER"
+"""Environment variable naming the trainer factory as ``package.module:attribute``."""
+
+TRAINER_DEFAULT = "runner.train:KerasTrainer"
+"""The trainer ``runner work`` uses unless :data:`TRAINER_ENV` names another."""
+
+SIGNAL_STOP_GRACE_S = 60.0
+"""Seconds a worker waits, after SIGTERM or SIGINT, for the trainer to save and stop before it gives up the job."""

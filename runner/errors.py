@@ -1,0 +1,111 @@
+"""Every error runner raises on purpose: one root, each also a built-in category, each carrying its data.
+
+The CLI turns a :class:`RunnerError` into one line on stderr and ``exit_code``; nothing here is a traceback
+a user should ever see.
+"""
+
+from __future__ import annotations
+
+EXIT_FAILED = 1
+"""A job that this command ran failed, or an operation could not be carried out."""
+
+EXIT_USAGE = 2
+"""Bad command-line usage or an invalid job spec: nothing was changed."""
+
+
+class RunnerError(Exception):
+    """Base class for runner errors."""
+
+    exit_code: int = EXIT_FAILED
+
+
+class SpecError(RunnerError, ValueError):
+    """A job spec failed validation; ``problems`` holds one line per problem, each naming the field."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__("\n".join(f"{source}: {problem}" for problem in problems))
+        self.source, self.problems = source, problems
+
+
+class UsageError(RunnerError, ValueError):
+    """A command was called with arguments that cannot work."""
+
+    exit_code = EXIT_USAGE
+
+
+class JobNotFound(RunnerError, LookupError):
+    """No job of that name in the queue."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, job: str, queue: str) -> None:
+        super().__init__(f"no job named {job!r} in queue {queue} (see `runner status`)")
+        self.job, self.queue = job, queue
+
+
+class JobExists(RunnerError, FileExistsError):
+    """A job of that name is already in the queue."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, job: str, queue: str) -> None:
+        super().__init__(
+            f"job {job!r} already exists in queue {queue}: give the spec another name, "
+            f"or use `runner retry {job}` to run the existing one again"
+        )
+        self.job, self.queue = job, queue
+
+
+class InvalidTransition(RunnerError, ValueError):
+    """A job cannot move from its state to the one asked for."""
+
+    def __init__(self, job: str, current: str, wanted: str, hint: str = "") -> None:
+        message = f"job {job!r} is {current} and cannot become {wanted}"
+        super().__init__(f"{message}: {hint}" if hint else message)
+        self.job, self.current, self.wanted = job, current, wanted
+
+
+class LeaseHeld(RunnerError, TimeoutError):
+    """Another live worker holds the job's lease."""
+
+    def __init__(self, job: str, owner: str) -> None:
+        super().__init__(f"job {job!r} is being run by {owner}")
+        self.job, self.owner = job, owner
+
+
+class Fenced(RunnerError):
+    """This worker's claim on a job is no longer the current one; it must stop writing."""
+
+    def __init__(self, job: str, generation: int, reason: str) -> None:
+        super().__init__(f"job {job!r}: claim generation {generation} is no longer current ({reason}); stopped writing")
+        self.job, self.generation, self.reason = job, generation, reason
+
+
+class StorageError(RunnerError, OSError):
+    """A file operation failed for good: a permanent error, or transient errors past the retry budget."""
+
+    def __init__(self, message: str, *, path: str | None = None, errno_: int | None = None, transient: bool = False):
+        super().__init__(message)
+        self.path, self.errno_, self.transient = path, errno_, transient
+
+
+class DamagedFile(RunnerError, ValueError):
+    """A runner file exists but cannot be read back (truncated, garbage, wrong shape)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path} is damaged: {reason}")
+        self.path, self.reason = path, reason
+
+
+class CheckpointCorrupt(RunnerError, ValueError):
+    """A committed checkpoint does not match its manifest."""
+
+    def __init__(self, checkpoint: str, reason: str) -> None:
+        super().__init__(f"checkpoint {checkpoint} is corrupt: {reason}")
+        self.checkpoint, self.reason = checkpoint, reason
+
+
+class TrainerError(RunnerError):
+    """A trainer could not be loaded or refused a job before training started."""

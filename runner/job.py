@@ -1,0 +1,186 @@
+"""One job's folder: its lifecycle state (state.json), its frozen spec and its event log.
+
+``state.json`` is only ever replaced atomically, and (once a worker has claimed the job) only by the holder of
+the current claim generation: :meth:`Job.write_state` re-reads the generation on disk first (fencing), because a
+lease on a network drive is a hint, not a guarantee.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runner import storage
+from runner.errors import DamagedFile, Fenced, InvalidTransition, SpecError, StorageError
+from runner.paths import JobPaths
+from runner.spec import JobSpec, load_spec
+
+
+class JobStatus(str, Enum):
+    """Lifecycle of a job, as stored in state.json. ("interrupted" is derived: running with no live lease.)"""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
+    # running -> running is a new claim after the previous worker died (a resume).
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
+    ),
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),
+    JobStatus.CANCELLED: frozenset({JobStatus.QUEUED}),
+    JobStatus.DONE: frozenset(),
+}
+"""Allowed moves between statuses; everything else is refused with :class:`InvalidTransition`."""
+
+FINISHED = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED})
+"""Statuses in which no worker will pick the job up."""
+
+
+class JobState(BaseModel):
+    """The content of state.json."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    status: JobStatus = JobStatus.QUEUED
+    generation: int = Field(default=0, ge=0, description="claims so far; each claim increments it (fencing)")
+    restarts: int = Field(default=0, ge=0, description="claims that resumed an interrupted run")
+    submitted_at: float
+    started_at: float | None = None
+    updated_at: float
+    finished_at: float | None = None
+    worker: str | None = Field(default=None, description="host:pid of the current or last claim")
+    error: str | None = Field(default=None, description="one-line reason for failure")
+    epoch: int = Field(default=0, ge=0, description="completed epochs at the newest checkpoint")
+    step: int = Field(default=0, ge=0, description="steps into the next epoch at the newest checkpoint")
+    checkpoint: str | None = Field(default=None, description="newest committed checkpoint id")
+    checkpoint_at: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict, description="the last completed epoch's metrics")
+    session_started_at: float | None = Field(default=None, description="when the current claim began")
+    session_start_epoch: float = Field(default=0.0, description="progress, in epochs, when the current claim began")
+
+    def moved_to(self, status: JobStatus, *, job: str, now: float, **changes: Any) -> JobState:
+        """This state in ``status``, if the transition table allows it."""
+        if status not in TRANSITIONS[self.status]:
+            raise InvalidTransition(job, self.status.value, status.value)
+        finished_at = now if status in FINISHED else None
+        return self.model_copy(update={"status": status, "updated_at": now, "finished_at": finished_at, **changes})
+
+
+def worker_identity() -> str:
+    """``host:pid`` of this process, as shown in status."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class EventLog:
+    """events.jsonl: one JSON object per line, appended, never rewritten.
+
+    A line cut short by a kill is skipped on reading; a line written twice by a retried append is read once
+    (each event carries an id).
+    """
+
+    def __init__(self, paths: JobPaths, *, clock: Any = time.time) -> None:
+        self._path, self._clock = paths.events, clock
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Record ``event`` with its fields, the time and a unique id."""
+        record = {"time": round(self._clock(), 3), "event": event, **fields, "id": uuid.uuid4().hex[:16]}
+        storage.append_line(self._path, json.dumps(record, sort_keys=False, default=str))
+        return record
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every readable event, in order, each once."""
+        return list(self._iter())
+
+    def _iter(self) -> Iterator[dict[str, Any]]:
+        try:
+            data = storage.read_bytes(self._path)
+        except StorageError as error:
+            if error.errno_ == 2:  # ENOENT: no events yet
+                return
+            raise
+        seen: set[str] = set()
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or record.get("id") in seen:
+                continue
+            seen.add(record.get("id", ""))
+            yield record
+
+
+class Job:
+    """A job folder: state, spec and events, read and written safely."""
+
+    def __init__(self, paths: JobPaths, *, clock: Any = time.time) -> None:
+        self.paths, self.clock = paths, clock
+        self.events = EventLog(paths, clock=clock)
+
+    @property
+    def name(self) -> str:
+        """The job's name."""
+        return self.paths.name
+
+    def read_state(self) -> JobState:
+        """The job's state; :class:`DamagedFile` when state.json is missing or unreadable."""
+        try:
+            data = storage.read_json(self.paths.state)
+        except StorageError as error:
+            if error.errno_ == 2:
+                raise DamagedFile(str(self.paths.state), "missing") from None
+            raise
+        try:
+            return JobState.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+            raise DamagedFile(str(self.paths.state), f"{where}: {first['msg']}") from None
+
+    def read_spec(self) -> JobSpec:
+        """The frozen spec; :class:`DamagedFile` when it no longer validates."""
+        try:
+            return load_spec(self.paths.spec)
+        except SpecError as error:
+            raise DamagedFile(str(self.paths.spec), "; ".join(error.problems)) from None
+
+    def write_state(self, state: JobState, *, generation: int | None) -> None:
+        """Replace state.json; with ``generation``, only while that claim is still the current one."""
+        if generation is not None:
+            self.check_generation(generation)
+        storage.atomic_write_json(self.paths.state, state.model_dump(mode="json"))
+
+    def check_generation(self, generation: int) -> None:
+        """Raise :class:`Fenced` unless the claim generation on disk is ``generation``."""
+        try:
+            on_disk = self.read_state().generation
+        except DamagedFile as error:
+            raise Fenced(self.name, generation, f"state.json unreadable: {error.reason}") from None
+        if on_disk != generation:
+            raise Fenced(self.name, generation, f"generation {on_disk} has claimed the job since")
+
+    def request_cancel(self) -> None:
+        """Ask the worker running this job to stop it at its next checkpoint."""
+        storage.atomic_write_text(self.paths.cancel_request, f"{self.clock()}\n")
+
+    def cancel_requested(self) -> bool:
+        """Whether a cancel is waiting to be honoured."""
+        return self.paths.cancel_request.exists()
+
+    def clear_cancel_request(self) -> None:
+        """Forget a cancel request (it was honoured, or the job is retried)."""
+        storage.remove_file(self.paths.cancel_request)

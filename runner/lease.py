@@ -1,0 +1,161 @@
+"""A worker's lease on a job folder: ``filelock.SoftFileLease`` plus what status and waiting need to know.
+
+The lease is a marker file refreshed by a heartbeat thread. A holder on this host whose process is dead is
+taken over at once; a silent holder elsewhere once its marker has stayed unchanged for ``lease_duration`` on the
+contender's own clock. Exclusivity on a network drive is only likely, not certain: the claim generation in
+state.json (see :mod:`runner.queue`) fences out a holder that lost the lease without noticing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from filelock import LeaseCompromise, SoftFileLease, Timeout
+
+from runner import defaults
+from runner.errors import UsageError
+from runner.paths import JobPaths
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    """Who holds a job's lease, as written in its marker."""
+
+    host: str
+    pid: int
+    heartbeat_at: float
+    """Wall-clock time of the marker's last refresh (its mtime)."""
+    marker_key: tuple[float, int, int]
+    """What changes at each heartbeat: mtime, inode, ctime."""
+
+    def describe(self) -> str:
+        """``host:pid``."""
+        return f"{self.host}:{self.pid}"
+
+    def heartbeat_age(self, now: float) -> float:
+        """Seconds since the last heartbeat, by this machine's wall clock (another host's clock may differ)."""
+        return max(0.0, now - self.heartbeat_at)
+
+    def dead_on_this_host(self) -> bool:
+        """Whether the holder ran on this machine and its process is gone."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def read_holder(paths: JobPaths) -> LeaseHolder | None:
+    """The current holder of a job's lease, or ``None`` when nobody holds it.
+
+    The marker is filelock's ``key=value`` text; one being written (or of an unknown format) reads as an
+    unknown holder, pid -1.
+    """
+    try:
+        marker = os.stat(paths.lease)
+        with open(paths.lease, encoding="utf-8", errors="replace") as handle:
+            content = handle.read(4096)
+    except OSError:
+        return None
+    fields = dict(line.partition("=")[::2] for line in content.splitlines() if "=" in line)
+    try:
+        pid = int(fields.get("pid", "-1"))
+    except ValueError:
+        pid = -1
+    return LeaseHolder(
+        host=fields.get("host", "unknown"),
+        pid=pid,
+        heartbeat_at=marker.st_mtime,
+        marker_key=(marker.st_mtime, marker.st_ino, marker.st_ctime_ns),
+    )
+
+
+def lease_duration_from(environ: Mapping[str, str] = os.environ) -> float:
+    """The lease duration: ``$RUNNER_LEASE_DURATION`` seconds, or the default."""
+    raw = environ.get(defaults.LEASE_DURATION_ENV)
+    if raw is None:
+        return defaults.LEASE_DURATION_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{defaults.LEASE_DURATION_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+class JobLease:
+    """This worker's lease on one job."""
+
+    def __init__(
+        self,
+        paths: JobPaths,
+        *,
+        duration: float = defaults.LEASE_DURATION_S,
+        on_lost: Callable[[LeaseCompromise], None] | None = None,
+    ) -> None:
+        if not (math.isfinite(duration) and duration > 0):
+            raise ValueError(f"lease duration must be positive, got {duration!r}")
+        self.paths, self.duration = paths, duration
+        self._lease = SoftFileLease(
+            str(paths.lease), lease_duration=duration, on_compromise=on_lost, thread_local=False
+        )
+
+    @property
+    def held(self) -> bool:
+        """Whether this worker holds the lease now."""
+        return self._lease.is_locked and self.lost is None
+
+    @property
+    def lost(self) -> LeaseCompromise | None:
+        """Why the lease was lost while held (marker gone, taken over, refresh failing), or ``None``."""
+        return self._lease.compromise
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free, or its holder is dead on this host, or silent for the lease duration."""
+        try:
+            self._lease.acquire(timeout=0)
+        except Timeout:
+            return False
+        return True
+
+    def wait_for_takeover(
+        self,
+        *,
+        report: Callable[[LeaseHolder | None, float], None],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        poll_s: float = 1.0,
+    ) -> bool:
+        """Wait while the holder stays silent, reporting the seconds left; ``False`` as soon as it heartbeats.
+
+        ``report(holder, seconds_left)`` is called about every ``poll_s`` so the wait is a visible countdown.
+        """
+        first = read_holder(self.paths)
+        started = clock()
+        # Slack for the contender's first observation of the marker and for the poll interval.
+        deadline = started + self.duration + 2 * poll_s + 5.0
+        while clock() < deadline:
+            if self.try_acquire():
+                return True
+            current = read_holder(self.paths)
+            if first is not None and current is not None and current.marker_key != first.marker_key:
+                return False  # the holder heartbeat: it is alive
+            first = first or current
+            report(current, max(0.0, self.duration - (clock() - started)))
+            sleep(poll_s)
+        return self.try_acquire()
+
+    def release(self) -> None:
+        """Give the lease up (a no-op when not held)."""
+        if self._lease.is_locked:
+            self._lease.release(force=True)

@@ -1,0 +1,134 @@
+"""The one place that knows every file name in a queue and a job folder.
+
+```
+<queue>/jobs/<name>/
+    spec.yaml  state.json  lease  cancel-requested  history.csv  events.jsonl  runner.log
+    checkpoints/<id>/MANIFEST.json   checkpoints/.tmp-<id>-<rand>/
+    final/model.keras
+```
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner import defaults
+
+TEMP_PREFIX = ".tmp-"
+"""Names starting with this are work in progress: never read as committed, collected as garbage."""
+
+MANIFEST_NAME = "MANIFEST.json"
+"""Written last into a checkpoint directory; a directory without a valid one is not a checkpoint."""
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a directory entry is an uncommitted temporary (file or folder)."""
+    return name.startswith(TEMP_PREFIX)
+
+
+def temp_sibling(path: Path, label: str | None = None) -> Path:
+    """A fresh temporary name beside ``path`` that readers ignore and only this process uses."""
+    return path.with_name(f"{TEMP_PREFIX}{label or path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """Paths inside one job's folder."""
+
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        """The job's name, which is its folder's name."""
+        return self.folder.name
+
+    @property
+    def spec(self) -> Path:
+        """Frozen copy of the validated spec, never rewritten."""
+        return self.folder / "spec.yaml"
+
+    @property
+    def state(self) -> Path:
+        """Status, generation, restarts, error and timestamps, replaced atomically."""
+        return self.folder / "state.json"
+
+    @property
+    def lease(self) -> Path:
+        """The SoftFileLease marker of the worker running the job."""
+        return self.folder / "lease"
+
+    @property
+    def cancel_request(self) -> Path:
+        """Present while a cancel waits for the running worker to see it."""
+        return self.folder / "cancel-requested"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Folder of committed checkpoints, one directory each."""
+        return self.folder / "checkpoints"
+
+    def checkpoint(self, checkpoint_id: str) -> Path:
+        """A committed checkpoint's directory."""
+        return self.checkpoints / checkpoint_id
+
+    def checkpoint_in_progress(self, checkpoint_id: str) -> Path:
+        """A fresh temporary directory for a checkpoint being published."""
+        return temp_sibling(self.checkpoint(checkpoint_id))
+
+    @property
+    def history(self) -> Path:
+        """One row per completed epoch, derived from the checkpoint."""
+        return self.folder / "history.csv"
+
+    @property
+    def events(self) -> Path:
+        """Append-only JSON lines: what happened to the job, in order."""
+        return self.folder / "events.jsonl"
+
+    @property
+    def log(self) -> Path:
+        """Human-readable log of every session that ran the job, tracebacks included."""
+        return self.folder / "runner.log"
+
+    @property
+    def final(self) -> Path:
+        """Exported models of a finished job."""
+        return self.folder / "final"
+
+
+@dataclass(frozen=True)
+class QueuePaths:
+    """Paths of a queue: a folder holding job folders."""
+
+    root: Path
+
+    @property
+    def jobs(self) -> Path:
+        """Folder holding one folder per job."""
+        return self.root / "jobs"
+
+    def job(self, name: str) -> JobPaths:
+        """The folder of the job called ``name``."""
+        return JobPaths(self.jobs / name)
+
+    def job_in_progress(self, name: str) -> Path:
+        """A temporary folder in which a submitted job is assembled before it appears."""
+        return temp_sibling(self.jobs / name)
+
+
+def on_colab(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process runs in a Google Colab runtime."""
+    return bool(environ.get("COLAB_RELEASE_TAG"))
+
+
+def default_queue_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """The queue folder when none is given: ``$RUNNER_QUEUE``, then Drive on Colab, then ``./runner-queue``."""
+    if value := environ.get(defaults.QUEUE_ENV):
+        return Path(value).expanduser()
+    if on_colab(environ):
+        return Path(defaults.QUEUE_DIR_COLAB)
+    return Path(defaults.QUEUE_DIR_LOCAL)

@@ -1,0 +1,320 @@
+"""A queue: a folder of job folders. Submit, list in claim order, claim, cancel and retry.
+
+Every change of a job's state.json happens under the job's lease, and is fenced by the claim generation, so a
+cancel from a notebook and a worker on another machine never overwrite each other's state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner import defaults, storage
+from runner.errors import (
+    DamagedFile,
+    Fenced,
+    InvalidTransition,
+    JobExists,
+    JobNotFound,
+    LeaseHeld,
+    RunnerError,
+)
+from runner.job import FINISHED, Job, JobState, JobStatus, worker_identity
+from runner.lease import JobLease, LeaseHolder, read_holder
+from runner.paths import JobPaths, QueuePaths, is_temp_name
+from runner.spec import JobSpec, load_spec
+
+INTERRUPTED = "interrupted"
+"""Shown state of a job stored as running whose lease is no longer kept alive by anyone."""
+
+_STALE_SUBMIT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What status shows of one job: read once, never raises for a damaged folder."""
+
+    name: str
+    spec: JobSpec | None
+    state: JobState | None
+    holder: LeaseHolder | None
+    problem: str | None
+    lease_duration: float
+
+    def shown_state(self, now: float) -> str:
+        """queued | running | interrupted | done | failed | cancelled."""
+        if self.state is None:
+            return JobStatus.FAILED.value
+        if self.state.status is JobStatus.RUNNING and not self.lease_alive(now):
+            return INTERRUPTED
+        return self.state.status.value
+
+    def lease_alive(self, now: float) -> bool:
+        """Whether a worker seems to be keeping this job's lease alive."""
+        holder = self.holder
+        return holder is not None and not holder.dead_on_this_host() and holder.heartbeat_age(now) < self.lease_duration
+
+    @property
+    def error(self) -> str | None:
+        """Why the job failed or cannot be read, in one line."""
+        return self.problem or (self.state.error if self.state else None)
+
+    def claim_order(self) -> tuple[Any, ...]:
+        """Higher priority first, then earlier submission, then name."""
+        priority = self.spec.priority if self.spec else 0
+        submitted = self.state.submitted_at if self.state else float("inf")
+        return (-priority, submitted, self.name)
+
+    @property
+    def wants_worker(self) -> bool:
+        """Whether the job is readable and queued or running: a worker should claim it if its lease is free."""
+        return (
+            self.problem is None
+            and self.spec is not None
+            and self.state is not None
+            and self.state.status in (JobStatus.QUEUED, JobStatus.RUNNING)
+        )
+
+
+@dataclass
+class Claim:
+    """A worker's claim on a job: its lease and the generation that fences its writes."""
+
+    job: Job
+    spec: JobSpec
+    lease: JobLease
+    generation: int
+    resumed: bool
+
+    def fence(self) -> None:
+        """Raise :class:`Fenced` if this claim is no longer current: lease lost or a newer generation."""
+        if (lost := self.lease.lost) is not None:
+            raise Fenced(self.job.name, self.generation, f"lease lost ({lost.reason})")
+        self.job.check_generation(self.generation)
+
+    def update(self, **changes: Any) -> JobState:
+        """Write progress into state.json, fenced."""
+        self.fence()
+        state = self.job.read_state().model_copy(update={**changes, "updated_at": self.job.clock()})
+        self.job.write_state(state, generation=self.generation)
+        return state
+
+    def finish(self, status: JobStatus, *, error: str | None = None) -> JobState:
+        """Move the job to a final status (or back to queued), fenced."""
+        self.fence()
+        state = self.job.read_state().moved_to(status, job=self.job.name, now=self.job.clock(), error=error)
+        self.job.write_state(state, generation=self.generation)
+        return state
+
+
+class Queue:
+    """A folder of jobs."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        lease_duration: float = defaults.LEASE_DURATION_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = Path(root)
+        self.paths = QueuePaths(self.root)
+        self.lease_duration, self.clock = lease_duration, clock
+
+    def __repr__(self) -> str:
+        return f"Queue({str(self.root)!r})"
+
+    def names(self) -> list[str]:
+        """Names of the jobs in the queue (folders being submitted excluded)."""
+        return [name for name in storage.list_dir(self.paths.jobs) if not is_temp_name(name)]
+
+    def job(self, name: str) -> Job:
+        """The job called ``name``; :class:`JobNotFound` if there is none."""
+        paths = self.paths.job(name)
+        if is_temp_name(name) or "/" in name or not paths.folder.is_dir():
+            raise JobNotFound(name, str(self.root))
+        return Job(paths, clock=self.clock)
+
+    def lease(self, name: str, **options: Any) -> JobLease:
+        """A (not yet acquired) lease on a job, with this queue's lease duration."""
+        return JobLease(self.paths.job(name), duration=self.lease_duration, **options)
+
+    # --- submit ---------------------------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> tuple[Job, bool]:
+        """Add a job; returns it and whether it was new. An identical spec already queued is not an error."""
+        existing = self.paths.job(spec.name)
+        if existing.folder.exists():
+            return self._existing(spec), False
+        storage.make_dirs(self.paths.jobs)
+        self._collect_abandoned_submissions()
+        now = self.clock()
+        temp = self.paths.job_in_progress(spec.name)
+        try:
+            storage.make_dirs(temp)
+            job = Job(JobPaths(temp), clock=self.clock)
+            storage.atomic_write_text(job.paths.spec, spec.to_yaml())
+            storage.atomic_write_json(
+                job.paths.state, JobState(submitted_at=now, updated_at=now).model_dump(mode="json")
+            )
+            job.events.append("submitted", priority=spec.priority, epochs=spec.training.epochs)
+            try:
+                storage.commit_dir(temp, existing.folder)
+            except OSError as error:
+                if existing.folder.exists():
+                    return self._existing(spec), False
+                raise error
+        finally:
+            storage.remove_tree(temp)
+        return Job(existing, clock=self.clock), True
+
+    def submit_file(self, path: str | Path) -> tuple[Job, bool]:
+        """Validate a spec file and add its job."""
+        return self.submit(load_spec(path))
+
+    def _existing(self, spec: JobSpec) -> Job:
+        job = Job(self.paths.job(spec.name), clock=self.clock)
+        try:
+            same = job.read_spec() == spec
+        except (DamagedFile, RunnerError):
+            same = False
+        if not same:
+            raise JobExists(spec.name, str(self.root))
+        return job
+
+    def _collect_abandoned_submissions(self) -> None:
+        now = time.time()
+        for name in storage.list_dir(self.paths.jobs):
+            path = self.paths.jobs / name
+            try:
+                stale = is_temp_name(name) and now - path.stat().st_mtime > _STALE_SUBMIT_S
+            except OSError:
+                continue
+            if stale:
+                storage.remove_tree(path)
+
+    # --- read -----------------------------------------------------------------------------------------------
+
+    def view(self, name: str) -> JobView:
+        """A job as status shows it; damage is reported in ``problem``, never raised."""
+        job = self.job(name)
+        spec = state = None
+        problems = []
+        try:
+            spec = job.read_spec()
+        except RunnerError as error:
+            problems.append(str(error))
+        try:
+            state = job.read_state()
+        except RunnerError as error:
+            problems.append(str(error))
+        return JobView(
+            name=name,
+            spec=spec,
+            state=state,
+            holder=read_holder(job.paths),
+            problem="; ".join(problems) or None,
+            lease_duration=self.lease_duration,
+        )
+
+    def views(self) -> list[JobView]:
+        """Every job, in claim order."""
+        views = []
+        for name in self.names():
+            try:
+                views.append(self.view(name))
+            except JobNotFound:
+                continue  # removed while listing
+        return sorted(views, key=JobView.claim_order)
+
+    # --- claim ----------------------------------------------------------------------------------------------
+
+    def claim(self, name: str, lease: JobLease) -> Claim | None:
+        """With ``lease`` held, make this worker the job's current claim; ``None`` if it needs no running."""
+        job = self.job(name)
+        state = job.read_state()
+        spec = job.read_spec()
+        if state.status in FINISHED:
+            return None
+        now = self.clock()
+        resumed = state.status is JobStatus.RUNNING or state.checkpoint is not None
+        generation = state.generation + 1
+        claimed = state.moved_to(
+            JobStatus.RUNNING,
+            job=name,
+            now=now,
+            generation=generation,
+            restarts=state.restarts + (1 if resumed else 0),
+            worker=worker_identity(),
+            started_at=state.started_at or now,
+            session_started_at=now,
+            session_start_epoch=float(state.epoch),
+            error=None,
+        )
+        # Fenced on the generation read: a claim that slipped in between makes this one fail, not both win.
+        job.write_state(claimed, generation=state.generation)
+        job.events.append(
+            "claimed", generation=generation, worker=claimed.worker, previous=state.status.value, resumed=resumed
+        )
+        return Claim(job=job, spec=spec, lease=lease, generation=generation, resumed=resumed)
+
+    @contextmanager
+    def _holding(self, name: str) -> Iterator[JobLease]:
+        lease = self.lease(name)
+        if not lease.try_acquire():
+            holder = read_holder(lease.paths)
+            raise LeaseHeld(name, holder.describe() if holder else "another worker")
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    # --- cancel and retry -----------------------------------------------------------------------------------
+
+    def cancel(self, name: str) -> str:
+        """Cancel a job: at once when no worker runs it, else at the running worker's next checkpoint."""
+        job = self.job(name)
+        state = job.read_state()
+        if state.status is JobStatus.CANCELLED:
+            return f"job {name!r} is already cancelled"
+        if state.status in FINISHED:
+            raise InvalidTransition(name, state.status.value, "cancelled", "it has already finished")
+        job.request_cancel()
+        try:
+            with self._holding(name):
+                state = job.read_state()
+                if state.status in FINISHED:
+                    job.clear_cancel_request()
+                    return f"job {name!r} finished ({state.status.value}) before the cancel"
+                cancelled = state.moved_to(JobStatus.CANCELLED, job=name, now=self.clock(), error=None)
+                job.write_state(cancelled, generation=state.generation)
+                job.clear_cancel_request()
+                job.events.append("cancelled", generation=state.generation)
+                return f"job {name!r} cancelled"
+        except LeaseHeld as held:
+            job.events.append("cancel-requested")
+            return f"job {name!r} is being run by {held.owner}: it will stop at its next checkpoint"
+
+    def retry(self, name: str) -> str:
+        """Put a failed or cancelled job back in the queue; it resumes from its checkpoints."""
+        job = self.job(name)
+        state = job.read_state()
+        hints = {
+            JobStatus.DONE: "finished jobs are never trained again; submit the spec under a new name",
+            JobStatus.QUEUED: "it is already waiting for a worker",
+            JobStatus.RUNNING: "it is running or interrupted; `runner work` resumes it",
+        }
+        if state.status in hints:
+            raise InvalidTransition(name, state.status.value, "queued", hints[state.status])
+        with self._holding(name):
+            state = job.read_state()
+            queued = state.moved_to(JobStatus.QUEUED, job=name, now=self.clock(), error=None)
+            job.write_state(queued, generation=state.generation)
+            job.clear_cancel_request()
+            job.events.append("retried", previous=state.status.value, checkpoint=state.checkpoint)
+        where = f" from checkpoint {state.checkpoint}" if state.checkpoint else ""
+        return f"job {name!r} is queued again and will resume{where}"

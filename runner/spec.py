@@ -1,0 +1,241 @@
+"""The job spec: what to train, on what data, and how to checkpoint it.
+
+Field names are a contract (users' YAML files use them). Defaults reproduce the tutorial's cats-vs-dogs job.
+Every problem is reported as one line naming the field path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runner.errors import SpecError
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+"""Job names: they become folder names on Drive, so no slashes, no leading dot, no spaces, no capitals."""
+
+FACTORY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+
+TUTORIAL_DATASET_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+
+LabelMode = Literal["binary", "categorical", "int"]
+Optimizer = Literal["adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam"]
+Loss = Literal[
+    "binary_crossentropy",
+    "categorical_crossentropy",
+    "sparse_categorical_crossentropy",
+    "mean_squared_error",
+    "mean_absolute_error",
+    "hinge",
+]
+ExportFormat = Literal["keras", "h5", "saved_model"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DatasetSpec(_Section):
+    """Where the images come from and how they are batched."""
+
+    source: str = Field(min_length=1, description="URL, path to a .zip/.tar.gz (local or on Drive), or a directory")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$", description="checked when given")
+    train: str = Field(default="train", min_length=1, description="folder in the source, one subfolder per class")
+    validation: str | None = Field(default=None, min_length=1, description="validation folder in the source")
+    validation_split: float | None = Field(
+        default=None, gt=0, lt=1, description="fraction of train held out, instead of a validation folder"
+    )
+    image_size: tuple[int, int] = Field(default=(150, 150), description="height and width images are resized to")
+    label_mode: LabelMode = "binary"
+    batch_size: int = Field(default=20, ge=1, le=65536)
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if not all(1 <= side <= 8192 for side in size):
+            raise ValueError(f"each side must be between 1 and 8192 pixels, got {list(size)}")
+        return size
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _relative_folder(cls, folder: str | None) -> str | None:
+        if folder is not None and (folder.startswith("/") or ".." in Path(folder).parts):
+            raise ValueError(f"must be a folder inside the source, without '..' or a leading '/', got {folder!r}")
+        return folder
+
+    @model_validator(mode="after")
+    def _one_validation(self) -> DatasetSpec:
+        if self.validation is not None and self.validation_split is not None:
+            raise ValueError("give either validation (a folder) or validation_split (a fraction), not both")
+        return self
+
+
+class ModelSpec(_Section):
+    """The network: a built-in one or a factory of the user's."""
+
+    builtin: Literal["simple_cnn", "mobilenet_v2"] | None = None
+    factory: str | None = Field(
+        default=None,
+        pattern=FACTORY_PATTERN,
+        description='"package.module:function", called with the input shape, number of classes and params',
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSpec:
+        if (self.builtin is None) == (self.factory is None):
+            raise ValueError("give exactly one of builtin (simple_cnn | mobilenet_v2) or factory (package.module:fn)")
+        return self
+
+
+class TrainingSpec(_Section):
+    """How long and how to train."""
+
+    epochs: int = Field(default=15, ge=1, le=1_000_000)
+    optimizer: Optimizer = "adam"
+    learning_rate: float = Field(default=0.001, gt=0, le=10)
+    loss: Loss = "binary_crossentropy"
+    metrics: tuple[str, ...] = ("accuracy",)
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    deterministic: bool = Field(default=False, description="op determinism: bit-identical resumes on the CPU")
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, metrics: tuple[str, ...]) -> tuple[str, ...]:
+        for metric in metrics:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", metric):
+                raise ValueError(f"metric names are lower-case Keras names such as 'accuracy', got {metric!r}")
+        return metrics
+
+
+class CheckpointSpec(_Section):
+    """When checkpoints are taken and how many are kept."""
+
+    every_epochs: int = Field(default=1, ge=1)
+    every_minutes: float | None = Field(default=None, gt=0, description="also checkpoint mid-epoch this often")
+    keep: int = Field(default=2, ge=1, le=1000, description="committed checkpoints kept")
+
+
+class ExportSpec(_Section):
+    """What is exported when the job is done."""
+
+    formats: tuple[ExportFormat, ...] = Field(default=("keras",), min_length=1)
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"formats must not repeat, got {list(formats)}")
+        return formats
+
+
+class JobSpec(_Section):
+    """A training job: dataset, model, training, checkpoints and export."""
+
+    name: str = Field(description="[a-z0-9][a-z0-9._-]{0,63}; also the job's folder name")
+    priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first; ties by submission time")
+    dataset: DatasetSpec
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(builtin="simple_cnn"))
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_safe(cls, name: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, name) or ".." in name:
+            raise ValueError(
+                f"must be 1-64 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit, "
+                f"without '..', got {name!r}"
+            )
+        return name
+
+    def to_yaml(self) -> str:
+        """The spec as YAML with every field, defaults filled in."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a job spec, for editors."""
+    return JobSpec.model_json_schema()
+
+
+def parse_spec(data: Any, *, source: str = "spec") -> JobSpec:
+    """Validate parsed YAML/JSON; every problem becomes one line naming the field."""
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise SpecError(source, [f"the spec is {kind}; it must be a mapping with name, dataset, model, training, ..."])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(source, [_describe(problem) for problem in error.errors()]) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a spec file (YAML or JSON)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecError(str(path), [f"cannot read the file ({error})"]) from None
+    return parse_spec(_parse_text(text, str(path), json_only=path.suffix.lower() == ".json"), source=str(path))
+
+
+def _parse_text(text: str, source: str, *, json_only: bool) -> Any:
+    if json_only:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SpecError(source, [f"line {error.lineno}, column {error.colno}: invalid JSON: {error.msg}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpecError(source, [f"{where}invalid YAML: {problem}"]) from None
+
+
+def _describe(problem: Any) -> str:
+    location = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+    kind, message = problem["type"], problem["msg"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(problem["loc"][:-1])
+        return f"{location}: unknown field; allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{location}: required field is missing"
+    message = message.removeprefix("Value error, ")
+    if kind not in ("value_error", "assertion_error") and "input" in problem:
+        message = f"{message} (got {_short(problem['input'])})"
+    return f"{location}: {message}"
+
+
+def _allowed_fields(location: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in location:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,261 @@
+"""File I/O that survives kills and flaky mounts: atomic writes, directory commits, one retry policy.
+
+Every function here may be cut by SIGKILL at any instant and leaves either the old content or the new, never a
+mix. Transient errors (a Drive mount that drops, errno 107; EIO; timeouts) are retried with backoff under one
+policy; permanent ones (no space, no permission, read-only, missing) are not, and every error that is left
+surfaces as a :class:`~runner.errors.StorageError` that says what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tenacity
+
+from runner import defaults
+from runner.errors import DamagedFile, StorageError
+from runner.paths import temp_sibling
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EIO, errno.ENOTCONN, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EINTR, errno.ECONNABORTED}
+)
+"""Errors a network mount gives while it recovers: worth another try."""
+
+_CHUNK = 1 << 20
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether an error is worth retrying: a transient OS error, never a permanent one or a bug."""
+    return isinstance(error, OSError) and not isinstance(error, StorageError) and error.errno in TRANSIENT_ERRNOS
+
+
+def retrying(
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    budget_s: float = defaults.RETRY_BUDGET_S,
+    max_attempts: int = defaults.RETRY_MAX_ATTEMPTS,
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """The retry policy as a decorator: transient OS errors retried with jittered backoff, within a budget.
+
+    Errors left once the policy gives up (and permanent ones at once) become :class:`StorageError`.
+    """
+    policy = tenacity.retry(
+        retry=tenacity.retry_if_exception(is_transient),
+        stop=tenacity.stop_after_delay(budget_s) | tenacity.stop_after_attempt(max_attempts),
+        wait=tenacity.wait_random_exponential(multiplier=0.5, max=defaults.RETRY_MAX_WAIT_S),
+        before_sleep=_log_retry,
+        sleep=sleep,
+        reraise=True,
+    )
+
+    def decorate(function: Callable[..., T]) -> Callable[..., T]:
+        retried = policy(function)
+
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> T:
+            try:
+                return retried(*args, **kwargs)
+            except StorageError:
+                raise
+            except OSError as error:
+                raise storage_error(error) from error
+
+        return call
+
+    return decorate
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    pause = state.next_action.sleep if state.next_action else 0.0
+    log.warning("storage error (%s), try %d, retrying in %.1fs", error, state.attempt_number, pause)
+
+
+retry_io = retrying()
+"""The policy every job-folder operation runs under."""
+
+
+_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free some space (on Drive, empty the trash) or lower checkpoint.keep",
+    errno.EDQUOT: "storage quota exceeded: free space on Drive (deleted files count until the trash is emptied)",
+    errno.EACCES: "permission denied: use a folder you can write to",
+    errno.EPERM: "operation not permitted: use a folder you can write to",
+    errno.EROFS: "read-only file system: use a writable folder",
+    errno.ENOENT: "does not exist",
+}
+
+
+def storage_error(error: OSError) -> StorageError:
+    """A one-line :class:`StorageError` for an OS error, naming the path and what to do."""
+    path = error.filename if isinstance(error.filename, str) else None
+    where = f"{path}: " if path else ""
+    if error.errno in _ADVICE:
+        message = f"{where}{_ADVICE[error.errno]}"
+    elif error.errno in TRANSIENT_ERRNOS:
+        message = (
+            f"{where}{error.strerror or error} (kept failing after retries): check that the folder's mount is "
+            "still there (errno 107 means Drive disconnected), then run the command again"
+        )
+    else:
+        message = f"{where}{error.strerror or error}"
+    return StorageError(message, path=path, errno_=error.errno, transient=error.errno in TRANSIENT_ERRNOS)
+
+
+def _fsync_file(handle: Any) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable; a no-op where directories can't be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        # Some FUSE mounts refuse fsync on directories; the rename itself is still atomic there.
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+@retry_io
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: a reader sees the old content or the new, never a mix."""
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            _fsync_file(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with UTF-8 ``text`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """Replace ``path`` with ``value`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+@retry_io
+def read_bytes(path: Path) -> bytes:
+    """The content of ``path``; a missing file raises ``StorageError`` with ``errno_ == ENOENT``."""
+    return Path(path).read_bytes()
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; garbage in it raises :class:`DamagedFile`."""
+    data = read_bytes(path)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedFile(str(path), f"not valid JSON ({error})") from None
+
+
+@retry_io
+def append_line(path: Path, line: str) -> None:
+    """Append one line with a single write, so that concurrent or killed writers never interleave within it."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@retry_io
+def make_dirs(path: Path) -> None:
+    """Create a folder and its parents if missing."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+
+
+@retry_io
+def list_dir(path: Path) -> list[str]:
+    """Sorted entry names of a folder; an empty list when it does not exist."""
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+@retry_io
+def remove_tree(path: Path) -> None:
+    """Delete a folder and everything in it; a missing folder is fine."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+
+
+@retry_io
+def remove_file(path: Path) -> None:
+    """Delete a file; a missing file is fine."""
+    Path(path).unlink(missing_ok=True)
+
+
+@retry_io
+def copy_file(source: Path, target: Path) -> tuple[int, str]:
+    """Copy ``source`` to ``target`` and make it durable; return the size and sha256 of what was written."""
+    digest, size = hashlib.sha256(), 0
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        while chunk := reader.read(_CHUNK):
+            writer.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        _fsync_file(writer)
+    return size, digest.hexdigest()
+
+
+@retry_io
+def file_digest(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a file, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as reader:
+        while chunk := reader.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+@retry_io
+def commit_dir(source: Path, target: Path) -> None:
+    """Rename a fully written folder into place; fails with ``FileExistsError``-like errors if ``target`` exists."""
+    if target.exists():
+        # rename(2) would silently replace an empty target folder; a commit must never replace anything.
+        raise StorageError(f"{target}: already exists", path=str(target), errno_=errno.EEXIST)
+    os.rename(source, target)
+    fsync_dir(target.parent)
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space, in bytes, on the file system holding ``path``; ``None`` where it cannot be known."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize

@@ -1,0 +1,330 @@
+"""The worker: claim the next runnable job, hold its lease, run its trainer, record the outcome, repeat.
+
+A job that raises is marked failed with a one-line reason (the traceback goes to the job's log) and the worker
+goes on with the next one. SIGTERM or SIGINT asks the trainer to checkpoint and stop; a second one stops at once
+(the job then resumes from its last published checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import FrameType
+from typing import Protocol
+
+from rich.console import Console
+
+from runner import defaults, storage
+from runner.checkpoints import CheckpointInfo, CheckpointStore
+from runner.errors import Fenced, RunnerError, TrainerError
+from runner.job import Job, JobStatus
+from runner.lease import JobLease, LeaseHolder
+from runner.queue import Claim, JobView, Queue
+from runner.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(str, Enum):
+    """How a trainer's run ended."""
+
+    DONE = "done"
+    """Every epoch trained (and the final model exported)."""
+    STOPPED = "stopped"
+    """Stopped early because :meth:`RunContext.should_stop` said so, after publishing a checkpoint."""
+
+
+@dataclass
+class RunContext:
+    """Everything a trainer needs to run one claimed job, and the ways it reports back."""
+
+    claim: Claim
+    store: CheckpointStore
+    stop: threading.Event
+    log: logging.Logger
+    console: Console
+
+    @property
+    def job(self) -> Job:
+        """The job's folder."""
+        return self.claim.job
+
+    @property
+    def spec(self) -> JobSpec:
+        """The job's frozen spec."""
+        return self.claim.spec
+
+    @property
+    def generation(self) -> int:
+        """This claim's generation; stored in each checkpoint."""
+        return self.claim.generation
+
+    def should_stop(self) -> bool:
+        """Whether to checkpoint and stop now: a signal, a cancel, or the lease lost."""
+        return self.stop.is_set() or self.claim.lease.lost is not None or self.job.cancel_requested()
+
+    def record_checkpoint(self, info: CheckpointInfo, *, metrics: dict[str, float] | None = None) -> None:
+        """Show a committed checkpoint's progress in state.json (fenced)."""
+        changes: dict[str, object] = {
+            "epoch": info.epoch,
+            "step": info.step,
+            "checkpoint": info.id,
+            "checkpoint_at": info.created_at or self.job.clock(),
+        }
+        if metrics is not None:
+            changes["metrics"] = metrics
+        self.claim.update(**changes)
+
+
+class Trainer(Protocol):
+    """Trains one job from its newest checkpoint.
+
+    ``train`` restores from ``context.store``, trains, publishes checkpoints through ``context.store.commit``
+    (which fences) and calls ``context.record_checkpoint`` after each. When ``context.should_stop()`` turns
+    true it publishes a checkpoint and returns :attr:`Outcome.STOPPED`; when all epochs are done it exports
+    the final model and returns :attr:`Outcome.DONE`. Any exception marks the job failed.
+    """
+
+    def train(self, context: RunContext) -> Outcome:
+        """Run the job to completion or until asked to stop."""
+        ...
+
+
+TrainerFactory = Callable[[], Trainer]
+
+
+def load_trainer(dotted: str) -> TrainerFactory:
+    """The trainer factory named ``package.module:attribute``."""
+    module_name, _, attribute = dotted.partition(":")
+    if not module_name or not attribute:
+        raise TrainerError(f"trainer must be named as package.module:attribute, got {dotted!r}")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attribute)
+    except (ImportError, AttributeError) as error:
+        raise TrainerError(f"cannot load trainer {dotted!r}: {error}") from None
+
+
+class _JobLogHandler(logging.Handler):
+    """Appends log records to the job's runner.log, tagged with the claim generation."""
+
+    def __init__(self, job: Job, generation: int) -> None:
+        super().__init__()
+        self.job, self.generation = job, generation
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            storage.append_line(self.job.paths.log, f"[g{self.generation}] {self.format(record)}")
+        except Exception:  # a log line must never take the job down
+            self.handleError(record)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as a single line: the runner's own message, or its type and message."""
+    text = str(error) if isinstance(error, RunnerError) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split()) or type(error).__name__
+
+
+@dataclass
+class WorkResult:
+    """What one ``runner work`` did."""
+
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every job run is done, 1 if one failed, 128+N after signal N."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return 1 if self.failed else 0
+
+
+class Worker:
+    """Runs the runnable jobs of a queue, one at a time, until none is left."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        trainer_factory: TrainerFactory,
+        *,
+        console: Console | None = None,
+        only: str | None = None,
+        wait_for_silent_leases: bool = True,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.queue, self.trainer_factory = queue, trainer_factory
+        self.console = console or Console(stderr=True)
+        self.only, self.wait_for_silent_leases, self.sleep = only, wait_for_silent_leases, sleep
+        self.stop = threading.Event()
+        self._signals_seen = 0
+        self.result = WorkResult()
+
+    # --- signals --------------------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: first one checkpoints and stops, second one stops at once."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals_seen += 1
+        self.result.signal = signum
+        if self._signals_seen > 1:
+            raise KeyboardInterrupt
+        self.console.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint and stopping[/]")
+        self.stop.set()
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def run(self) -> WorkResult:
+        """Claim and run jobs until nothing runnable is left or a signal arrives."""
+        if self.only is not None:
+            self.queue.job(self.only)  # JobNotFound early, before any claim
+        attempted: set[str] = set()
+        while not self.stop.is_set():
+            claimed = self._claim_next(attempted)
+            if claimed is None:
+                break
+            attempted.add(claimed.job.name)
+            self._run(claimed)
+        return self.result
+
+    def _candidates(self, attempted: set[str]) -> list[JobView]:
+        return [
+            view
+            for view in self.queue.views()
+            if view.wants_worker and view.name not in attempted and self.only in (None, view.name)
+        ]
+
+    def _claim_next(self, attempted: set[str]) -> Claim | None:
+        candidates = self._candidates(attempted)
+        for view in candidates:
+            if (claim := self._try_claim(view.name, wait=False)) is not None:
+                return claim
+        if not self.wait_for_silent_leases:
+            return None
+        now = self.queue.clock()
+        silent = [view for view in candidates if view.holder is not None and not view.lease_alive(now)]
+        for view in silent:
+            if (claim := self._try_claim(view.name, wait=True)) is not None:
+                return claim
+        for view in candidates:
+            if view.name not in attempted:
+                self.result.skipped.append(view.name)
+                attempted.add(view.name)
+        return None
+
+    def _try_claim(self, name: str, *, wait: bool) -> Claim | None:
+        lease = self.queue.lease(name, on_lost=lambda compromise: self.stop.set())
+        acquired = lease.try_acquire() or (wait and self._wait_for(name, lease))
+        if not acquired:
+            return None
+        try:
+            claim = self.queue.claim(name, lease)
+        except BaseException:
+            lease.release()
+            raise
+        if claim is None:
+            lease.release()
+        return claim
+
+    def _wait_for(self, name: str, lease: JobLease) -> bool:
+        status = self.console.status(f"job {name!r}: waiting for its silent lease to expire")
+        with status:
+
+            def report(holder: LeaseHolder | None, seconds_left: float) -> None:
+                owner = holder.describe() if holder else "a worker"
+                status.update(
+                    f"job {name!r} is leased by {owner}, which has gone silent: "
+                    f"taking over in {seconds_left:.0f}s unless it heartbeats"
+                )
+
+            taken = lease.wait_for_takeover(report=report, sleep=self.sleep)
+        if not taken:
+            self.console.print(f"job {name!r}: its worker is alive; leaving it to that worker")
+        return taken
+
+    # --- one job --------------------------------------------------------------------------------------------
+
+    def _run(self, claim: Claim) -> None:
+        job, name = claim.job, claim.job.name
+        handler = _JobLogHandler(job, claim.generation)
+        job_log = logging.getLogger(f"runner.job.{name}")
+        job_log.addHandler(handler)
+        job_log.setLevel(logging.INFO)
+        try:
+            self._run_claimed(claim, job_log)
+        except Fenced as fenced:
+            self.console.print(f"[red]{fenced}[/]")
+            self.result.interrupted.append(name)
+        finally:
+            job_log.removeHandler(handler)
+            claim.lease.release()
+
+    def _run_claimed(self, claim: Claim, job_log: logging.Logger) -> None:
+        job, name = claim.job, claim.job.name
+        store = CheckpointStore(job, keep=claim.spec.checkpoint.keep, fence=claim.fence)
+        if garbage := store.collect_garbage():
+            job_log.info("removed %d unfinished checkpoint folder(s) of an earlier session", len(garbage))
+        if job.cancel_requested():
+            self._finish(claim, JobStatus.CANCELLED, job_log)
+            return
+        verb = "resuming" if claim.resumed else "starting"
+        self.console.print(f"[bold]{verb} job {name!r}[/] (claim generation {claim.generation})")
+        job_log.info("%s on %s, claim generation %d", verb, claim.lease.paths.folder, claim.generation)
+        context = RunContext(claim=claim, store=store, stop=self.stop, log=job_log, console=self.console)
+        try:
+            outcome = self.trainer_factory().train(context)
+        except Fenced:
+            raise
+        except KeyboardInterrupt:
+            self.result.interrupted.append(name)
+            job.events.append("interrupted", generation=claim.generation, reason="second signal")
+            raise
+        except Exception as error:  # a job's failure must not stop the queue
+            reason = one_line(error)
+            job_log.error("failed: %s\n%s", reason, traceback.format_exc())
+            self._finish(claim, JobStatus.FAILED, job_log, error=reason)
+            return
+        if outcome is Outcome.DONE:
+            self._finish(claim, JobStatus.DONE, job_log)
+        elif job.cancel_requested():
+            self._finish(claim, JobStatus.CANCELLED, job_log)
+        else:
+            claim.fence()
+            reason = "signal" if self.stop.is_set() else "stopped"
+            job.events.append("interrupted", generation=claim.generation, reason=reason)
+            job_log.info("stopped (%s); the next `runner work` resumes it", reason)
+            self.console.print(f"job {name!r} stopped; run `runner work` again to resume it")
+            self.result.interrupted.append(name)
+
+    def _finish(self, claim: Claim, status: JobStatus, job_log: logging.Logger, *, error: str | None = None) -> None:
+        job, name = claim.job, claim.job.name
+        claim.finish(status, error=error)
+        if status is JobStatus.CANCELLED:
+            job.clear_cancel_request()
+        details = {"error": error} if error else {}
+        job.events.append(status.value, generation=claim.generation, **details)
+        job_log.info("%s%s", status.value, f": {error}" if error else "")
+        colour = {JobStatus.DONE: "green", JobStatus.FAILED: "red"}.get(status, "yellow")
+        self.console.print(f"[{colour}]job {name!r} {status.value}[/]" + (f": {error}" if error else ""))
+        getattr(self.result, status.value).append(name)
+
+
+def default_trainer_name(environ: Mapping[str, str] = os.environ) -> str:
+    """The trainer ``runner work`` uses: ``$RUNNER_TRAINER`` or the Keras trainer."""
+    return environ.get(defaults.TRAINER_ENV, defaults.TRAINER_DEFAULT)

@@ -1,0 +1,88 @@
+"""Shared builders for the test suite: real folders, real processes, the counting trainer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runner.queue import Queue
+from runner.spec import JobSpec, parse_spec
+
+REPO = Path(__file__).resolve().parent.parent
+COUNTING_TRAINER = "tests.support.counting_trainer:CountingTrainer"
+
+
+def make_spec_dict(name: str = "job-a", **sections: Any) -> dict[str, Any]:
+    """A valid spec as plain data; ``sections`` are merged into the top-level mapping (one level deep)."""
+    data: dict[str, Any] = {
+        "name": name,
+        "dataset": {"source": "/data/unused"},
+        "model": {"builtin": "simple_cnn", "params": {"steps": 4}},
+        "training": {"epochs": 3},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+def make_spec(name: str = "job-a", **sections: Any) -> JobSpec:
+    """A valid :class:`JobSpec` for the counting trainer."""
+    return parse_spec(make_spec_dict(name, **sections))
+
+
+def write_spec(folder: Path, name: str = "job-a", **sections: Any) -> Path:
+    """A spec file in ``folder``."""
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(make_spec_dict(name, **sections)))
+    return path
+
+
+def runner_env(**extra: str) -> dict[str, str]:
+    """Environment for a `runner` subprocess that uses the counting trainer."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env["RUNNER_TRAINER"] = COUNTING_TRAINER
+    env.pop("RUNNER_QUEUE", None)
+    env.pop("COLAB_RELEASE_TAG", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m runner ARGS`` as a real process and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        capture_output=True,
+        text=True,
+        env=env or runner_env(),
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m runner ARGS`` in the background (its own process group)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or runner_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Queue:
+    """An empty queue in a temporary folder, with a short lease for fast takeovers."""
+    return Queue(tmp_path / "queue", lease_duration=3.0)
