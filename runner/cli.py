@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from runner import defaults, storage
 from runner.console import render_status, status_records, watch_status
@@ -71,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, out, err)
     except SpecError as error:
         for line in str(error).splitlines():
-            err.print(f"[red]error:[/] {line}", markup=True, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
         return error.exit_code
     except RunnerError as error:
-        err.print(f"[red]error:[/] {error}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         return 130
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get(DEBUG_ENV):
             raise
         err.print(
-            f"[red]error:[/] unexpected {type(error).__name__}: {error} "
+            f"[red]error:[/] unexpected {type(error).__name__}: {escape(str(error))} "
             f"(set {DEBUG_ENV}=1 to see the traceback, and please report it)",
             soft_wrap=True,
         )
@@ -106,10 +107,10 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.command == "status":
         return _status(queue, as_json=args.json, watch=args.watch, out=out)
     if args.command == "cancel":
-        err.print(queue.cancel(args.name))
+        err.print(queue.cancel(args.name), markup=False)
         return 0
     if args.command == "retry":
-        err.print(queue.retry(args.name))
+        err.print(queue.retry(args.name), markup=False)
         return 0
     if args.command == "logs":
         return _logs(queue, args.name, follow=args.follow)
@@ -131,7 +132,7 @@ def _submit(queue: Queue, paths: list[Path], err: Console) -> int:
     for spec in specs:
         job, new = queue.submit(spec)
         verb = "submitted" if new else "already in the queue, unchanged:"
-        err.print(f"{verb} {spec.name} → {job.paths.folder}", soft_wrap=True)
+        err.print(f"{verb} {spec.name} → {job.paths.folder}", soft_wrap=True, markup=False)
     return 0
 
 
@@ -143,7 +144,7 @@ def _work(queue: Queue, only: str | None, out: Console, err: Console) -> int:
     result = worker.run()
     out.print(render_status(queue))
     if result.skipped:
-        err.print(f"left to other live workers: {', '.join(result.skipped)}")
+        err.print(f"left to other live workers: {', '.join(result.skipped)}", markup=False)
     return result.exit_code
 
 

@@ -164,14 +164,15 @@ class Job:
             self.check_generation(generation)
         storage.atomic_write_json(self.paths.state, state.model_dump(mode="json"))
 
-    def check_generation(self, generation: int) -> None:
-        """Raise :class:`Fenced` unless the claim generation on disk is ``generation``."""
+    def check_generation(self, generation: int) -> JobState:
+        """The state on disk; :class:`Fenced` unless its claim generation is ``generation``."""
         try:
-            on_disk = self.read_state().generation
+            state = self.read_state()
         except DamagedFile as error:
             raise Fenced(self.name, generation, f"state.json unreadable: {error.reason}") from None
-        if on_disk != generation:
-            raise Fenced(self.name, generation, f"generation {on_disk} has claimed the job since")
+        if state.generation != generation:
+            raise Fenced(self.name, generation, f"generation {state.generation} has claimed the job since")
+        return state
 
     def request_cancel(self) -> None:
         """Ask the worker running this job to stop it at its next checkpoint."""

@@ -22,6 +22,22 @@ from runner.errors import UsageError
 from runner.paths import JobPaths
 
 
+_PID_NAMESPACE_MARK = "?pidns-"
+"""filelock appends this and the PID namespace's inode (hex) to the host of a marker written inside a container."""
+
+_INITIAL_PID_NAMESPACE = 0xEFFFFFFC
+"""Inode Linux reserves for the host's own PID namespace, for which filelock adds no mark."""
+
+
+def _this_pid_namespace() -> str:
+    """filelock's tag for this process's PID namespace: empty for the host's own."""
+    try:
+        inode = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return "" if inode == _INITIAL_PID_NAMESPACE else f"{inode:x}"
+
+
 @dataclass(frozen=True)
 class LeaseHolder:
     """Who holds a job's lease, as written in its marker."""
@@ -32,6 +48,8 @@ class LeaseHolder:
     """Wall-clock time of the marker's last refresh (its mtime)."""
     marker_key: tuple[float, int, int]
     """What changes at each heartbeat: mtime, inode, ctime."""
+    pid_namespace: str = ""
+    """filelock's tag for the holder's PID namespace (empty for the host's own): pids compare only within one."""
 
     def describe(self) -> str:
         """``host:pid``."""
@@ -43,15 +61,25 @@ class LeaseHolder:
 
     def dead_on_this_host(self) -> bool:
         """Whether the holder ran on this machine and its process is gone."""
-        if self.host != socket.gethostname() or self.pid <= 0:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
+        return self._on_this_host() and not _process_exists(self.pid)
+
+    def alive_on_this_host(self) -> bool:
+        """Whether the holder runs on this machine and its process still exists."""
+        return self._on_this_host() and _process_exists(self.pid)
+
+    def _on_this_host(self) -> bool:
+        same_namespace = self.pid_namespace == _this_pid_namespace()
+        return self.host == socket.gethostname() and same_namespace and self.pid > 0
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True  # someone else's process, but it exists
+    return True
 
 
 def read_holder(paths: JobPaths) -> LeaseHolder | None:
@@ -71,11 +99,14 @@ def read_holder(paths: JobPaths) -> LeaseHolder | None:
         pid = int(fields.get("pid", "-1"))
     except ValueError:
         pid = -1
+    # Containers (Colab's runtime is one) get a PID-namespace tag after the host name.
+    host, _, namespace = fields.get("host", "unknown").partition(_PID_NAMESPACE_MARK)
     return LeaseHolder(
-        host=fields.get("host", "unknown"),
+        host=host,
         pid=pid,
         heartbeat_at=marker.st_mtime,
         marker_key=(marker.st_mtime, marker.st_ino, marker.st_ctime_ns),
+        pid_namespace=namespace,
     )
 
 
@@ -122,6 +153,8 @@ class JobLease:
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free, or its holder is dead on this host, or silent for the lease duration."""
+        if self.lost is not None:
+            self.release()  # filelock refuses to re-acquire a lost claim that was not released
         try:
             self._lease.acquire(timeout=0)
         except Timeout:
@@ -157,5 +190,5 @@ class JobLease:
 
     def release(self) -> None:
         """Give the lease up (a no-op when not held)."""
-        if self._lease.is_locked:
+        if self._lease.is_locked or self.lost is not None:
             self._lease.release(force=True)

@@ -49,11 +49,11 @@ class DatasetSpec(_Section):
     train: str = Field(default="train", min_length=1, description="folder in the source, one subfolder per class")
     validation: str | None = Field(default=None, min_length=1, description="validation folder in the source")
     validation_split: float | None = Field(
-        default=None, gt=0, lt=1, description="fraction of train held out, instead of a validation folder"
+        default=None, strict=True, gt=0, lt=1, description="fraction of train held out, instead of a validation folder"
     )
     image_size: tuple[int, int] = Field(default=(150, 150), description="height and width images are resized to")
     label_mode: LabelMode = "binary"
-    batch_size: int = Field(default=20, ge=1, le=65536)
+    batch_size: int = Field(default=20, strict=True, ge=1, le=65536)
 
     @field_validator("image_size")
     @classmethod
@@ -97,18 +97,18 @@ class ModelSpec(_Section):
 class TrainingSpec(_Section):
     """How long and how to train."""
 
-    epochs: int = Field(default=15, ge=1, le=1_000_000)
+    epochs: int = Field(default=15, strict=True, ge=1, le=1_000_000)
     optimizer: Optimizer = "adam"
-    learning_rate: float = Field(default=0.001, gt=0, le=10)
+    learning_rate: float = Field(default=0.001, strict=True, gt=0, le=10)
     loss: Loss = "binary_crossentropy"
     metrics: tuple[str, ...] = ("accuracy",)
-    seed: int = Field(default=0, ge=0, lt=2**31)
-    deterministic: bool = Field(default=False, description="op determinism: bit-identical resumes on the CPU")
+    seed: int = Field(default=0, strict=True, ge=0, lt=2**31)
+    deterministic: bool = Field(default=False, strict=True, description="op determinism: bit-identical resumes on the CPU")
 
-    @field_validator("learning_rate")
+    @field_validator("learning_rate", mode="before")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"must be a finite number, got {value!r}")
         return value
 
@@ -124,9 +124,9 @@ class TrainingSpec(_Section):
 class CheckpointSpec(_Section):
     """When checkpoints are taken and how many are kept."""
 
-    every_epochs: int = Field(default=1, ge=1)
-    every_minutes: float | None = Field(default=None, gt=0, description="also checkpoint mid-epoch this often")
-    keep: int = Field(default=2, ge=1, le=1000, description="committed checkpoints kept")
+    every_epochs: int = Field(default=1, strict=True, ge=1)
+    every_minutes: float | None = Field(default=None, strict=True, gt=0, description="also checkpoint mid-epoch this often")
+    keep: int = Field(default=2, strict=True, ge=1, le=1000, description="committed checkpoints kept")
 
 
 class ExportSpec(_Section):
@@ -146,7 +146,7 @@ class JobSpec(_Section):
     """A training job: dataset, model, training, checkpoints and export."""
 
     name: str = Field(description="[a-z0-9][a-z0-9._-]{0,63}; also the job's folder name")
-    priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first; ties by submission time")
+    priority: int = Field(default=0, strict=True, ge=-1000, le=1000, description="higher runs first; ties by submission time")
     dataset: DatasetSpec
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(builtin="simple_cnn"))
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -165,7 +165,17 @@ class JobSpec(_Section):
 
     def to_yaml(self) -> str:
         """The spec as YAML with every field, defaults filled in."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        # Python mode, not JSON mode: JSON mode would turn an infinite float in params into null.
+        return yaml.safe_dump(_plain(self.model_dump()), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that safe_dump can write them."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def json_schema() -> dict[str, Any]:

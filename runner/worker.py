@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Protocol
 
 from rich.console import Console
+from rich.markup import escape
 
 from runner import defaults, storage
 from runner.checkpoints import CheckpointInfo, CheckpointStore
@@ -147,10 +148,10 @@ class WorkResult:
 
     @property
     def exit_code(self) -> int:
-        """0 when every job run is done, 1 if one failed, 128+N after signal N."""
+        """0 when every job run ended done or cancelled, 1 if one failed or lost its lease, 128+N after signal N."""
         if self.signal is not None:
             return 128 + self.signal
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.interrupted else 0
 
 
 class Worker:
@@ -217,9 +218,10 @@ class Worker:
                 return claim
         if not self.wait_for_silent_leases:
             return None
-        now = self.queue.clock()
-        silent = [view for view in candidates if view.holder is not None and not view.lease_alive(now)]
-        for view in silent:
+        # Nothing was free. A holder elsewhere may be dead (a closed Colab tab) or alive: wait for each, oldest
+        # heartbeat first, until it heartbeats (alive: leave it) or stays silent for the lease duration (take it).
+        held = [view for view in candidates if view.holder is not None and not view.holder.alive_on_this_host()]
+        for view in sorted(held, key=lambda view: view.holder.heartbeat_at if view.holder else 0.0):
             if (claim := self._try_claim(view.name, wait=True)) is not None:
                 return claim
         for view in candidates:
@@ -229,7 +231,7 @@ class Worker:
         return None
 
     def _try_claim(self, name: str, *, wait: bool) -> Claim | None:
-        lease = self.queue.lease(name, on_lost=lambda compromise: self.stop.set())
+        lease = self.queue.lease(name)
         acquired = lease.try_acquire() or (wait and self._wait_for(name, lease))
         if not acquired:
             return None
@@ -269,7 +271,7 @@ class Worker:
         try:
             self._run_claimed(claim, job_log)
         except Fenced as fenced:
-            self.console.print(f"[red]{fenced}[/]")
+            self.console.print(f"[red]{escape(str(fenced))}[/]")
             self.result.interrupted.append(name)
         finally:
             job_log.removeHandler(handler)
@@ -321,7 +323,7 @@ class Worker:
         job.events.append(status.value, generation=claim.generation, **details)
         job_log.info("%s%s", status.value, f": {error}" if error else "")
         colour = {JobStatus.DONE: "green", JobStatus.FAILED: "red"}.get(status, "yellow")
-        self.console.print(f"[{colour}]job {name!r} {status.value}[/]" + (f": {error}" if error else ""))
+        self.console.print(f"[{colour}]job {name!r} {status.value}[/]" + (f": {escape(error)}" if error else ""))
         getattr(self.result, status.value).append(name)
 
 

@@ -1,0 +1,264 @@
+"""Status: the ``runner status --json`` contract, damaged folders, the table, watch, eta and ages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.checkpoints import parse_checkpoint_id
+from runner.console import eta_seconds, format_age, render_status, status_table, watch_status
+from runner.job import JobStatus
+from runner.queue import Queue
+from runner.worker import Worker
+from tests.conftest import make_spec, run_cli, runner_env, start_cli
+from tests.support.counting_trainer import CountingTrainer, expected_value
+from tests.support.worker_helpers import (
+    quiet_console,
+    reaped,
+    state,
+    status_json,
+    store,
+    wait_until,
+)
+
+CONTRACT_KEYS = {"name", "state", "epoch", "epochs", "step", "restarts", "checkpoint", "metrics", "error"}
+STATES = {"queued", "running", "interrupted", "done", "failed", "cancelled"}
+WIDE = runner_env(COLUMNS="400")
+"""So that rich does not wrap long error lines of the table in the middle of a path."""
+
+
+def check_contract(row: dict[str, Any]) -> None:
+    """The keys and types every status object promises."""
+    assert CONTRACT_KEYS <= row.keys()
+    assert row["state"] in STATES
+    assert isinstance(row["epoch"], int) and isinstance(row["step"], int) and isinstance(row["restarts"], int)
+    assert row["epochs"] is None or isinstance(row["epochs"], int)
+    assert row["checkpoint"] is None or parse_checkpoint_id(row["checkpoint"]) is not None
+    assert isinstance(row["metrics"], dict)
+    assert row["error"] is None or (isinstance(row["error"], str) and "\n" not in row["error"] and row["error"])
+
+
+def table_rows(text: str) -> dict[str, str]:
+    """The table's rows keyed by job name (error lines beneath the table, ``name: ...``, left out)."""
+    rows = {}
+    for line in text.splitlines():
+        first = line.split(" ", 1)[0]
+        if first and not first.endswith(":") and first not in ("queue", "job") and not first.startswith("─"):
+            assert first not in rows, text
+            rows[first] = line
+    return rows
+
+
+def render(renderable: Any) -> str:
+    """A renderable as plain text, at width 100."""
+    console = quiet_console()
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def work(queue: Queue, only: str) -> None:
+    Worker(queue, CountingTrainer, console=quiet_console(), only=only).run()
+
+
+@pytest.fixture
+def mixed(queue: Queue) -> Queue:
+    """One job of each settled state: done, failed, cancelled and queued."""
+    queue.submit(make_spec("s-done", priority=3))
+    queue.submit(make_spec("s-failed", priority=2, model={"params": {"steps": 4, "fail_at_epoch": 1}}))
+    queue.submit(make_spec("s-cancelled", priority=1))
+    queue.submit(make_spec("s-queued", training={"epochs": 7}))
+    work(queue, "s-done")
+    work(queue, "s-failed")
+    queue.cancel("s-cancelled")
+    return queue
+
+
+# --- the JSON contract ------------------------------------------------------------------------------------------
+
+
+def test_status_json_is_an_array_in_claim_order_with_the_contract_keys(mixed: Queue) -> None:
+    done = run_cli("status", "--queue", str(mixed.root), "--json")
+
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert isinstance(rows, list)
+    assert [row["name"] for row in rows] == ["s-done", "s-failed", "s-cancelled", "s-queued"]
+    for row in rows:
+        check_contract(row)
+
+
+def test_status_json_values_of_settled_jobs(mixed: Queue) -> None:
+    rows = status_json(mixed, run_cli)
+
+    done = rows["s-done"]
+    newest = store(mixed, "s-done").newest()
+    assert (done["state"], done["epoch"], done["epochs"], done["step"]) == ("done", 3, 3, 0)
+    assert done["restarts"] == 0
+    assert done["checkpoint"] == newest.id and parse_checkpoint_id(newest.id)[1] == 3
+    assert done["metrics"] == {"value": expected_value(3, 4) % 1000}
+    assert done["error"] is None
+
+    failed = rows["s-failed"]
+    assert (failed["state"], failed["epoch"], failed["epochs"]) == ("failed", 1, 3)
+    assert failed["checkpoint"] == store(mixed, "s-failed").newest().id
+    assert failed["metrics"] == {"value": expected_value(1, 4) % 1000}
+    assert "injected failure at epoch 1" in failed["error"] and "\n" not in failed["error"]
+
+    cancelled = rows["s-cancelled"]
+    assert (cancelled["state"], cancelled["epoch"], cancelled["checkpoint"], cancelled["error"]) == (
+        "cancelled", 0, None, None,
+    )
+
+    queued = rows["s-queued"]
+    assert queued == {**queued, "state": "queued", "epoch": 0, "epochs": 7, "step": 0, "restarts": 0}
+    assert (queued["checkpoint"], queued["metrics"], queued["error"]) == (None, {}, None)
+
+
+@pytest.mark.slow
+def test_status_json_shows_running_then_interrupted_after_sigkill(queue: Queue) -> None:
+    queue.submit(make_spec("victim", model={"params": {"steps": 5, "step_seconds": 0.1}}, training={"epochs": 20}))
+    with reaped(start_cli("work", "--queue", str(queue.root))) as process:
+        first = wait_until(lambda: state(queue, "victim").checkpoint, "a first checkpoint")
+        running = status_json(queue, run_cli)["victim"]
+        check_contract(running)
+        assert running["state"] == "running"
+        # Kill just after a checkpoint is recorded, not while the next one is being published.
+        wait_until(lambda: state(queue, "victim").checkpoint not in (None, first), "a second checkpoint")
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    stored = state(queue, "victim")
+    assert stored.status is JobStatus.RUNNING
+    row = status_json(queue, run_cli)["victim"]
+    check_contract(row)
+    assert row["state"] == "interrupted"
+    assert row["checkpoint"] == stored.checkpoint == store(queue, "victim").newest().id
+    assert row["epoch"] == parse_checkpoint_id(row["checkpoint"])[1] >= 2
+    assert (row["epochs"], row["restarts"], row["error"]) == (20, 0, None)
+    assert row["metrics"] == {"value": expected_value(row["epoch"], 5) % 1000}
+
+
+# --- damaged job folders ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def damaged(queue: Queue) -> Queue:
+    """A queue with a garbage state.json in one job and an invalid YAML spec in another."""
+    for name in ("bad-state", "fine", "bad-spec"):
+        queue.submit(make_spec(name))
+    queue.job("bad-state").paths.state.write_bytes(b"\x00{not json")
+    queue.job("bad-spec").paths.spec.write_text("name: [unclosed\n")
+    return queue
+
+
+def test_status_json_reports_a_damaged_folder_on_its_own_row(damaged: Queue) -> None:
+    rows = status_json(damaged, run_cli)
+
+    assert set(rows) == {"bad-state", "fine", "bad-spec"}
+    for row in rows.values():
+        check_contract(row)
+    assert rows["fine"]["state"] == "queued" and rows["fine"]["error"] is None
+    assert rows["bad-state"]["state"] == "failed"
+    assert "state.json" in rows["bad-state"]["error"]
+    assert rows["bad-spec"]["state"] == "failed"
+    assert "spec.yaml" in rows["bad-spec"]["error"]
+    assert rows["bad-spec"]["epochs"] is None
+
+
+def test_status_table_reports_a_damaged_folder_and_shows_the_others(damaged: Queue) -> None:
+    shown = run_cli("status", "--queue", str(damaged.root), env=WIDE)
+
+    assert shown.returncode == 0, shown.stderr
+    assert "Traceback" not in shown.stdout + shown.stderr
+    lines = shown.stdout.splitlines()
+    assert any("fine" in line and "queued" in line for line in lines)
+    assert any(line.startswith("bad-state: ") and "state.json" in line for line in lines)
+    assert any(line.startswith("bad-spec: ") and "spec.yaml" in line for line in lines)
+
+    rows = table_rows(render(render_status(damaged)))
+    assert "queued" in rows["fine"]
+    assert "failed" in rows["bad-state"]
+    assert "failed" in rows["bad-spec"]
+
+
+# --- the table --------------------------------------------------------------------------------------------------
+
+
+def test_status_table_has_a_row_per_job_with_state_and_epochs_and_errors_beneath(mixed: Queue) -> None:
+    text = render(status_table(mixed.views(), 2e9, title="queue"))
+    lines = text.splitlines()
+    rows = table_rows(text)
+
+    assert list(rows) == ["s-done", "s-failed", "s-cancelled", "s-queued"]
+    assert "done" in rows["s-done"] and "3/3" in rows["s-done"]
+    assert "failed" in rows["s-failed"] and "1/3" in rows["s-failed"] and "error (below)" in rows["s-failed"]
+    assert "cancelled" in rows["s-cancelled"] and "0/3" in rows["s-cancelled"]
+    assert "queued" in rows["s-queued"] and "0/7" in rows["s-queued"]
+    # The full error goes on a line of its own beneath the table.
+    error_lines = [line for line in lines if line.startswith("s-failed: ")]
+    assert len(error_lines) == 1 and "injected failure at epoch 1" in error_lines[0]
+    assert lines.index(error_lines[0]) > lines.index(rows["s-queued"])
+
+
+def test_status_table_of_an_empty_queue_tells_how_to_submit(queue: Queue) -> None:
+    text = render(render_status(queue))
+
+    assert "runner submit" in text
+    assert "queued" not in text
+
+
+def test_watch_status_refreshes_with_the_given_sleep(mixed: Queue) -> None:
+    naps: list[float] = []
+    console = quiet_console()
+
+    watch_status(mixed, console, interval=0, sleep=naps.append, rounds=2)
+
+    assert naps == [0, 0]
+    assert "s-done" in console.file.getvalue()
+
+
+# --- eta and ages -----------------------------------------------------------------------------------------------
+
+
+def test_eta_is_positive_for_a_running_job_with_progress(queue: Queue) -> None:
+    ticks = itertools.count(time.time(), 0.001)
+    # A long lease, so that the heartbeat (real mtime) still looks fresh at the made-up "now" below.
+    queue = Queue(queue.root, lease_duration=600.0, clock=lambda: next(ticks))
+    queue.submit(make_spec("moving", training={"epochs": 4}))
+    lease = queue.lease("moving")
+    assert lease.try_acquire()
+    try:
+        claim = queue.claim("moving", lease)
+        started = claim.job.read_state().session_started_at
+        claim.update(epoch=1, checkpoint="g000001-e000001-s000000000", checkpoint_at=started + 100.0)
+        view = queue.view("moving")
+        assert view.shown_state(started + 110.0) == "running"
+
+        eta = eta_seconds(view, started + 110.0)
+    finally:
+        lease.release()
+
+    assert eta is not None and eta > 0
+    assert eta == pytest.approx(3 * 100.0 - 10.0)  # three epochs left at 100 s each, 10 s since the last
+
+
+def test_eta_is_none_for_queued_and_done_jobs(mixed: Queue) -> None:
+    now = 2e9
+    assert eta_seconds(mixed.view("s-queued"), now) is None
+    assert eta_seconds(mixed.view("s-done"), now) is None
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(42, "42s"), (42.9, "42s"), (300, "5m"), (2 * 3600 + 5 * 60, "2h 05m"), (3 * 86400 + 4 * 3600, "3d 4h"),
+     (0, "0s"), (-5, "0s"), (None, "-")],
+)
+def test_format_age(seconds: float | None, shown: str) -> None:
+    assert format_age(seconds) == shown

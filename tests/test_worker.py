@@ -1,0 +1,465 @@
+"""The worker: claim order, failure isolation, cancel, retry, signals, kills and damaged or leased job folders.
+
+Logic runs an in-process :class:`Worker` with the counting trainer; signals and kills go to real ``runner work``
+processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.job import JobStatus
+from runner.lease import read_holder
+from runner.queue import Queue
+from runner.worker import Worker
+from tests.conftest import make_spec, run_cli, runner_env, start_cli
+from tests.support.counting_trainer import CountingTrainer, expected_value
+from tests.support.worker_helpers import (
+    events,
+    lease_held_elsewhere,
+    quiet_console,
+    reaped,
+    result_value,
+    state,
+    status_json,
+    stop_process,
+    store,
+    temp_entries,
+    verified_checkpoints,
+    wait_until,
+)
+
+FAILING = {"model": {"params": {"steps": 4, "fail_at_epoch": 1}}}
+SLOW = {"model": {"params": {"steps": 10, "step_seconds": 0.05}}, "training": {"epochs": 10}}
+"""About 5 s of training, an epoch checkpoint every 0.5 s: long enough to act on while it runs."""
+
+
+def work(queue: Queue, **options: object) -> Worker:
+    """Run an in-process worker with the counting trainer to the end; return it."""
+    worker = Worker(queue, CountingTrainer, console=quiet_console(), **options)
+    worker.run()
+    return worker
+
+
+def one_line_error(stderr: str) -> str:
+    """The single line a failing command printed; fails if it printed more or a traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("error:"), stderr
+    return lines[0]
+
+
+def flat(text: str) -> str:
+    """Text with its line wrapping undone (rich wraps long messages at the console width)."""
+    return " ".join(text.split())
+
+
+def start_slow_job(queue: Queue, name: str) -> subprocess.Popen[str]:
+    """Submit a slow job and start ``runner work`` on it; returns the process once a checkpoint is recorded."""
+    queue.submit(make_spec(name, **SLOW))
+    process = start_cli("work", "--queue", str(queue.root))
+    try:
+        wait_until(lambda: state(queue, name).checkpoint, f"a first checkpoint of {name}")
+    except BaseException:
+        stop_process(process)
+        raise
+    return process
+
+
+# --- claim order ------------------------------------------------------------------------------------------------
+
+
+def test_claims_higher_priority_first_then_earlier_submission(tmp_path: Path) -> None:
+    ticks = itertools.count(1000)
+    queue = Queue(tmp_path / "queue", lease_duration=3.0, clock=lambda: float(next(ticks)))
+    # Submission order differs from name order, so a tie broken by name would show.
+    for name, priority in (("zz-low", 0), ("mm-high", 5), ("aa-low", 0), ("bb-high", 5), ("kk-mid", 1)):
+        queue.submit(make_spec(name, priority=priority))
+
+    worker = work(queue)
+
+    expected = ["mm-high", "bb-high", "kk-mid", "zz-low", "aa-low"]
+    assert worker.result.done == expected
+    claimed = sorted((event["time"], name) for name in expected for event in events(queue, name, "claimed"))
+    assert [name for _, name in claimed] == expected
+    finished = sorted(expected, key=lambda name: state(queue, name).finished_at)
+    assert finished == expected
+
+
+# --- failure isolation ------------------------------------------------------------------------------------------
+
+
+def test_failing_job_is_marked_failed_and_the_worker_goes_on(queue: Queue) -> None:
+    queue.submit(make_spec("first", priority=2))
+    queue.submit(make_spec("broken", priority=1, **FAILING))
+    queue.submit(make_spec("last", priority=0))
+
+    worker = work(queue)
+
+    assert worker.result.failed == ["broken"]
+    assert worker.result.done == ["first", "last"]
+    assert worker.result.exit_code == 1
+    failed = state(queue, "broken")
+    assert failed.status is JobStatus.FAILED
+    assert failed.error is not None and "\n" not in failed.error
+    assert "injected failure at epoch 1" in failed.error
+    log = queue.job("broken").paths.log.read_text()
+    assert "Traceback (most recent call last)" in log
+    assert "RuntimeError: injected failure at epoch 1" in log
+    assert [event["error"] for event in events(queue, "broken", "failed")] == [failed.error]
+    # The job after the failing one ran to the right end.
+    assert result_value(queue, "last") == expected_value(3, 4)
+
+
+def test_runner_work_exits_1_when_a_job_failed_and_runs_the_others(queue: Queue) -> None:
+    queue.submit(make_spec("good-a", priority=1))
+    queue.submit(make_spec("bad", **FAILING))
+    queue.submit(make_spec("good-b", priority=-1))
+
+    done = run_cli("work", "--queue", str(queue.root))
+
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert state(queue, "bad").status is JobStatus.FAILED
+    for name in ("good-a", "good-b"):
+        assert state(queue, name).status is JobStatus.DONE
+        assert result_value(queue, name) == expected_value(3, 4)
+
+
+# --- done is final ----------------------------------------------------------------------------------------------
+
+
+def test_done_jobs_are_never_trained_again(queue: Queue) -> None:
+    queue.submit(make_spec("once"))
+    first = run_cli("work", "--queue", str(queue.root))
+    assert first.returncode == 0, first.stderr
+    before = state(queue, "once")
+    assert before.status is JobStatus.DONE
+    result = queue.job("once").paths.final / "result.json"
+    result_stat = result.stat()
+    checkpoints = [info.id for info in store(queue, "once").committed()]
+
+    second = run_cli("work", "--queue", str(queue.root))
+
+    assert second.returncode == 0, second.stderr
+    after = state(queue, "once")
+    assert after.status is JobStatus.DONE
+    assert after.generation == before.generation == 1
+    assert len(events(queue, "once", "claimed")) == 1
+    assert result.stat().st_mtime_ns == result_stat.st_mtime_ns
+    assert [info.id for info in store(queue, "once").committed()] == checkpoints
+
+
+# --- cancel -----------------------------------------------------------------------------------------------------
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_the_worker_skips_it(queue: Queue) -> None:
+    queue.submit(make_spec("drop", priority=1))
+    queue.submit(make_spec("keep"))
+
+    cancelled = run_cli("cancel", "drop", "--queue", str(queue.root))
+
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "cancelled" in cancelled.stderr
+    assert state(queue, "drop").status is JobStatus.CANCELLED
+    assert not queue.job("drop").paths.cancel_request.exists()
+
+    worker = work(queue)
+
+    assert worker.result.done == ["keep"]
+    assert state(queue, "drop").status is JobStatus.CANCELLED
+    assert events(queue, "drop", "claimed") == []
+    assert not queue.job("drop").paths.final.exists()
+
+
+@pytest.mark.slow
+def test_cancel_of_a_running_job_stops_it_at_its_next_checkpoint(queue: Queue) -> None:
+    with reaped(start_slow_job(queue, "slow")) as process:
+        asked = run_cli("cancel", "slow", "--queue", str(queue.root))
+        assert asked.returncode == 0, asked.stderr
+        assert "will stop at its next checkpoint" in flat(asked.stderr)
+        process.wait(timeout=60)
+
+    assert process.returncode == 0
+    final = state(queue, "slow")
+    assert final.status is JobStatus.CANCELLED
+    assert final.epoch < 10  # stopped early, not trained to the end
+    assert not queue.job("slow").paths.cancel_request.exists()
+    assert not queue.job("slow").paths.final.exists()
+    kept = verified_checkpoints(queue, "slow")
+    assert kept, "a cancelled job keeps its checkpoints"
+    assert kept[0].id == final.checkpoint
+    assert [event["event"] for event in events(queue, "slow")][-2:] == ["checkpoint", "cancelled"]
+    assert events(queue, "slow", "cancel-requested")
+    assert read_holder(queue.job("slow").paths) is None
+
+
+# --- retry ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_retry_of_a_cancelled_job_resumes_from_its_checkpoint(queue: Queue) -> None:
+    with reaped(start_slow_job(queue, "again")) as process:
+        asked = run_cli("cancel", "again", "--queue", str(queue.root))
+        assert asked.returncode == 0, asked.stderr
+        process.wait(timeout=60)
+    cancelled = state(queue, "again")
+    assert cancelled.status is JobStatus.CANCELLED and cancelled.checkpoint is not None
+
+    retried = run_cli("retry", "again", "--queue", str(queue.root))
+
+    assert retried.returncode == 0, retried.stderr
+    assert f"will resume from checkpoint {cancelled.checkpoint}" in flat(retried.stderr)
+    queued = state(queue, "again")
+    assert queued.status is JobStatus.QUEUED
+    assert queued.error is None
+    assert queued.checkpoint == cancelled.checkpoint
+
+    done = run_cli("work", "--queue", str(queue.root))
+
+    assert done.returncode == 0, done.stderr
+    assert [event["checkpoint"] for event in events(queue, "again", "resumed")] == [cancelled.checkpoint]
+    final = state(queue, "again")
+    assert final.status is JobStatus.DONE
+    assert final.restarts == 1
+    assert result_value(queue, "again") == expected_value(10, 10)
+
+
+def test_retry_of_a_failed_job_queues_it_and_keeps_its_checkpoints(queue: Queue) -> None:
+    queue.submit(make_spec("flaky", **FAILING))
+    work(queue)
+    failed = state(queue, "flaky")
+    assert failed.status is JobStatus.FAILED
+    kept = [info.id for info in verified_checkpoints(queue, "flaky")]
+    assert kept and failed.checkpoint == kept[0]
+
+    retried = run_cli("retry", "flaky", "--queue", str(queue.root))
+
+    assert retried.returncode == 0, retried.stderr
+    queued = state(queue, "flaky")
+    assert queued.status is JobStatus.QUEUED
+    assert queued.error is None
+    assert queued.checkpoint == failed.checkpoint
+    assert [info.id for info in verified_checkpoints(queue, "flaky")] == kept
+    assert events(queue, "flaky", "retried")[-1]["checkpoint"] == failed.checkpoint
+
+
+@pytest.mark.parametrize("status", ["done", "queued"])
+def test_retry_of_a_done_or_queued_job_is_a_one_line_error(queue: Queue, status: str) -> None:
+    queue.submit(make_spec("settled"))
+    if status == "done":
+        work(queue)
+    before = queue.job("settled").paths.state.read_bytes()
+
+    refused = run_cli("retry", "settled", "--queue", str(queue.root))
+
+    assert refused.returncode != 0
+    line = one_line_error(refused.stderr)
+    assert "settled" in line and status in line
+    assert queue.job("settled").paths.state.read_bytes() == before
+
+
+# --- signals ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_releases_the_lease_and_the_next_run_resumes(
+    queue: Queue, signum: signal.Signals, code: int
+) -> None:
+    # Epoch checkpoints only at the very end: any checkpoint there is before that was published by the stop.
+    queue.submit(make_spec("sig", checkpoint={"every_epochs": 1000}, **SLOW))
+    log = queue.job("sig").paths.log
+    with reaped(start_cli("work", "--queue", str(queue.root))) as process:
+        wait_until(lambda: log.exists() and "epoch 1 done" in log.read_text(), "the trainer's first epoch")
+        assert store(queue, "sig").committed() == []
+        os.kill(process.pid, signum)
+        process.wait(timeout=60)
+
+    assert process.returncode == code
+    stopped = state(queue, "sig")
+    assert stopped.status is JobStatus.RUNNING  # stored as running: shown as interrupted
+    assert 1 <= stopped.epoch < 10
+    (published,) = verified_checkpoints(queue, "sig")
+    assert published.id == stopped.checkpoint
+    assert (published.epoch, published.step) == (stopped.epoch, stopped.step)
+    assert [event["event"] for event in events(queue, "sig")][-2:] == ["checkpoint", "interrupted"]
+    assert events(queue, "sig", "interrupted")[-1]["reason"] == "signal"
+    assert read_holder(queue.job("sig").paths) is None
+    assert not queue.job("sig").paths.lease.exists()
+    assert status_json(queue, run_cli)["sig"]["state"] == "interrupted"
+
+    resumed = run_cli("work", "--queue", str(queue.root))
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert [event["checkpoint"] for event in events(queue, "sig", "resumed")] == [published.id]
+    final = state(queue, "sig")
+    assert final.status is JobStatus.DONE
+    assert final.restarts == stopped.restarts + 1
+    assert result_value(queue, "sig") == expected_value(10, 10)
+
+
+# --- kill and resume --------------------------------------------------------------------------------------------
+
+KILL_EPOCHS, KILL_STEPS = 5, 12
+
+
+def claims_and_resumes(queue: Queue, name: str) -> dict[int, str | None]:
+    """For each claim generation, the checkpoint its run resumed from (``None``: it started from scratch)."""
+    resumed_from: dict[int, str | None] = {}
+    generation = 0
+    for event in events(queue, name):
+        if event["event"] == "claimed":
+            generation = event["generation"]
+            resumed_from[generation] = None
+        elif event["event"] == "resumed":
+            resumed_from[generation] = event["checkpoint"]
+    return resumed_from
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("every_steps", [None, 4], ids=["epoch-checkpoints", "mid-epoch-checkpoints"])
+def test_sigkill_at_random_moments_then_resume_ends_with_the_uninterrupted_value(
+    queue: Queue, seed: int, every_steps: int | None
+) -> None:
+    rng = random.Random(seed)
+    params = {"steps": KILL_STEPS, "step_seconds": 0.03, "every_steps": every_steps}
+    queue.submit(make_spec("crashy", model={"params": params}, training={"epochs": KILL_EPOCHS}))
+    # A lease far longer than the test: only the dead-pid rule can let the next run take over.
+    env = runner_env(RUNNER_LEASE_DURATION="600")
+    newest_before_run: dict[int, str | None] = {}
+    for _ in range(3):
+        generation = state(queue, "crashy").generation + 1
+        newest = store(queue, "crashy").newest()
+        newest_before_run[generation] = newest.id if newest else None
+        process = start_cli("work", "--queue", str(queue.root), env=env)
+        with reaped(process):
+            wait_until(lambda: generation in claims_and_resumes(queue, "crashy"), "the claim", timeout=30)
+            if newest is not None:
+                wait_until(lambda: claims_and_resumes(queue, "crashy")[generation], "the restore", timeout=30)
+            # At most 0.45 s of the ~1.8 s of training per run, so all three kills land mid-training.
+            time.sleep(rng.uniform(0.0, 0.45))
+            assert process.poll() is None, "the job finished before it could be killed"
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        assert process.returncode == -signal.SIGKILL
+        assert state(queue, "crashy").status is JobStatus.RUNNING
+        # The checkpoint the next run restores from is intact.
+        if (committed := store(queue, "crashy").newest()) is not None:
+            store(queue, "crashy").verify(committed)
+    kills = len(newest_before_run)
+    newest = store(queue, "crashy").newest()
+    newest_before_run[kills + 1] = newest.id if newest else None
+
+    done = run_cli("work", "--queue", str(queue.root), env=env, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    final = state(queue, "crashy")
+    assert final.status is JobStatus.DONE
+    assert final.generation == kills + 1
+    assert final.restarts == kills
+    assert result_value(queue, "crashy") == expected_value(KILL_EPOCHS, KILL_STEPS)
+    assert verified_checkpoints(queue, "crashy")
+    assert temp_entries(queue, "crashy") == []
+    # Each run resumed from the newest checkpoint the killed run before it had committed.
+    assert claims_and_resumes(queue, "crashy") == newest_before_run
+    assert [claim["resumed"] for claim in events(queue, "crashy", "claimed")] == [False] + [True] * kills
+
+
+# --- damaged job folders ----------------------------------------------------------------------------------------
+
+
+def test_damaged_job_folders_do_not_stop_the_worker_and_are_left_alone(queue: Queue) -> None:
+    for name, priority in (("bad-state", 3), ("good-1", 2), ("bad-spec", 1), ("good-2", 0)):
+        queue.submit(make_spec(name, priority=priority))
+    bad_state = queue.job("bad-state").paths.state
+    bad_state.write_bytes(b"\x00{not json at all")
+    bad_spec = queue.job("bad-spec").paths.spec
+    bad_spec.write_text("name: [unclosed\n  training: {epochs: 3\n")
+    untouched = {path: path.read_bytes() for path in (bad_state, bad_spec, queue.job("bad-spec").paths.state)}
+
+    worker = work(queue)
+
+    assert worker.result.done == ["good-1", "good-2"]
+    assert worker.result.failed == []
+    assert worker.result.exit_code == 0
+    for name in ("good-1", "good-2"):
+        assert result_value(queue, name) == expected_value(3, 4)
+    for path, content in untouched.items():
+        assert path.read_bytes() == content
+    for name in ("bad-state", "bad-spec"):
+        assert events(queue, name, "claimed") == []
+        assert not queue.job(name).paths.checkpoints.exists()
+        assert not queue.job(name).paths.lease.exists()
+
+
+# --- one job only -----------------------------------------------------------------------------------------------
+
+
+def test_work_with_job_runs_only_that_job(queue: Queue) -> None:
+    queue.submit(make_spec("wanted"))
+    queue.submit(make_spec("other", priority=9))
+
+    done = run_cli("work", "--queue", str(queue.root), "--job", "wanted")
+
+    assert done.returncode == 0, done.stderr
+    assert state(queue, "wanted").status is JobStatus.DONE
+    other = state(queue, "other")
+    assert other.status is JobStatus.QUEUED and other.generation == 0
+    assert events(queue, "other", "claimed") == []
+
+
+def test_work_with_an_unknown_job_is_a_one_line_usage_error(queue: Queue) -> None:
+    queue.submit(make_spec("present"))
+
+    refused = run_cli("work", "--queue", str(queue.root), "--job", "nosuch")
+
+    assert refused.returncode == 2
+    assert "nosuch" in one_line_error(refused.stderr)
+    assert state(queue, "present").generation == 0
+
+
+# --- leases held by others --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wait_for_silent_leases", [False, True])
+def test_job_leased_by_a_live_process_is_skipped_not_run_twice(queue: Queue, wait_for_silent_leases: bool) -> None:
+    queue.submit(make_spec("taken", priority=1))
+    queue.submit(make_spec("free"))
+
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError(f"the worker waited ({seconds}s) on a lease that is kept alive")
+
+    with lease_held_elsewhere(queue, "taken") as holder:
+        worker = Worker(
+            queue,
+            CountingTrainer,
+            console=quiet_console(),
+            wait_for_silent_leases=wait_for_silent_leases,
+            sleep=no_waiting,
+        )
+        result = worker.run()
+
+        assert result.skipped == ["taken"]
+        assert result.done == ["free"]
+        assert result.exit_code == 0
+        taken = state(queue, "taken")
+        assert taken.status is JobStatus.QUEUED and taken.generation == 0
+        assert events(queue, "taken", "claimed") == []
+        assert read_holder(queue.job("taken").paths).pid == holder.pid
+        holder.communicate(timeout=30)  # closing its stdin makes the other process let go
+        assert holder.returncode == 0
+
+    later = work(queue)
+    assert later.result.done == ["taken"]
+    assert state(queue, "taken").generation == 1
