@@ -13,7 +13,6 @@ and takes the first that matches its manifest; every one it passes over is logge
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable
@@ -175,6 +174,7 @@ class CheckpointStore:
         for info in self.committed():
             scratch = Path(target) / f".restore-{info.id}"
             storage.remove_tree(scratch)
+            storage.make_dirs(scratch)  # a checkpoint may hold no files at all (everything in its meta)
             try:
                 restored = self._verified(info, copy_to=scratch)
             except CheckpointCorrupt as error:
@@ -192,7 +192,11 @@ class CheckpointStore:
         removed = []
         for info in self.committed()[self.keep :]:
             if info.id != keep_id:
-                storage.remove_tree(info.path)
+                # Leave the committed names first (one atomic rename): a kill while deleting then leaves a
+                # temporary folder for collect_garbage, never a half-deleted folder under a committed name.
+                doomed = self.job.paths.checkpoint_in_progress(info.id)
+                storage.commit_dir(info.path, doomed)
+                storage.remove_tree(doomed)
                 removed.append(info.id)
         return removed
 
@@ -200,12 +204,10 @@ class CheckpointStore:
         """Delete temporary folders left by publishers that were cut off. Only the lease holder may call this."""
         removed = [name for name in storage.list_dir(self.folder) if is_temp_name(name)]
         for name in removed:
-            storage.remove_tree(self.folder / name)
+            path = self.folder / name
+            if path.is_dir() and not path.is_symlink():
+                storage.remove_tree(path)
+            else:
+                storage.remove_file(path)
         return removed
 
-
-def manifest_summary(manifest: dict[str, Any]) -> str:
-    """One line describing a manifest, for logs."""
-    files = manifest.get("files", {})
-    size = sum(entry.get("size", 0) for entry in files.values())
-    return f"{manifest.get('id')}: {len(files)} files, {size} bytes, meta {json.dumps(manifest.get('meta', {}))}"
