@@ -107,10 +107,10 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.command == "status":
         return _status(queue, as_json=args.json, watch=args.watch, out=out)
     if args.command == "cancel":
-        err.print(queue.cancel(args.name), markup=False)
+        err.print(queue.cancel(args.name), markup=False, soft_wrap=True)
         return 0
     if args.command == "retry":
-        err.print(queue.retry(args.name), markup=False)
+        err.print(queue.retry(args.name), markup=False, soft_wrap=True)
         return 0
     if args.command == "logs":
         return _logs(queue, args.name, follow=args.follow)

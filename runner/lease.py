@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from filelock import LeaseCompromise, SoftFileLease, Timeout
+from filelock import LeaseCompromise, LeaseSettingsMismatch, SoftFileLease, Timeout
 
 from runner import defaults
 from runner.errors import UsageError
@@ -159,6 +159,11 @@ class JobLease:
             self._lease.acquire(timeout=0)
         except Timeout:
             return False
+        except LeaseSettingsMismatch:
+            raise UsageError(
+                f"the lease on {self.paths.folder} was taken with another lease duration than this process's "
+                f"{self.duration:g}s: every worker of a queue must use the same ${defaults.LEASE_DURATION_ENV}"
+            ) from None
         return True
 
     def wait_for_takeover(

@@ -47,8 +47,8 @@ class JobView:
 
     def shown_state(self, now: float) -> str:
         """queued | running | interrupted | done | failed | cancelled."""
-        if self.state is None:
-            return JobStatus.FAILED.value
+        if self.state is None or self.problem is not None:
+            return JobStatus.FAILED.value  # no worker will run a folder it cannot read
         if self.state.status is JobStatus.RUNNING and not self.lease_alive(now):
             return INTERRUPTED
         return self.state.status.value

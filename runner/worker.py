@@ -216,14 +216,13 @@ class Worker:
         for view in candidates:
             if (claim := self._try_claim(view.name, wait=False)) is not None:
                 return claim
-        if not self.wait_for_silent_leases:
-            return None
-        # Nothing was free. A holder elsewhere may be dead (a closed Colab tab) or alive: wait for each, oldest
-        # heartbeat first, until it heartbeats (alive: leave it) or stays silent for the lease duration (take it).
-        held = [view for view in candidates if view.holder is not None and not view.holder.alive_on_this_host()]
-        for view in sorted(held, key=lambda view: view.holder.heartbeat_at if view.holder else 0.0):
-            if (claim := self._try_claim(view.name, wait=True)) is not None:
-                return claim
+        if self.wait_for_silent_leases:
+            # Nothing was free. A holder elsewhere may be dead (a closed Colab tab) or alive: wait for each, oldest
+            # heartbeat first, until it heartbeats (alive: leave it) or stays silent for the lease duration.
+            held = [view for view in candidates if view.holder is not None and not view.holder.alive_on_this_host()]
+            for view in sorted(held, key=lambda view: view.holder.heartbeat_at if view.holder else 0.0):
+                if (claim := self._try_claim(view.name, wait=True)) is not None:
+                    return claim
         for view in candidates:
             if view.name not in attempted:
                 self.result.skipped.append(view.name)

@@ -508,3 +508,16 @@ def test_claims_increment_generation_and_count_restarts(queue: Queue) -> None:
     state = job.read_state()
     assert (state.status, state.generation, state.restarts) == (JobStatus.DONE, 2, 1)
     assert len([event for event in job.events.read() if event["event"] == "claimed"]) == 2
+
+
+def test_a_contender_with_another_lease_duration_gets_a_usage_error(
+    queue: Queue, held_leases: list[JobLease]
+) -> None:
+    queue.submit(make_spec("job-a"))
+    holder = queue.lease("job-a")
+    assert holder.try_acquire()
+    held_leases.append(holder)
+    contender = Queue(queue.root, lease_duration=queue.lease_duration * 2).lease("job-a")
+    with pytest.raises(UsageError, match=defaults.LEASE_DURATION_ENV):
+        contender.try_acquire()
+    assert holder.held

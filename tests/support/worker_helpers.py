@@ -117,5 +117,7 @@ def lease_held_elsewhere(queue: Queue, name: str) -> Iterator[subprocess.Popen[s
     )
     with reaped(process):
         line = process.stdout.readline()
-        assert line.strip() == "held", f"lease helper failed: {line!r} {process.stderr.read() if process.poll() is not None else ''}"
+        if line.strip() != "held":
+            _, err = stop_process(process)
+            raise AssertionError(f"the lease helper could not take the lease: {line!r} {err}")
         yield process
