@@ -23,6 +23,7 @@ from runner.spec import (
     JobSpec,
     ModelSpec,
     TrainingSpec,
+    _plain,  # tuples as lists, as a YAML or JSON file gives them
     json_schema,
     load_spec,
     parse_spec,
@@ -139,15 +140,6 @@ valid_specs = st.fixed_dictionaries(
         "export": exports,
     },
 )
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so parsed values compare with the lists a YAML or JSON file gives."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
 
 
 def _assert_kept(given: dict[str, Any], dumped: dict[str, Any]) -> None:
