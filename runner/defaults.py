@@ -44,3 +44,12 @@ TRAINER_DEFAULT = "runner.train:KerasTrainer"
 
 SIGNAL_STOP_GRACE_S = 60.0
 """Seconds a worker waits, after SIGTERM or SIGINT, for the trainer to save and stop before it gives up the job."""
+
+CANCEL_POLL_S = 5.0
+"""Seconds between two looks for a cancel request while training (a stat on Drive is not free)."""
+
+CACHE_ENV = "RUNNER_CACHE"
+"""Environment variable naming the local cache folder (datasets, local checkpoint snapshots)."""
+
+CACHE_DIR_COLAB = "/content/runner-cache"
+"""Local cache on Colab: the VM's own disk, fast, and gone with the session (which is fine for a cache)."""

@@ -132,3 +132,13 @@ def default_queue_dir(environ: Mapping[str, str] = os.environ) -> Path:
     if on_colab(environ):
         return Path(defaults.QUEUE_DIR_COLAB)
     return Path(defaults.QUEUE_DIR_LOCAL)
+
+
+def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """The local cache folder: ``$RUNNER_CACHE``, then the VM's disk on Colab, then the user's cache folder."""
+    if value := environ.get(defaults.CACHE_ENV):
+        return Path(value).expanduser()
+    if on_colab(environ):
+        return Path(defaults.CACHE_DIR_COLAB)
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "runner"

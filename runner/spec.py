@@ -52,6 +52,7 @@ class DatasetSpec(_Section):
         default=None, strict=True, gt=0, lt=1, description="fraction of train held out, instead of a validation folder"
     )
     image_size: tuple[int, int] = Field(default=(150, 150), description="height and width images are resized to")
+    color_mode: Literal["rgb", "grayscale"] = Field(default="rgb", description="3 channels or 1")
     label_mode: LabelMode = "binary"
     batch_size: int = Field(default=20, strict=True, ge=1, le=65536)
 

@@ -45,16 +45,19 @@ def is_transient(error: BaseException) -> bool:
 
 def retrying(
     *,
+    transient: Callable[[BaseException], bool] = is_transient,
     sleep: Callable[[float], None] = time.sleep,
     budget_s: float = defaults.RETRY_BUDGET_S,
     max_attempts: int = defaults.RETRY_MAX_ATTEMPTS,
 ) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """The retry policy as a decorator: transient OS errors retried with jittered backoff, within a budget.
+    """The retry policy as a decorator: transient errors retried with jittered backoff, within a budget.
 
-    Errors left once the policy gives up (and permanent ones at once) become :class:`StorageError`.
+    ``transient`` decides what is worth another try (by default: transient OS errors of a mount; downloads pass
+    their own test). OS errors left once the policy gives up (and permanent ones at once) become
+    :class:`StorageError`.
     """
     policy = tenacity.retry(
-        retry=tenacity.retry_if_exception(is_transient),
+        retry=tenacity.retry_if_exception(transient),
         stop=tenacity.stop_after_delay(budget_s) | tenacity.stop_after_attempt(max_attempts),
         wait=tenacity.wait_random_exponential(multiplier=0.5, max=defaults.RETRY_MAX_WAIT_S),
         before_sleep=_log_retry,

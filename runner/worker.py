@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -52,6 +53,9 @@ class RunContext:
     stop: threading.Event
     log: logging.Logger
     console: Console
+    clock: Callable[[], float] = time.monotonic
+    _cancel_seen: bool = field(default=False, init=False)
+    _cancel_checked_at: float = field(default=-math.inf, init=False)
 
     @property
     def job(self) -> Job:
@@ -69,8 +73,16 @@ class RunContext:
         return self.claim.generation
 
     def should_stop(self) -> bool:
-        """Whether to checkpoint and stop now: a signal, a cancel, or the lease lost."""
-        return self.stop.is_set() or self.claim.lease.lost is not None or self.job.cancel_requested()
+        """Whether to checkpoint and stop now: a signal, a cancel, or the lease lost. Cheap enough for every step."""
+        return self.stop.is_set() or self.claim.lease.lost is not None or self._cancel_requested()
+
+    def _cancel_requested(self) -> bool:
+        # A stat on Drive can take long: look for the cancel marker only every few seconds.
+        now = self.clock()
+        if not self._cancel_seen and now - self._cancel_checked_at >= defaults.CANCEL_POLL_S:
+            self._cancel_checked_at = now
+            self._cancel_seen = self.job.cancel_requested()
+        return self._cancel_seen
 
     def record_checkpoint(self, info: CheckpointInfo, *, metrics: dict[str, float] | None = None) -> None:
         """Show a committed checkpoint's progress in state.json (fenced)."""
