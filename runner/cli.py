@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
 
     commands.add_parser("schema", help="print the JSON Schema of job specs")
+
+    demo = commands.add_parser("demo", help="train the bundled digits job, kill it mid-training, resume it")
+    demo.add_argument("--queue", metavar="DIR", type=Path, help="queue folder (default: a new temporary folder)")
     return parser
 
 
@@ -99,6 +102,10 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
+    if args.command == "demo":
+        from runner.demo import run_demo  # noqa: PLC0415 (only the demo needs it)
+
+        return run_demo(args.queue, out)
     queue = _queue(args)
     if args.command == "submit":
         return _submit(queue, args.specs, err)

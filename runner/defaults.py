@@ -53,3 +53,9 @@ CACHE_ENV = "RUNNER_CACHE"
 
 CACHE_DIR_COLAB = "/content/runner-cache"
 """Local cache on Colab: the VM's own disk, fast, and gone with the session (which is fine for a cache)."""
+
+PUBLISH_RETRY_PAUSE_S = 15.0
+"""Seconds before publishing a checkpoint again after the job folder's storage failed past its retries."""
+
+PUBLISH_FLUSH_TIMEOUT_S = 600.0
+"""Seconds a stopping or finishing trainer waits for its last checkpoint to reach the job folder."""

@@ -109,3 +109,11 @@ class CheckpointCorrupt(RunnerError, ValueError):
 
 class TrainerError(RunnerError):
     """A trainer could not be loaded or refused a job before training started."""
+
+
+class ModelError(RunnerError, ValueError):
+    """The job's model cannot be built or compiled as its spec asks (bad params, factory, loss for the labels)."""
+
+
+class DatasetError(RunnerError, ValueError):
+    """A dataset cannot be fetched, unpacked or read; the message names the cause and the fix."""

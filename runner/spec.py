@@ -196,7 +196,7 @@ def parse_spec(data: Any, *, source: str = "spec") -> JobSpec:
 
 
 def load_spec(path: str | Path) -> JobSpec:
-    """Read and validate a spec file (YAML or JSON)."""
+    """Read and validate a spec file (YAML or JSON). A relative ``dataset.source`` is relative to the file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -204,7 +204,16 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError(str(path), ["file not found"]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError(str(path), [f"cannot read the file ({error})"]) from None
-    return parse_spec(_parse_text(text, str(path), json_only=path.suffix.lower() == ".json"), source=str(path))
+    spec = parse_spec(_parse_text(text, str(path), json_only=path.suffix.lower() == ".json"), source=str(path))
+    return _with_source_resolved(spec, base=path.parent)
+
+
+def _with_source_resolved(spec: JobSpec, *, base: Path) -> JobSpec:
+    source = spec.dataset.source
+    if "://" in source or Path(source).expanduser().is_absolute():
+        return spec
+    resolved = str((base / source).resolve())
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"source": resolved})})
 
 
 def _parse_text(text: str, source: str, *, json_only: bool) -> Any:

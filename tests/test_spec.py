@@ -68,7 +68,8 @@ fractions = st.floats(min_value=0, max_value=1, exclude_min=True, exclude_max=Tr
 def datasets(draw: st.DrawFn) -> dict[str, Any]:
     data = draw(
         st.fixed_dictionaries(
-            {"source": st.text(min_size=1, max_size=40)},
+            # Absolute paths and URLs: load_spec resolves relative ones against the spec file's folder.
+            {"source": st.text(min_size=1, max_size=40).map(lambda text: "/data/" + text) | st.just("https://data.invalid/x.zip")},
             optional={
                 "sha256": st.none() | sha256s,
                 "train": folders,
@@ -628,3 +629,13 @@ def test_tutorial_job_validates_against_the_json_schema() -> None:
     assert list(validator.iter_errors(tutorial)) == []
     assert list(validator.iter_errors({**tutorial, "surprise": 1}))
     assert list(validator.iter_errors({**tutorial, "training": {"epochs": 0}}))
+
+
+def test_a_relative_source_is_resolved_against_the_spec_files_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    path = folder / "job.yaml"
+    path.write_text("name: job\ndataset: {source: ../data/images.zip}\n")
+    assert load_spec(path).dataset.source == str((tmp_path / "data" / "images.zip").resolve())
+    path.write_text("name: job\ndataset: {source: https://data.invalid/x.zip}\n")
+    assert load_spec(path).dataset.source == "https://data.invalid/x.zip"

@@ -1,0 +1,115 @@
+"""Downloading a dataset archive: whole or not at all, with a progress bar, retrying what is worth retrying.
+
+Transient failures (a refused or reset connection, a timeout, a body cut short, HTTP 5xx and 429) are retried
+under the core's policy, :func:`runner.storage.retrying`, with this module's own test of what is transient;
+a 404 or 403 is answered at once, naming the URL and the status.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from runner import storage
+from runner.errors import DatasetError, StorageError
+from runner.paths import temp_sibling
+
+DOWNLOAD_TIMEOUT_S = 60.0
+"""Seconds a download may wait to connect, or for the next bytes, before the try counts as failed."""
+
+_TRANSIENT_HTTP = frozenset({408, 425, 429})
+"""HTTP statuses below 500 that mean "try again later"; every 5xx does too."""
+
+_CHUNK = 1 << 20
+
+
+def is_transient_download(error: BaseException) -> bool:
+    """Whether a download error is worth another try: a dropped or refused connection, a timeout, 5xx or 429."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code in _TRANSIENT_HTTP or error.code >= 500
+    if isinstance(error, urllib.error.URLError):
+        if not isinstance(error.reason, BaseException):
+            return False  # e.g. "unknown url type": retrying cannot help
+        error = error.reason
+    if isinstance(error, socket.gaierror):
+        return error.errno == socket.EAI_AGAIN  # "temporary failure in name resolution"; a typo is permanent
+    transient = (ConnectionError, TimeoutError, http.client.IncompleteRead, ssl.SSLEOFError)
+    return isinstance(error, transient) or storage.is_transient(error)
+
+
+def download(
+    url: str, target: Path, *, console: Console | None = None, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Download ``url`` to ``target`` (whole or not at all), retrying transient network errors."""
+    fetch = storage.retrying(transient=is_transient_download, sleep=sleep)(_download_once)
+    try:
+        fetch(url, target, console)
+    except (StorageError, http.client.HTTPException) as error:
+        cause = error.__cause__ if isinstance(error, StorageError) else error
+        network = (urllib.error.URLError, ConnectionError, TimeoutError)
+        if isinstance(error, StorageError) and not isinstance(cause, network):
+            raise  # the cache's disk failed, not the network
+        raise DatasetError(
+            f"could not download {url}: {_describe(cause)}, still failing after retries: check the network "
+            "connection and dataset.source, then run again"
+        ) from None
+
+
+def _download_once(url: str, target: Path, console: Console | None) -> None:
+    partial = temp_sibling(target)
+    request = urllib.request.Request(url, headers={"User-Agent": "runner (resumable training jobs)"})
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
+            total = response.length
+            received = 0
+            with _progress(console, url, total) as advance:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    received += len(chunk)
+                    advance(len(chunk))
+            if total is not None and received < total:
+                raise http.client.IncompleteRead(b"", total - received)  # the server closed early: transient
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except urllib.error.HTTPError as error:
+        if is_transient_download(error):
+            raise
+        raise DatasetError(
+            f"downloading {url} failed with HTTP {error.code} ({error.reason}): check dataset.source"
+        ) from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def _progress(console: Console | None, url: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar (bytes, rate, time left) on ``console``; nothing without one."""
+    if console is None:
+        yield lambda _: None
+        return
+    columns = (TextColumn("download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        console.print(f"dataset: downloading {escape(url)}")
+        task = progress.add_task("download", total=total)
+        yield lambda size: progress.advance(task, size)
+
+
+def _describe(error: BaseException | None) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} ({error.reason})"
+    if isinstance(error, urllib.error.URLError):
+        return str(error.reason)
+    return f"{type(error).__name__}: {error}" if error is not None else "unknown error"

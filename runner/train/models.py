@@ -1,0 +1,327 @@
+"""The job's network: a built-in one or the user's factory, checked against the labels and compiled from the spec.
+
+Inputs are float32 images in [0, 255] (the data pipeline does not rescale), so the built-in networks carry their
+own rescaling layer and a saved model takes raw pixels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from runner.errors import ModelError
+from runner.spec import JobSpec
+
+InputShape = tuple[int, int, int]
+
+LOSSES_FOR_LABELS: dict[str, tuple[str, ...]] = {
+    "binary": ("binary_crossentropy", "hinge", "mean_squared_error", "mean_absolute_error"),
+    "categorical": ("categorical_crossentropy", "mean_squared_error", "mean_absolute_error"),
+    "int": ("sparse_categorical_crossentropy",),
+}
+"""The losses that fit each ``dataset.label_mode``; the first is the one to advise."""
+
+OPTIMIZERS: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
+    "adam": keras.optimizers.Adam,
+    "adamw": keras.optimizers.AdamW,
+    "sgd": keras.optimizers.SGD,
+    "rmsprop": keras.optimizers.RMSprop,
+    "adagrad": keras.optimizers.Adagrad,
+    "nadam": keras.optimizers.Nadam,
+}
+"""``training.optimizer`` names and the Keras classes they stand for."""
+
+SIMPLE_CNN_PARAMS: dict[str, Any] = {"filters": 32, "dense": 512, "dropout": 0.0, "augment": False}
+"""``model.params`` of ``simple_cnn`` and their defaults (the tutorial's network)."""
+
+MOBILENET_V2_PARAMS: dict[str, Any] = {"weights": None, "alpha": 1.0, "dropout": 0.2, "trainable_base": False}
+"""``model.params`` of ``mobilenet_v2`` and their defaults."""
+
+MOBILENET_V2_MIN_SIDE = 32
+"""The smallest image side keras.applications.MobileNetV2 accepts."""
+
+# compile() resolves these by the loss and the output shape (binary, categorical or sparse accuracy);
+# keras.metrics.get does not know the short forms.
+_METRICS_COMPILE_RESOLVES = frozenset({"accuracy", "acc", "crossentropy", "ce"})
+
+_RATE = "a number from 0 up to (not including) 1"
+
+
+def check_loss_matches_labels(spec: JobSpec) -> None:
+    """Refuse a loss that cannot train on the dataset's labels, before any data is read."""
+    mode, loss = spec.dataset.label_mode, spec.training.loss
+    if loss in LOSSES_FOR_LABELS[mode]:
+        return
+    fitting_modes = " or ".join(m for m, losses in LOSSES_FOR_LABELS.items() if loss in losses)
+    raise ModelError(
+        f"training.loss {loss!r} does not fit dataset.label_mode {mode!r}: "
+        f"use {LOSSES_FOR_LABELS[mode][0]}, or label_mode: {fitting_modes}"
+    )
+
+
+def build_model(spec: JobSpec, *, input_shape: InputShape, num_classes: int) -> keras.Model:
+    """The job's network for images of ``input_shape`` (height, width, channels) and ``num_classes`` classes.
+
+    Seeds Python's, NumPy's and the backend's generators from ``training.seed`` first: layers built without a
+    seed (the initializers, a factory's layers) draw theirs from Python's ``random``.
+    """
+    _check_classes(spec, num_classes)
+    seed = spec.training.seed
+    keras.utils.set_random_seed(seed)
+    if spec.model.factory is not None:
+        return _from_factory(spec.model.factory, spec.model.params, input_shape=input_shape, num_classes=num_classes)
+    head = _head(spec.dataset.label_mode, num_classes)
+    if spec.model.builtin == "mobilenet_v2":
+        return _mobilenet_v2(spec.model.params, input_shape=input_shape, head=head, seed=seed)
+    return _simple_cnn(spec.model.params, input_shape=input_shape, head=head, seed=seed)
+
+
+def compile_model(model: keras.Model, spec: JobSpec) -> None:
+    """Compile with ``training``'s optimizer, learning rate, loss and metrics."""
+    training = spec.training
+    for metric in training.metrics:
+        _check_metric(metric)
+    optimizer = OPTIMIZERS[training.optimizer](learning_rate=training.learning_rate)
+    model.compile(optimizer=optimizer, loss=training.loss, metrics=list(training.metrics))
+
+
+# --- built-in networks ---------------------------------------------------------------------------------------
+
+
+def _simple_cnn(params: dict[str, Any], *, input_shape: InputShape, head: keras.layers.Layer, seed: int) -> keras.Model:
+    """The tutorial's network: Rescaling, Conv2D, MaxPooling2D, Flatten, Dense, head."""
+    p = _with_defaults("simple_cnn", params, SIMPLE_CNN_PARAMS)
+    _check_param("filters", p["filters"], _is_positive_int(p["filters"]), "a positive integer")
+    _check_param("dense", p["dense"], _is_positive_int(p["dense"]), "a positive integer")
+    _check_param("dropout", p["dropout"], _is_rate(p["dropout"]), _RATE)
+    _check_param("augment", p["augment"], isinstance(p["augment"], bool), "true or false")
+    layers = keras.layers
+    with _params_errors("simple_cnn", params):
+        stack: list[Any] = [keras.Input(shape=input_shape)]
+        if p["augment"]:
+            stack += [
+                layers.RandomFlip("horizontal", seed=_layer_seed(seed, "random_flip")),
+                layers.RandomRotation(0.1, seed=_layer_seed(seed, "random_rotation")),
+            ]
+        stack += [
+            layers.Rescaling(1.0 / 255),
+            layers.Conv2D(p["filters"], 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(p["dense"], activation="relu"),
+        ]
+        if p["dropout"]:
+            stack.append(layers.Dropout(p["dropout"], seed=_layer_seed(seed, "dropout")))
+        return keras.Sequential([*stack, head], name="simple_cnn")
+
+
+def _mobilenet_v2(
+    params: dict[str, Any], *, input_shape: InputShape, head: keras.layers.Layer, seed: int
+) -> keras.Model:
+    """MobileNetV2 without its top, on pixels scaled to [-1, 1], then pooling, dropout and the head."""
+    p = _with_defaults("mobilenet_v2", params, MOBILENET_V2_PARAMS)
+    _check_mobilenet_v2(p, input_shape)
+    weights = _weights_file(p["weights"])
+    with _params_errors("mobilenet_v2", params):
+        base = keras.applications.MobileNetV2(
+            include_top=False, input_shape=input_shape, weights=None, alpha=p["alpha"]
+        )
+    if weights is not None:
+        _load_weights(base, weights, alpha=p["alpha"], input_shape=input_shape)
+    # A frozen base also keeps its BatchNormalization layers in inference mode (Keras 3 ties the two).
+    base.trainable = p["trainable_base"]
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(base(x))
+    x = keras.layers.Dropout(p["dropout"], seed=_layer_seed(seed, "dropout"))(x)
+    return keras.Model(inputs, head(x), name="mobilenet_v2")
+
+
+def _check_mobilenet_v2(p: dict[str, Any], input_shape: InputShape) -> None:
+    alpha = p["alpha"]
+    _check_param("alpha", alpha, _is_number(alpha) and alpha > 0, "a positive number such as 0.35 or 1.0")
+    _check_param("dropout", p["dropout"], _is_rate(p["dropout"]), _RATE)
+    _check_param("trainable_base", p["trainable_base"], isinstance(p["trainable_base"], bool), "true or false")
+    if min(input_shape[:2]) < MOBILENET_V2_MIN_SIDE:
+        raise ModelError(
+            f"mobilenet_v2 needs images of at least {MOBILENET_V2_MIN_SIDE}x{MOBILENET_V2_MIN_SIDE} pixels, "
+            f"got {input_shape[0]}x{input_shape[1]}: raise dataset.image_size, or use builtin: simple_cnn"
+        )
+
+
+def _weights_file(weights: Any) -> str | None:
+    """The local weights file to load into MobileNetV2, or None; nothing is ever downloaded at run time."""
+    if weights is None:
+        return None
+    if not isinstance(weights, str) or not Path(weights).expanduser().is_file():
+        raise ModelError(
+            f"model.params.weights {weights!r} is not a file: runner downloads nothing at run time; "
+            f"download the weights file (.h5) yourself and give its path, or use weights: null"
+        )
+    path = Path(weights).expanduser()
+    if path.suffix != ".h5":
+        raise ModelError(f"model.params.weights {weights!r} must be a Keras .h5 or .weights.h5 file")
+    return str(path)
+
+
+def _load_weights(base: keras.Model, path: str, *, alpha: float, input_shape: InputShape) -> None:
+    """Load a weights file into the base, as keras.applications would, but with an error that says what to fix."""
+    try:
+        base.load_weights(path)
+    except Exception as error:
+        raise ModelError(
+            f"model.params.weights {path!r} does not fit mobilenet_v2 with alpha {alpha} and input shape "
+            f"{list(input_shape)} ({_one_line(error)}): give the weights file saved for these settings"
+        ) from error
+
+
+def _head(label_mode: str, num_classes: int) -> keras.layers.Layer:
+    """One sigmoid unit for binary labels (as the tutorial), else a softmax over the classes."""
+    if label_mode == "binary":
+        return keras.layers.Dense(1, activation="sigmoid", name="head")
+    return keras.layers.Dense(num_classes, activation="softmax", name="head")
+
+
+def _check_classes(spec: JobSpec, num_classes: int) -> None:
+    if num_classes < 2:
+        raise ModelError(
+            f"the dataset has {num_classes} class(es): dataset.train needs one subfolder per class, at least 2"
+        )
+    if spec.dataset.label_mode == "binary" and num_classes != 2:
+        raise ModelError(
+            f"dataset.label_mode 'binary' needs exactly 2 classes, the dataset has {num_classes}: "
+            f"use label_mode: categorical with loss categorical_crossentropy"
+        )
+
+
+# --- params --------------------------------------------------------------------------------------------------
+
+
+def _with_defaults(builtin: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``params`` over ``defaults``; an unknown name is refused rather than silently ignored."""
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ModelError(
+            f"model.params: {', '.join(map(repr, unknown))} not known to {builtin}; allowed: {', '.join(defaults)}"
+        )
+    return {**defaults, **params}
+
+
+def _check_param(name: str, value: Any, valid: bool, expected: str) -> None:
+    """Refuse a bad value up front: Keras's own complaint ("'<=' not supported ...") does not say which param."""
+    if not valid:
+        raise ModelError(f"model.params.{name} must be {expected}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int in Python, but `dropout: true` is a mistake, not a rate of 1.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_rate(value: Any) -> bool:
+    return _is_number(value) and 0 <= value < 1
+
+
+def _layer_seed(seed: int, layer: str) -> int:
+    """A seed for one random layer, derived from the job's seed and different for each layer."""
+    return zlib.crc32(f"{seed}:{layer}".encode()) & 0x7FFFFFFF
+
+
+@contextmanager
+def _params_errors(builtin: str, params: dict[str, Any]) -> Iterator[None]:
+    """Turn Keras's complaints about a value the checks above let through into a ModelError naming model.params."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ModelError(f"model.params {params!r} do not build {builtin}: {_one_line(error)}") from error
+
+
+# --- the user's factory --------------------------------------------------------------------------------------
+
+
+def _from_factory(
+    dotted: str, params: dict[str, Any], *, input_shape: InputShape, num_classes: int
+) -> keras.Model:
+    """Call ``package.module:function(input_shape=..., num_classes=..., **params)`` and check it made a model."""
+    function = _import_factory(dotted)
+    try:
+        model = function(input_shape=input_shape, num_classes=num_classes, **params)
+    except Exception as error:
+        raise ModelError(f"factory {dotted!r} raised {type(error).__name__}: {_one_line(error)}") from error
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"factory {dotted!r} returned {type(model).__name__}, not a keras.Model")
+    return model
+
+
+def _import_factory(dotted: str) -> Callable[..., Any]:
+    module_name, _, attribute = dotted.partition(":")
+    try:
+        with _cwd_on_path():
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = error.name or ""
+        if module_name == missing or module_name.startswith(f"{missing}."):
+            fix = "put the module on PYTHONPATH or next to the notebook, in the working directory"
+        else:  # the factory's own module imports something that is not installed
+            fix = f"the factory's module needs {missing!r}: install it"
+        raise ModelError(f"cannot import factory {dotted!r}: {error}: {fix}") from None
+    except Exception as error:
+        raise ModelError(f"cannot import factory {dotted!r}: {type(error).__name__}: {_one_line(error)}") from error
+    function = getattr(module, attribute, None)
+    if function is None:
+        raise ModelError(f"cannot import factory {dotted!r}: module {module_name!r} has no attribute {attribute!r}")
+    if not callable(function):
+        raise ModelError(f"factory {dotted!r} is not a function (it is {type(function).__name__})")
+    return function
+
+
+@contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    """The working directory on sys.path for the import, so that a module next to the notebook is found."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    # The import system caches directory listings: a module written since the last import would be missed.
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+# --- compiling -----------------------------------------------------------------------------------------------
+
+
+def _check_metric(name: str) -> None:
+    """Refuse an unknown metric now: compile() takes any string and fails only at the first batch."""
+    if name in _METRICS_COMPILE_RESOLVES:
+        return
+    try:
+        keras.metrics.get(name)
+    except ValueError:
+        raise ModelError(
+            f"training.metrics: unknown metric {name!r}: use Keras metric names such as accuracy, auc, precision"
+        ) from None
+
+
+def _one_line(error: BaseException, *, limit: int = 300) -> str:
+    """An exception's message on one line and cut short: Keras's can run for pages (a tensor's values, say)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

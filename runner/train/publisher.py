@@ -1,0 +1,145 @@
+"""Publishing snapshots to the job folder in a background thread, so that training never waits on Drive.
+
+The training loop hands over a local snapshot folder and carries on. One thread copies it into the job folder
+through the checkpoint store (temp folder, manifest, fencing, rename), then records the progress in state.json
+and rewrites history.csv. If a newer snapshot is handed over while one is uploading, only the newest is uploaded
+next: the older pending one is dropped. A storage error keeps the snapshot and tries again later.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner import defaults
+from runner.errors import StorageError
+from runner.history import write_history
+from runner.worker import RunContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot on local disk, waiting to be published."""
+
+    folder: Path
+    epoch: int
+    step: int
+    history: list[dict[str, float]]
+    meta: dict[str, Any]
+
+
+class Publisher:
+    """A background thread that publishes the newest snapshot."""
+
+    def __init__(
+        self,
+        context: RunContext,
+        *,
+        retry_pause_s: float = defaults.PUBLISH_RETRY_PAUSE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.context, self.retry_pause_s, self.clock = context, retry_pause_s, clock
+        self._pending: Snapshot | None = None
+        self._busy = False
+        self._closing = False
+        self._condition = threading.Condition()
+        self.error: BaseException | None = None
+        """What stopped publishing for good (fenced, or an unexpected error); the trainer re-raises it."""
+        self.published: list[str] = []
+        self._thread = threading.Thread(target=self._run, name=f"publish-{context.job.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, snapshot: Snapshot) -> None:
+        """Queue ``snapshot`` for publishing, replacing (and deleting) an older one not yet started."""
+        with self._condition:
+            if self.error is not None:
+                raise self.error
+            dropped, self._pending = self._pending, snapshot
+            self._condition.notify_all()
+        if dropped is not None:
+            shutil.rmtree(dropped.folder, ignore_errors=True)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until nothing is pending or uploading; ``False`` if that took longer than ``timeout_s``."""
+        deadline = self.clock() + timeout_s
+        with self._condition:
+            while (self._pending is not None or self._busy) and self.error is None:
+                left = deadline - self.clock()
+                if left <= 0:
+                    return False
+                self._condition.wait(timeout=min(left, 1.0))
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def close(self, timeout_s: float) -> bool:
+        """Publish what is pending (within ``timeout_s``), then stop the thread."""
+        try:
+            return self.flush(timeout_s)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the thread once its current upload ends, dropping anything still pending; never raises."""
+        with self._condition:
+            self._closing = True
+            self._pending = None
+            self._condition.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=defaults.PUBLISH_FLUSH_TIMEOUT_S)
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while self._pending is None and not self._closing:
+                    self._condition.wait()
+                if self._pending is None:
+                    return
+                snapshot, self._pending, self._busy = self._pending, None, True
+            try:
+                self._publish(snapshot)
+            except StorageError as error:
+                # Drive is having a bad time: keep the snapshot (unless a newer one came) and try again shortly.
+                self.context.log.warning("publishing checkpoint failed, will retry: %s", error)
+                self._requeue(snapshot)
+                time.sleep(self.retry_pause_s)
+            except BaseException as error:  # fenced, or a bug: stop publishing and let the trainer raise it
+                with self._condition:
+                    self.error = error
+            else:
+                shutil.rmtree(snapshot.folder, ignore_errors=True)
+            finally:
+                with self._condition:
+                    self._busy = False
+                    self._condition.notify_all()
+
+    def _requeue(self, snapshot: Snapshot) -> None:
+        with self._condition:
+            if self._pending is None:
+                self._pending = snapshot
+                return
+        shutil.rmtree(snapshot.folder, ignore_errors=True)
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        context = self.context
+        info = context.store.commit(
+            snapshot.folder,
+            generation=context.generation,
+            epoch=snapshot.epoch,
+            step=snapshot.step,
+            meta=snapshot.meta,
+        )
+        metrics = snapshot.history[-1] if snapshot.history else {}
+        context.record_checkpoint(info, metrics={k: v for k, v in metrics.items() if k != "epoch"})
+        context.claim.fence()
+        write_history(context.job.paths.history, snapshot.history)
+        self.published.append(info.id)
+

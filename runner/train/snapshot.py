@@ -1,0 +1,120 @@
+"""A training snapshot on local disk: every variable plus where training stood, enough for an exact continuation.
+
+``variables.npz`` holds the model's variables (weights, batch-norm statistics, and the state of every Keras
+``SeedGenerator``: Dropout and augmentation layers) and the optimizer's (iteration count, learning rate,
+moments). ``state.json`` holds the position (epoch, step, global step), this epoch's running metric sums, the
+metrics history, the best value so far, and the claim generation. The data order is a pure function of
+(seed, epoch), so the position is the whole data state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from runner.errors import CheckpointCorrupt
+
+STATE_FILE = "state.json"
+VARIABLES_FILE = "variables.npz"
+SNAPSHOT_FORMAT = 1
+
+
+@dataclass
+class TrainingState:
+    """Where training stands; JSON floats round-trip exactly, so resumed sums continue bit for bit."""
+
+    epoch: int = 0
+    """Completed epochs."""
+    step: int = 0
+    """Batches done in the current epoch."""
+    global_step: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    """Sample-weighted sums of this epoch's per-batch metrics so far."""
+    seen: int = 0
+    """Samples seen in this epoch so far."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One entry per completed epoch: ``epoch`` and its metrics."""
+    best: dict[str, Any] | None = None
+    """``{"monitor": "val_loss", "value": ..., "epoch": ...}``."""
+    elapsed_s: float = 0.0
+    """Seconds of training over all sessions."""
+    generation: int = 0
+    steps_per_epoch: int = 0
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """This epoch's metrics so far: sample-weighted means of the per-batch values."""
+        return {name: total / self.seen for name, total in self.sums.items()} if self.seen else {}
+
+    def add_batch(self, logs: dict[str, float], samples: int) -> None:
+        """Account for one trained batch."""
+        for name, value in logs.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * samples
+        self.seen += samples
+        self.step += 1
+        self.global_step += 1
+
+    def end_epoch(self, metrics: dict[str, float], monitor: str) -> None:
+        """Close the epoch: record its metrics, update the best value, reset the running sums."""
+        self.history.append({"epoch": self.epoch, **metrics})
+        value = metrics.get(monitor)
+        if value is not None and (self.best is None or value < self.best["value"]):
+            self.best = {"monitor": monitor, "value": value, "epoch": self.epoch}
+        self.epoch, self.step, self.sums, self.seen = self.epoch + 1, 0, {}, 0
+
+
+def _model_variables(model: keras.Model) -> list[Any]:
+    return list(model.variables)
+
+
+def _optimizer_variables(model: keras.Model) -> list[Any]:
+    return list(model.optimizer.variables)
+
+
+def save_snapshot(model: keras.Model, state: TrainingState, folder: Path) -> None:
+    """Write a snapshot into ``folder`` (local disk): the variables, then the state."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {f"model/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_model_variables(model))}
+    arrays |= {f"optimizer/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_optimizer_variables(model))}
+    with open(folder / VARIABLES_FILE, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    document = {"format": SNAPSHOT_FORMAT, **asdict(state)}
+    (folder / STATE_FILE).write_text(json.dumps(document, indent=1))
+
+
+def load_snapshot(model: keras.Model, folder: Path, *, checkpoint: str) -> TrainingState:
+    """Assign a snapshot's variables to a built, compiled model (optimizer built) and return its state."""
+    try:
+        document = json.loads((folder / STATE_FILE).read_text())
+        document.pop("format", None)
+        state = TrainingState(**document)
+        with np.load(folder / VARIABLES_FILE) as arrays:
+            _assign(_model_variables(model), arrays, "model", checkpoint)
+            _assign(_optimizer_variables(model), arrays, "optimizer", checkpoint)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise CheckpointCorrupt(checkpoint, f"cannot load the training snapshot ({error})") from None
+    return state
+
+
+def _assign(variables: list[Any], arrays: Any, prefix: str, checkpoint: str) -> None:
+    names = sorted(name for name in arrays.files if name.startswith(f"{prefix}/"))
+    if len(names) != len(variables):
+        raise CheckpointCorrupt(
+            checkpoint,
+            f"it holds {len(names)} {prefix} variables but the model has {len(variables)}: "
+            "was the spec's model changed after training started?",
+        )
+    for variable, name in zip(variables, names):
+        value = arrays[name]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise CheckpointCorrupt(
+                checkpoint, f"{variable.path} has shape {tuple(variable.shape)}, the checkpoint {tuple(value.shape)}"
+            )
+        variable.assign(value)

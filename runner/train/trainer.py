@@ -1,0 +1,202 @@
+"""The Keras trainer: restore the newest verified checkpoint, train batch by batch, snapshot, publish, export.
+
+Why a loop of ``train_on_batch`` and not ``model.fit``: a resumed run must continue at the next batch of the
+same epoch with the same running metrics, which ``fit`` cannot do (it restarts the epoch's data and resets its
+metrics). Epoch metrics here are sample-weighted means of the per-batch values, kept as sums in the snapshot,
+so a resumed epoch reports exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from runner import defaults
+from runner.history import write_history
+from runner.paths import default_cache_dir
+from runner.spec import JobSpec
+from runner.train.data import ImageFolderData, prepare_dataset
+from runner.train.export import publish_exports, write_exports
+from runner.train.models import build_model, check_loss_matches_labels, compile_model
+from runner.train.progress import EpochProgress
+from runner.train.publisher import Publisher, Snapshot
+from runner.train.snapshot import TrainingState, load_snapshot, save_snapshot
+from runner.worker import Outcome, RunContext
+
+
+def configure_determinism(spec: JobSpec) -> None:
+    """Seed every generator from the spec; with ``deterministic``, also make TensorFlow's ops deterministic."""
+    keras.utils.set_random_seed(spec.training.seed)
+    if spec.training.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+class KerasTrainer:
+    """Trains one job from its spec (see :class:`runner.worker.Trainer`)."""
+
+    def __init__(self, *, cache_dir: Path | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.clock = clock
+
+    def train(self, context: RunContext) -> Outcome:
+        """Run the job from its newest verified checkpoint to the end, or until asked to stop."""
+        spec = context.spec
+        check_loss_matches_labels(spec)
+        data = prepare_dataset(spec.dataset, seed=spec.training.seed, cache_dir=self.cache_dir, console=context.console)
+        configure_determinism(spec)
+        model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
+        compile_model(model, spec)
+        model.optimizer.build(model.trainable_variables)
+        workdir = self.cache_dir / "work" / f"{context.job.name}-g{context.generation}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            return _Session(context, model, data, workdir, self.clock).run()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _Session:
+    """One claim's training of one job."""
+
+    def __init__(
+        self,
+        context: RunContext,
+        model: keras.Model,
+        data: ImageFolderData,
+        workdir: Path,
+        clock: Callable[[], float],
+    ) -> None:
+        self.context, self.model, self.data, self.workdir, self.clock = context, model, data, workdir, clock
+        self.spec = context.spec
+        self.epochs = self.spec.training.epochs
+        self.monitor = "val_loss" if data.num_validation else "loss"
+        self.progress = EpochProgress(context.console, job=context.job.name, epochs=self.epochs)
+        self.started = clock()
+        self.elapsed_before = 0.0
+        self.last_snapshot_at = clock()
+        self.snapshot_position: tuple[int, int] | None = None
+        self._snapshots = 0
+
+    # --- the run --------------------------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        state = self._restore()
+        publisher = Publisher(self.context)
+        try:
+            outcome = self._train(state, publisher)
+            if outcome is Outcome.DONE:
+                self._finish(publisher)
+            elif not publisher.close(defaults.PUBLISH_FLUSH_TIMEOUT_S):
+                self.context.log.warning("gave up waiting for the last checkpoint to be published")
+            return outcome
+        finally:
+            self.progress.stop()
+            publisher.shutdown()
+
+    def _train(self, state: TrainingState, publisher: Publisher) -> Outcome:
+        context = self.context
+        every_minutes = self.spec.checkpoint.every_minutes
+        while state.epoch < self.epochs:
+            if context.should_stop():
+                return self._stop(state, publisher)
+            epoch_started = self.clock()
+            self.progress.start(state.epoch, total=self.data.steps_per_epoch, completed=state.step)
+            for images, labels in self.data.train_batches(epoch=state.epoch, start_step=state.step):
+                logs = self.model.train_on_batch(images, labels, return_dict=True)
+                state.add_batch(logs, int(images.shape[0]))
+                self.progress.advance(state.epoch_metrics())
+                if publisher.error is not None:
+                    raise publisher.error
+                if context.should_stop():
+                    self.progress.stop()
+                    return self._stop(state, publisher)
+                due = every_minutes and self.clock() - self.last_snapshot_at >= every_minutes * 60
+                if due and state.step < self.data.steps_per_epoch:
+                    self._snapshot(state, publisher)
+            self.progress.stop()
+            self._end_epoch(state, self.clock() - epoch_started)
+            last = state.epoch == self.epochs
+            if state.epoch % self.spec.checkpoint.every_epochs == 0 or last:
+                self._snapshot(state, publisher)
+        return Outcome.DONE
+
+    def _end_epoch(self, state: TrainingState, seconds: float) -> None:
+        metrics = state.epoch_metrics()
+        validation = self.data.validation_batches()
+        if validation is not None:
+            results = self.model.evaluate(validation, verbose=0, return_dict=True)
+            metrics |= {f"val_{name}": float(value) for name, value in results.items()}
+        epoch = state.epoch
+        state.end_epoch(metrics, self.monitor)
+        line = self.progress.summary(epoch, metrics, seconds)
+        self.context.log.info("%s", line)
+
+    def _stop(self, state: TrainingState, publisher: Publisher) -> Outcome:
+        if self.snapshot_position != (state.epoch, state.step):
+            self._snapshot(state, publisher)
+        return Outcome.STOPPED
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+
+    def _restore(self) -> TrainingState:
+        context = self.context
+        scratch = self.workdir / "restore"
+        scratch.mkdir(parents=True, exist_ok=True)
+        info = context.store.restore(scratch)
+        if info is None:
+            state = TrainingState()
+            context.job.events.append("started", generation=context.generation, epochs=self.epochs)
+        else:
+            state = load_snapshot(self.model, scratch, checkpoint=info.id)
+            self.snapshot_position = (state.epoch, state.step)
+            context.job.events.append(
+                "resumed", generation=context.generation, checkpoint=info.id, epoch=state.epoch, step=state.step
+            )
+            context.console.print(
+                f"resuming {context.job.name!r} from checkpoint {info.id}: "
+                f"{state.epoch} epochs done, step {state.step} of epoch {state.epoch + 1}",
+                markup=False,
+            )
+            context.log.info("resumed from %s at epoch %d step %d", info.id, state.epoch, state.step)
+        shutil.rmtree(scratch, ignore_errors=True)
+        state.generation = context.generation
+        state.steps_per_epoch = self.data.steps_per_epoch
+        self.elapsed_before = state.elapsed_s
+        context.claim.fence()
+        write_history(context.job.paths.history, state.history)  # right even if the last session died mid-write
+        return state
+
+    def _snapshot(self, state: TrainingState, publisher: Publisher) -> None:
+        """Write a local snapshot (the only cost to the training loop) and hand it to the publisher."""
+        self._snapshots += 1
+        state.elapsed_s = self.elapsed_before + (self.clock() - self.started)
+        folder = self.workdir / "snapshots" / f"{self._snapshots:06d}-e{state.epoch}-s{state.step}"
+        save_snapshot(self.model, state, folder)
+        meta: dict[str, Any] = {
+            "global_step": state.global_step,
+            "steps_per_epoch": state.steps_per_epoch,
+            "elapsed_s": round(state.elapsed_s, 3),
+            "metrics": state.history[-1] if state.history else {},
+            "best": state.best,
+        }
+        publisher.submit(Snapshot(folder, state.epoch, state.step, [dict(row) for row in state.history], meta))
+        self.snapshot_position = (state.epoch, state.step)
+        self.last_snapshot_at = self.clock()
+
+    def _finish(self, publisher: Publisher) -> None:
+        self._flush(publisher)
+        local = self.workdir / "final"
+        names = write_exports(self.model, self.spec, local)
+        publish_exports(local, self.context.job.paths, fence=self.context.claim.fence)
+        self.context.log.info("exported %s", ", ".join(names))
+        self.context.job.events.append("exported", files=names)
+
+    def _flush(self, publisher: Publisher) -> None:
+        if not publisher.flush(defaults.PUBLISH_FLUSH_TIMEOUT_S):
+            self.context.log.warning("the last checkpoint is still not published; it stays on local disk")

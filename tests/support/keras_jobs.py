@@ -1,0 +1,72 @@
+"""Tiny real Keras jobs for the training-engine tests: a few real digit images from the bundled archive."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent.parent
+DIGITS_ARCHIVE = REPO / "runner" / "datasets" / "digits.tar.gz"
+
+
+def make_digit_folders(root: Path, *, classes: int = 3, train_per_class: int = 12, val_per_class: int = 4) -> Path:
+    """``root/train/<digit>/*.png`` and ``root/validation/<digit>/*.png``, copied from the bundled archive."""
+    wanted = {split: {str(label): 0 for label in range(classes)} for split in ("train", "validation")}
+    limits = {"train": train_per_class, "validation": val_per_class}
+    with tarfile.open(DIGITS_ARCHIVE) as archive:
+        for member in archive:
+            parts = Path(member.name).parts  # digits/<split>/<label>/<n>.png
+            if len(parts) != 4 or parts[1] not in wanted or parts[2] not in wanted[parts[1]]:
+                continue
+            split, label = parts[1], parts[2]
+            if wanted[split][label] >= limits[split]:
+                continue
+            wanted[split][label] += 1
+            target = root / split / label / parts[3]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = archive.extractfile(member)
+            assert source is not None
+            target.write_bytes(source.read())
+    return root
+
+
+def keras_spec(name: str, data: Path, **overrides: Any) -> dict[str, Any]:
+    """A small deterministic job with Dropout and random augmentation on ``data``."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "dataset": {
+            "source": str(data),
+            "train": "train",
+            "validation": "validation",
+            "image_size": [16, 16],
+            "color_mode": "grayscale",
+            "label_mode": "int",
+            "batch_size": 8,
+        },
+        "model": {"builtin": "simple_cnn", "params": {"filters": 4, "dense": 16, "dropout": 0.25, "augment": True}},
+        "training": {
+            "epochs": 4,
+            "learning_rate": 0.01,
+            "loss": "sparse_categorical_crossentropy",
+            "metrics": ["accuracy"],
+            "seed": 7,
+            "deterministic": True,
+        },
+        "checkpoint": {"every_epochs": 1, "keep": 2},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(spec.get(section), dict):
+            spec[section] = {**spec[section], **values}
+        else:
+            spec[section] = values
+    return spec
+
+
+def write_keras_spec(folder: Path, name: str, data: Path, **overrides: Any) -> Path:
+    """The spec of :func:`keras_spec` as a YAML file."""
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(keras_spec(name, data, **overrides)))
+    return path

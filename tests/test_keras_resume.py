@@ -1,0 +1,181 @@
+"""Kill-and-resume of real Keras training: `runner work` SIGKILLed at random moments ends bit-identical.
+
+Each run is a real `runner work` process with the default Keras trainer on a tiny real dataset (digits from
+the bundled archive), a model with Dropout and random augmentation, and `deterministic: true`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner.checkpoints import CheckpointStore
+from runner.history import read_history
+from runner.job import Job, JobStatus
+from runner.paths import QueuePaths
+from tests.conftest import run_cli, runner_env, start_cli
+from tests.support.keras_jobs import make_digit_folders, write_keras_spec
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 4
+MID_EPOCH = {"every_minutes": 0.0005}  # a snapshot after every step: kills land during publishing too
+
+
+def keras_env(cache: Path) -> dict[str, str]:
+    env = runner_env(RUNNER_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env.pop("RUNNER_TRAINER")
+    return env
+
+
+def job_of(queue: Path, name: str) -> Job:
+    return Job(QueuePaths(queue).job(name))
+
+
+def newest_variables(queue: Path, name: str) -> dict[str, np.ndarray]:
+    store = CheckpointStore(job_of(queue, name), keep=2)
+    newest = store.newest()
+    assert newest is not None
+    with np.load(newest.path / "variables.npz") as arrays:
+        return {key: arrays[key].copy() for key in arrays.files}
+
+
+def events(queue: Path, name: str, kind: str) -> list[dict]:
+    return [event for event in job_of(queue, name).events.read() if event["event"] == kind]
+
+
+def submit(tmp: Path, queue: Path, data: Path, name: str, env: dict[str, str], **overrides) -> None:
+    spec = write_keras_spec(tmp, name, data, **overrides)
+    result = run_cli("submit", str(spec), "--queue", str(queue), env=env)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_digit_folders(tmp_path_factory.mktemp("digits"), train_per_class=24)
+
+
+@pytest.fixture(scope="module")
+def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list]:
+    """Variables and history of an uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    env = keras_env(tmp / "cache")
+    submit(tmp, tmp / "queue", digits, "tiny", env)
+    result = run_cli("work", "--queue", str(tmp / "queue"), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert job_of(tmp / "queue", "tiny").read_state().status is JobStatus.DONE
+    return newest_variables(tmp / "queue", "tiny"), read_history(job_of(tmp / "queue", "tiny").paths.history)
+
+
+def kill_at_random(queue: Path, env: dict[str, str], rng: random.Random, kills: int) -> int:
+    """Start `runner work` and SIGKILL it at random moments after each claim; return how many kills landed."""
+    landed = 0
+    for _ in range(kills):
+        claims_before = len(events(queue, "tiny", "claimed"))
+        worker = start_cli("work", "--queue", str(queue), env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while len(events(queue, "tiny", "claimed")) == claims_before and worker.poll() is None:
+                assert time.monotonic() < deadline, "the worker never claimed the job"
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.3, 3.0))
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGKILL)
+            worker.communicate(timeout=60)
+            # A kill counts only if it cut the run short (the tiny job may finish within the delay).
+            if worker.returncode == -signal.SIGKILL and job_of(queue, "tiny").read_state().status is not JobStatus.DONE:
+                landed += 1
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+        if job_of(queue, "tiny").read_state().status is JobStatus.DONE:
+            break
+    return landed
+
+
+def assert_same_result(queue: Path, reference: tuple[dict, list]) -> None:
+    variables, history = reference
+    got = newest_variables(queue, "tiny")
+    assert got.keys() == variables.keys()
+    for key in variables:
+        assert np.array_equal(got[key], variables[key]), f"{key} differs from the uninterrupted run"
+    rows = read_history(job_of(queue, "tiny").paths.history)
+    assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(EPOCHS)]
+    assert rows == history
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("cadence", ["epoch", "mid-epoch"])
+def test_sigkill_at_random_moments_resumes_bit_identical(
+    digits: Path, reference: tuple[dict, list], tmp_path: Path, seed: int, cadence: str
+) -> None:
+    env = keras_env(tmp_path / "cache")
+    queue = tmp_path / "queue"
+    submit(tmp_path, queue, digits, "tiny", env, checkpoint=MID_EPOCH if cadence == "mid-epoch" else {})
+    landed = kill_at_random(queue, env, random.Random(seed), kills=3)
+    final = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    state = job_of(queue, "tiny").read_state()
+    assert state.status is JobStatus.DONE
+    assert state.generation >= landed + 1
+    assert (job_of(queue, "tiny").paths.final / "model.keras").is_file()
+    assert_same_result(queue, reference)
+    all_events = job_of(queue, "tiny").events.read()
+    first_checkpoint = next((e["time"] for e in all_events if e["event"] == "checkpoint"), None)
+    later_claims = [e for e in all_events if e["event"] == "claimed" and first_checkpoint and e["time"] > first_checkpoint]
+    assert len(events(queue, "tiny", "resumed")) == len(later_claims), "every claim after a checkpoint resumes from one"
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(
+    digits: Path, reference: tuple[dict, list], tmp_path: Path
+) -> None:
+    env = keras_env(tmp_path / "cache")
+    queue = tmp_path / "queue"
+    submit(tmp_path, queue, digits, "tiny", env)
+    job = job_of(queue, "tiny")
+    worker = start_cli("work", "--queue", str(queue), env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while job.read_state().epoch < 2 and worker.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGKILL)
+        worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    store = CheckpointStore(job, keep=2)
+    committed = store.committed()
+    if job.read_state().status is JobStatus.DONE or len(committed) < 2:
+        pytest.skip("the run finished before it could be interrupted with two checkpoints")
+    newest = committed[0]
+    weights = newest.path / "variables.npz"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a cut upload
+    final = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    fallbacks = events(queue, "tiny", "fallback")
+    assert [event["checkpoint"] for event in fallbacks] == [newest.id]
+    resumed = events(queue, "tiny", "resumed")[-1]
+    assert resumed["checkpoint"] == committed[1].id
+    assert_same_result(queue, reference)
+
+
+def test_a_finished_job_is_never_trained_again(digits: Path, tmp_path: Path) -> None:
+    env = keras_env(tmp_path / "cache")
+    queue = tmp_path / "queue"
+    submit(tmp_path, queue, digits, "tiny", env, training={"epochs": 1})
+    assert run_cli("work", "--queue", str(queue), env=env, timeout=600).returncode == 0
+    before = job_of(queue, "tiny").read_state()
+    again = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+    assert again.returncode == 0
+    assert job_of(queue, "tiny").read_state() == before
+    status = json.loads(run_cli("status", "--json", "--queue", str(queue), env=env).stdout)
+    assert status[0]["state"] == "done" and status[0]["epoch"] == 1
