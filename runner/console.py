@@ -9,7 +9,6 @@ from typing import Any
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -92,30 +91,24 @@ def _metrics_text(metrics: dict[str, float]) -> str:
     return " ".join(f"{key}={value:.4g}" for key, value in list(metrics.items())[:4]) or "-"
 
 
+_BAR_CELLS = 6
+
+
+def _epochs_cell(epoch: int, epochs: int) -> Text:
+    filled = round(_BAR_CELLS * epoch / epochs) if epochs else 0
+    return Text.assemble(("━" * filled, "green"), ("─" * (_BAR_CELLS - filled), "dim"), f" {epoch}/{epochs or '?'}")
+
+
 def status_table(views: list[JobView], now: float, *, title: str | None = None) -> Group:
-    """The status table, one row per job in claim order, with full error lines beneath it."""
-    table = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
-    for column, options in (
-        ("job", {"style": "bold", "no_wrap": True, "min_width": 8, "overflow": "ellipsis"}),
-        ("state", {"no_wrap": True, "min_width": 7}),
-        ("epochs", {"no_wrap": True}),
-        ("step", {"justify": "right", "no_wrap": True}),
-        ("metrics", {"no_wrap": True, "overflow": "ellipsis", "min_width": 12, "ratio": 1}),
-        ("saved", {"justify": "right", "no_wrap": True}),
-        ("restarts", {"justify": "right", "no_wrap": True}),
-        ("worker", {"no_wrap": True, "overflow": "ellipsis", "max_width": 24}),
-        ("eta", {"justify": "right", "no_wrap": True}),
-    ):
-        table.add_column(column, **options)
-    errors = []
+    """The status table, one row per job in claim order, with full error lines beneath it.
+
+    Every column but the metrics keeps its full width; the metrics wrap on a narrow screen.
+    """
+    headers = ("job", "state", "epochs", "step", "metrics", "saved", "restarts", "worker", "eta")
+    rows, errors = [], []
     for view in views:
         record = status_record(view, now)
-        shown, epochs = record["state"], record["epochs"] or 0
-        progress = Table.grid(padding=(0, 1))
-        progress.add_row(
-            ProgressBar(total=max(epochs, 1), completed=record["epoch"], width=6),
-            f"{record['epoch']}/{epochs or '?'}",
-        )
+        shown = record["state"]
         if record["error"]:
             errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["error"], "red")))
             notes = Text("error (below)", style="red")
@@ -124,17 +117,37 @@ def status_table(views: list[JobView], now: float, *, title: str | None = None) 
         worker = "-"
         if view.holder is not None:
             worker = f"{view.holder.describe()} {format_age(record['heartbeat_age_s'])}"
-        table.add_row(
-            view.name,
-            Text(shown, style=STATE_STYLES.get(shown, "")),
-            progress,
-            str(record["step"]),
-            notes,
-            format_age(record["checkpoint_age_s"]),
-            str(record["restarts"]),
-            worker,
-            format_age(record["eta_s"]),
+        rows.append(
+            (
+                Text(view.name, style="bold"),
+                Text(shown, style=STATE_STYLES.get(shown, "")),
+                _epochs_cell(record["epoch"], record["epochs"] or 0),
+                Text(str(record["step"])),
+                notes,
+                Text(format_age(record["checkpoint_age_s"])),
+                Text(str(record["restarts"])),
+                Text(worker),
+                Text(format_age(record["eta_s"])),
+            )
         )
+    table = Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for index, header in enumerate(headers):
+        width = max([len(header), *(row[index].cell_len for row in rows)])
+        right = header in ("step", "saved", "restarts", "eta")
+        if header == "metrics":
+            table.add_column(header, min_width=min(width, 12))  # wraps between metrics on a narrow screen
+        else:
+            table.add_column(header, no_wrap=True, min_width=width, justify="right" if right else "left")
+    for row in rows:
+        table.add_row(*row)
     if not views:
         table.caption = "no jobs yet: add one with `runner submit SPEC`"
     return Group(table, *errors)

@@ -76,8 +76,7 @@ def _kill_after_checkpoint(queue: Queue, name: str, worker: subprocess.Popen[byt
     while worker.poll() is None:
         state = job.read_state()
         if state.epoch >= KILL_AFTER_EPOCHS:
-            time.sleep(1.5)  # into the next epoch, so that the resume is mid-epoch
-            state = job.read_state()
+            time.sleep(1.0)  # into the next epoch, so that the resume is mid-epoch
             worker.send_signal(signal.SIGKILL)
             worker.wait()
             state = job.read_state()

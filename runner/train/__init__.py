@@ -6,7 +6,35 @@ of this package (``runner.train.data`` in a test, say) does not load all of them
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
+
+VERBOSE_ENV = "RUNNER_TF_VERBOSE"
+"""Set to 1 to see TensorFlow's native start-up messages."""
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes)
+    ignores TF_CPP_MIN_LOG_LEVEL in current builds and buries runner's own output. Python errors still show."""
+    if os.environ.get(VERBOSE_ENV):
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+with _native_stderr_silenced():
+    import tensorflow  # noqa: F401  (loaded once here, quietly)
 
 __all__ = ["KerasTrainer"]
 

@@ -62,5 +62,5 @@ class EpochProgress:
     def summary(self, epoch: int, metrics: dict[str, float], seconds: float) -> str:
         """The line printed when an epoch ends."""
         line = f"{self.job} epoch {epoch + 1}/{self.epochs} {format_metrics(metrics)} ({seconds:.1f}s)"
-        self.console.print(line, markup=False, highlight=False)
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
         return line
