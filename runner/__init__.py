@@ -23,7 +23,8 @@ from runner.job import Job, JobState, JobStatus
 from runner.lease import JobLease
 from runner.queue import Claim, JobView, Queue
 from runner.spec import JobSpec, load_spec, parse_spec
-from runner.worker import Outcome, RunContext, Trainer, Worker
+from runner.training import Outcome, RunContext, Trainer
+from runner.worker import Worker
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from runner import defaults, storage
 from runner.console import render_status, status_records, watch_status
-from runner.errors import EXIT_USAGE, RunnerError, SpecError, StorageError
+from runner.errors import RunnerError, SpecError, StorageError
 from runner.lease import lease_duration_from
 from runner.paths import default_queue_dir
 from runner.queue import Queue
@@ -144,7 +144,8 @@ def _submit(queue: Queue, paths: list[Path], err: Console) -> int:
 
 
 def _work(queue: Queue, only: str | None, out: Console, err: Console) -> int:
-    from runner.worker import Worker, default_trainer_name, load_trainer  # noqa: PLC0415 (keeps status fast)
+    from runner.training import default_trainer_name, load_trainer  # noqa: PLC0415 (keeps status fast)
+    from runner.worker import Worker  # noqa: PLC0415
 
     worker = Worker(queue, load_trainer(default_trainer_name()), console=err, only=only)
     worker.install_signal_handlers()

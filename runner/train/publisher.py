@@ -20,7 +20,7 @@ from typing import Any
 from runner import defaults
 from runner.errors import StorageError
 from runner.history import write_history
-from runner.worker import RunContext
+from runner.training import RunContext
 
 log = logging.getLogger(__name__)
 

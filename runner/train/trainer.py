@@ -27,7 +27,7 @@ from runner.train.models import build_model, check_loss_matches_labels, compile_
 from runner.train.progress import EpochProgress
 from runner.train.publisher import Publisher, Snapshot
 from runner.train.snapshot import TrainingState, load_snapshot, save_snapshot
-from runner.worker import Outcome, RunContext
+from runner.training import Outcome, RunContext
 
 
 def configure_determinism(spec: JobSpec) -> None:

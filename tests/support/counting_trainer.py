@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from runner import storage
-from runner.worker import Outcome, RunContext
+from runner.training import Outcome, RunContext
 
 MODULUS = 2**61 - 1
 

@@ -1,0 +1,48 @@
+"""`runner demo` end to end: real digits, a real SIGKILL, a real resume, at least 95% validation accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runner.history import read_history
+from runner.job import Job, JobStatus
+from runner.paths import QueuePaths
+from runner.spec import load_spec
+from tests.conftest import REPO, run_cli, runner_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_kills_resumes_and_reaches_95_percent(tmp_path: Path) -> None:
+    env = runner_env(RUNNER_CACHE=str(tmp_path / "cache"))
+    env.pop("RUNNER_TRAINER")
+    result = run_cli("demo", "--queue", str(tmp_path / "queue"), env=env, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Traceback" not in output
+    assert "simulating a Colab disconnect" in output
+    assert "resuming 'digits' from checkpoint" in output
+
+    job = Job(QueuePaths(tmp_path / "queue").job("digits"))
+    state = job.read_state()
+    assert state.status is JobStatus.DONE and state.restarts == 1
+    events = job.events.read()
+    resumed = [event for event in events if event["event"] == "resumed"]
+    assert len(resumed) == 1
+    last_checkpoint_before = [e for e in events if e["event"] == "checkpoint" and e["time"] < resumed[0]["time"]][-1]
+    assert resumed[0]["checkpoint"] == last_checkpoint_before["checkpoint"]
+
+    history = read_history(job.paths.history)
+    epochs = load_spec(REPO / "jobs" / "digits.yaml").training.epochs
+    assert [row["epoch"] for row in history] == [str(epoch) for epoch in range(epochs)]
+    assert float(history[-1]["val_accuracy"]) >= 0.95
+    assert (job.paths.final / "model.keras").is_file()
+
+
+def test_the_jobs_folder_digits_spec_is_the_bundled_one() -> None:
+    bundled = load_spec(REPO / "runner" / "datasets" / "digits.yaml")
+    in_jobs = load_spec(REPO / "jobs" / "digits.yaml")
+    assert in_jobs == bundled
+    assert Path(bundled.dataset.source).is_file()
