@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
 TUTORIAL_ROOT = "cats_and_dogs_filtered"
 """The top folder of the real tutorial archive."""
@@ -21,6 +20,8 @@ TUTORIAL_CLASSES = {"cats": "cat", "dogs": "dog"}
 
 def _jpeg(class_index: int, number: int, *, size: tuple[int, int] = (30, 40)) -> bytes:
     """A small random-ish JPEG (height x width), tinted by class so that the classes differ a little."""
+    import tensorflow as tf  # noqa: PLC0415 (only when images are made: collecting the tests stays quick)
+
     rng = np.random.default_rng([class_index, number])
     pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
     pixels[..., class_index] = np.maximum(pixels[..., class_index], 128)
@@ -38,7 +39,8 @@ def tutorial_lookalike_zip(*, train_per_class: int = 10, validation_per_class: i
                 archive.writestr(f"{TUTORIAL_ROOT}/{split}/{folder}/", b"")
                 for _ in range(count):
                     number += 1
-                    archive.writestr(f"{TUTORIAL_ROOT}/{split}/{folder}/{prefix}.{number}.jpg", _jpeg(class_index, number))
+                    name = f"{TUTORIAL_ROOT}/{split}/{folder}/{prefix}.{number}.jpg"
+                    archive.writestr(name, _jpeg(class_index, number))
     return buffer.getvalue()
 
 
