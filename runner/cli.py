@@ -144,10 +144,10 @@ def _submit(queue: Queue, paths: list[Path], err: Console) -> int:
 
 
 def _work(queue: Queue, only: str | None, out: Console, err: Console) -> int:
-    from runner.training import default_trainer_name, load_trainer  # noqa: PLC0415 (keeps status fast)
+    from runner.training import default_trainer_name, lazy_trainer  # noqa: PLC0415 (keeps status fast)
     from runner.worker import Worker  # noqa: PLC0415
 
-    worker = Worker(queue, load_trainer(default_trainer_name()), console=err, only=only)
+    worker = Worker(queue, lazy_trainer(default_trainer_name()), console=err, only=only)
     worker.install_signal_handlers()
     result = worker.run()
     out.print(render_status(queue))

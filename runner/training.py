@@ -7,6 +7,7 @@ in ``runner.train``) and hands it a context. The core's tests plug in a small pu
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -104,6 +105,28 @@ class Trainer(Protocol):
 
 
 TrainerFactory = Callable[[], Trainer]
+
+
+def lazy_trainer(dotted: str) -> TrainerFactory:
+    """A factory that imports the trainer only when a job is claimed (TensorFlow takes seconds to import).
+
+    The module is looked up now, without running it, so that a wrong name fails before any job is claimed.
+    """
+    module_name = dotted.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module_name) if module_name else None
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise TrainerError(f"cannot load trainer {dotted!r}: no module named {module_name!r}")
+    loaded: list[TrainerFactory] = []
+
+    def make() -> Trainer:
+        if not loaded:
+            loaded.append(load_trainer(dotted))
+        return loaded[0]()
+
+    return make
 
 
 def load_trainer(dotted: str) -> TrainerFactory:

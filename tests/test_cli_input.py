@@ -14,7 +14,7 @@ import yaml
 
 from runner.queue import Queue
 from runner.spec import load_spec
-from tests.conftest import make_spec, make_spec_dict, run_cli, write_spec
+from tests.conftest import make_spec, make_spec_dict, run_cli, runner_env, write_spec
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -195,3 +195,22 @@ def test_an_unknown_command_exits_2(tmp_path: Path) -> None:
     _assert_clean_exit(result, 2)
     assert "frobnicate" in result.stderr
     assert _files_under(tmp_path / "queue") == []
+
+
+def test_an_unknown_trainer_fails_before_any_job_is_claimed(tmp_path: Path) -> None:
+    queue = Queue(tmp_path / "queue")
+    job, _ = queue.submit(make_spec("job-a"))
+    result = run_cli("work", "--queue", str(queue.root), env=runner_env(RUNNER_TRAINER="nosuch.module:Trainer"))
+    _assert_clean_exit(result, 1)
+    assert "cannot load trainer 'nosuch.module:Trainer'" in result.stderr
+    assert job.read_state().generation == 0  # never claimed
+
+
+def test_work_with_nothing_runnable_does_not_load_the_trainer(tmp_path: Path) -> None:
+    # A trainer module that exists but would fail loudly if imported.
+    (tmp_path / "explosive_trainer.py").write_text("raise SystemExit('imported!')\n")
+    env = runner_env(RUNNER_TRAINER="explosive_trainer:Trainer")
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    result = run_cli("work", "--queue", str(tmp_path / "queue"), env=env)
+    _assert_clean_exit(result, 0)
+    assert "imported!" not in result.stdout + result.stderr
