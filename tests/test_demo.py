@@ -10,14 +10,14 @@ from runner.history import read_history
 from runner.job import Job, JobStatus
 from runner.paths import QueuePaths
 from runner.spec import load_spec
-from tests.conftest import REPO, run_cli, runner_env
+from tests.conftest import REPO, run_cli
+from tests.support.keras_jobs import keras_env
 
 pytestmark = pytest.mark.slow
 
 
 def test_demo_kills_resumes_and_reaches_95_percent(tmp_path: Path) -> None:
-    env = runner_env(RUNNER_CACHE=str(tmp_path / "cache"))
-    env.pop("RUNNER_TRAINER")
+    env = keras_env(tmp_path / "cache")
     result = run_cli("demo", "--queue", str(tmp_path / "queue"), env=env, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]

@@ -28,11 +28,10 @@ import yaml
 from runner.checkpoints import CheckpointStore
 from runner.history import read_history
 from runner.job import Job, JobStatus
-from runner.paths import QueuePaths
 from runner.spec import parse_spec
-from tests.conftest import REPO, run_cli, runner_env, start_cli
+from tests.conftest import REPO, run_cli, start_cli
 from tests.support.data_server import serve
-from tests.support.keras_jobs import keras_spec, make_digit_folders
+from tests.support.keras_jobs import job_of, keras_env, keras_spec, make_digit_folders
 from tests.support.keras_jobs_archives import (
     TUTORIAL_ROOT,
     sha256_of,
@@ -53,15 +52,6 @@ SIMPLE_CNN_150_PARAMS = (3 * 3 * 3 * 32 + 32) + (74 * 74 * 32 * 512 + 512) + (51
 # --- helpers --------------------------------------------------------------------------------------------------
 
 
-def keras_env(cache: Path) -> dict[str, str]:
-    """A `runner` environment with the real Keras trainer, a private cache, quiet TensorFlow and no GPU."""
-    env = runner_env(RUNNER_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    env.pop("RUNNER_TRAINER")
-    return env
-
-
-def job_of(queue: Path, name: str) -> Job:
-    return Job(QueuePaths(queue).job(name))
 
 
 def event_names(job: Job) -> list[str]:

@@ -17,10 +17,9 @@ import pytest
 
 from runner.checkpoints import CheckpointStore
 from runner.history import read_history
-from runner.job import Job, JobStatus
-from runner.paths import QueuePaths
-from tests.conftest import run_cli, runner_env, start_cli
-from tests.support.keras_jobs import make_digit_folders, write_keras_spec
+from runner.job import JobStatus
+from tests.conftest import run_cli, start_cli
+from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, write_keras_spec
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +27,6 @@ EPOCHS = 4
 MID_EPOCH = {"every_minutes": 0.0005}  # a snapshot after every step: kills land during publishing too
 
 
-def keras_env(cache: Path) -> dict[str, str]:
-    env = runner_env(RUNNER_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    env.pop("RUNNER_TRAINER")
-    return env
-
-
-def job_of(queue: Path, name: str) -> Job:
-    return Job(QueuePaths(queue).job(name))
 
 
 def newest_variables(queue: Path, name: str) -> dict[str, np.ndarray]:

@@ -8,6 +8,10 @@ from typing import Any
 
 import yaml
 
+from runner.job import Job
+from runner.paths import QueuePaths
+from tests.conftest import runner_env
+
 REPO = Path(__file__).resolve().parent.parent.parent
 DIGITS_ARCHIVE = REPO / "runner" / "datasets" / "digits.tar.gz"
 
@@ -70,3 +74,15 @@ def write_keras_spec(folder: Path, name: str, data: Path, **overrides: Any) -> P
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(keras_spec(name, data, **overrides)))
     return path
+
+
+def keras_env(cache: Path) -> dict[str, str]:
+    """A `runner` environment with the real Keras trainer, a private cache, quiet TensorFlow and no GPU."""
+    env = runner_env(RUNNER_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env.pop("RUNNER_TRAINER")
+    return env
+
+
+def job_of(queue: Path, name: str) -> Job:
+    """The job called ``name`` in the queue folder ``queue``."""
+    return Job(QueuePaths(queue).job(name))
