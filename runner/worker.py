@@ -7,6 +7,7 @@ goes on with the next one. SIGTERM or SIGINT asks the trainer to checkpoint and 
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
@@ -21,7 +22,7 @@ from rich.markup import escape
 
 from runner import storage
 from runner.checkpoints import CheckpointStore
-from runner.errors import Fenced, RunnerError
+from runner.errors import Fenced, RunnerError, StorageError
 from runner.job import Job, JobStatus
 from runner.lease import JobLease, LeaseHolder
 from runner.queue import Claim, JobView, Queue
@@ -43,6 +44,16 @@ class _JobLogHandler(logging.Handler):
             storage.append_line(self.job.paths.log, f"[g{self.generation}] {self.format(record)}")
         except Exception:  # a log line must never take the job down
             self.handleError(record)
+
+
+_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_storage_trouble(error: BaseException) -> bool:
+    """A full disk or quota anywhere, or the job folder's storage failing past its retries."""
+    if isinstance(error, StorageError):
+        return error.transient or error.errno_ in _SPACE_ERRNOS
+    return isinstance(error, OSError) and error.errno in _SPACE_ERRNOS
 
 
 def one_line(error: BaseException) -> str:
@@ -213,9 +224,12 @@ class Worker:
             job.events.append("interrupted", generation=claim.generation, reason="second signal")
             raise
         except Exception as error:  # a job's failure must not stop the queue
-            reason = one_line(error)
-            job_log.error("failed: %s\n%s", reason, traceback.format_exc())
-            self._finish(claim, JobStatus.FAILED, job_log, error=reason)
+            if is_storage_trouble(error):
+                self._interrupt_for_storage(claim, job_log, error)
+            else:
+                reason = one_line(error)
+                job_log.error("failed: %s\n%s", reason, traceback.format_exc())
+                self._finish(claim, JobStatus.FAILED, job_log, error=reason)
             return
         if outcome is Outcome.DONE:
             self._finish(claim, JobStatus.DONE, job_log)
@@ -228,6 +242,22 @@ class Worker:
             job_log.info("stopped (%s); the next `runner work` resumes it", reason)
             self.console.print(f"job {name!r} stopped; run `runner work` again to resume it")
             self.result.interrupted.append(name)
+
+    def _interrupt_for_storage(self, claim: Claim, job_log: logging.Logger, error: Exception) -> None:
+        """Storage trouble is not the job's fault: keep it resumable, say why, and stop this worker."""
+        job, name = claim.job, claim.job.name
+        if isinstance(error, OSError) and not isinstance(error, StorageError):
+            error = storage.storage_error(error)  # the path and what to do, not just "[Errno 28]"
+        reason = one_line(error)
+        job_log.error("interrupted by storage: %s\n%s", reason, traceback.format_exc())
+        self.console.print(f"[red]job {name!r} interrupted: {escape(reason)}[/]; run `runner work` again once fixed")
+        self.result.interrupted.append(name)
+        self.stop.set()  # a full or failing disk stops every job alike: do not burn through the queue
+        try:  # the failed write freed its temporary files, so these small ones usually fit
+            claim.update(error=reason)
+            job.events.append("interrupted", generation=claim.generation, reason=reason)
+        except (OSError, RunnerError) as also:
+            job_log.error("could not record the interruption: %s", one_line(also))
 
     def _finish(self, claim: Claim, status: JobStatus, job_log: logging.Logger, *, error: str | None = None) -> None:
         job, name = claim.job, claim.job.name

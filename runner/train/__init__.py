@@ -34,7 +34,12 @@ def _native_stderr_silenced() -> Iterator[None]:
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 with _native_stderr_silenced():
-    import tensorflow  # noqa: F401  (loaded once here, quietly)
+    import tensorflow
+
+    # The runtime prints more the first time it starts its devices and runs a uint8 op (CUDA probing on a
+    # machine without a GPU, a oneDNN note): start both here, inside the quiet window.
+    tensorflow.config.list_physical_devices()
+    tensorflow.cast(tensorflow.zeros([1], tensorflow.uint8), tensorflow.float32)
 
 __all__ = ["KerasTrainer"]
 

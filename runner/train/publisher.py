@@ -107,6 +107,10 @@ class Publisher:
             try:
                 self._publish(snapshot)
             except StorageError as error:
+                if not error.transient:  # no space, no permission: retrying cannot help; the trainer stops
+                    with self._condition:
+                        self.error = error
+                    continue
                 # Drive is having a bad time: keep the snapshot (unless a newer one came) and try again shortly.
                 self.context.log.warning("publishing checkpoint failed, will retry: %s", error)
                 self._requeue(snapshot)

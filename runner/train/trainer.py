@@ -8,6 +8,7 @@ so a resumed epoch reports exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from collections.abc import Callable
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from runner import defaults
+from runner import defaults, storage
+from runner.errors import StorageError
 from runner.history import write_history
 from runner.paths import default_cache_dir
 from runner.spec import JobSpec
@@ -28,6 +31,42 @@ from runner.train.progress import EpochProgress
 from runner.train.publisher import Publisher, Snapshot
 from runner.train.snapshot import TrainingState, load_snapshot, save_snapshot
 from runner.training import Outcome, RunContext
+
+
+def checkpoint_bytes(model: keras.Model) -> int:
+    """Bytes of one checkpoint of ``model``: every model and optimizer variable (the manifest and state are tiny)."""
+    variables = [*model.variables, *model.optimizer.variables]
+    return sum(int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize for variable in variables)
+
+
+def warn_if_short_of_space(context: RunContext, model: keras.Model) -> bool:
+    """Warn (console, log, events) when the job folder cannot hold ``keep`` checkpoints plus one being written."""
+    each = checkpoint_bytes(model)
+    needed = each * (context.spec.checkpoint.keep + 1)
+    free = storage.free_bytes(context.job.paths.folder)
+    if free is None or free >= needed:
+        return False
+    message = (
+        f"the job folder has {free / 1e6:.1f} MB free, but {context.spec.checkpoint.keep} checkpoints of this model "
+        f"plus one being written need about {needed / 1e6:.1f} MB ({each / 1e6:.1f} MB each): free some space "
+        "(on Drive, empty the trash: deleted files count for 30 days) or lower checkpoint.keep"
+    )
+    context.console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    context.log.warning("%s", message)
+    context.job.events.append("space-warning", free_bytes=free, needed_bytes=needed, checkpoint_bytes=each)
+    return True
+
+
+def local_disk_error(error: OSError, folder: Path) -> StorageError:
+    """A failed local snapshot as one line that names the local disk and what to do."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(
+            f"{folder}: no space left on the local disk for a checkpoint snapshot: free some space there, "
+            f"or point ${defaults.CACHE_ENV} at a bigger disk",
+            path=str(folder),
+            errno_=error.errno,
+        )
+    return storage.storage_error(error)
 
 
 def configure_determinism(spec: JobSpec) -> None:
@@ -53,6 +92,7 @@ class KerasTrainer:
         model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
         compile_model(model, spec)
         model.optimizer.build(model.trainable_variables)
+        warn_if_short_of_space(context, model)
         workdir = self.cache_dir / "work" / f"{context.job.name}-g{context.generation}"
         shutil.rmtree(workdir, ignore_errors=True)
         try:
@@ -177,7 +217,11 @@ class _Session:
         self._snapshots += 1
         state.elapsed_s = self.elapsed_before + (self.clock() - self.started)
         folder = self.workdir / "snapshots" / f"{self._snapshots:06d}-e{state.epoch}-s{state.step}"
-        save_snapshot(self.model, state, folder)
+        try:
+            save_snapshot(self.model, state, folder)
+        except OSError as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise local_disk_error(error, folder) from error
         meta: dict[str, Any] = {
             "global_step": state.global_step,
             "steps_per_epoch": state.steps_per_epoch,
