@@ -216,6 +216,18 @@ def _with_source_resolved(spec: JobSpec, *, base: Path) -> JobSpec:
     return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"source": resolved})})
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML without aliases: a self-referencing alias makes a spec that never ends, and nested aliases turn a
+    few hundred bytes into gigabytes once the frozen copy is written out."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a job spec: write the value out", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def _parse_text(text: str, source: str, *, json_only: bool) -> Any:
     if json_only:
         try:
@@ -223,7 +235,7 @@ def _parse_text(text: str, source: str, *, json_only: bool) -> Any:
         except json.JSONDecodeError as error:
             raise SpecError(source, [f"line {error.lineno}, column {error.colno}: invalid JSON: {error.msg}"]) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader that also refuses aliases)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -232,7 +244,7 @@ def _parse_text(text: str, source: str, *, json_only: bool) -> Any:
 
 
 def _describe(problem: Any) -> str:
-    location = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+    location = ".".join(_field(part) for part in problem["loc"]) or "(top level)"
     kind, message = problem["type"], problem["msg"]
     if kind == "extra_forbidden":
         allowed = _allowed_fields(problem["loc"][:-1])
@@ -243,6 +255,12 @@ def _describe(problem: Any) -> str:
     if kind not in ("value_error", "assertion_error") and "input" in problem:
         message = f"{message} (got {_short(problem['input'])})"
     return f"{location}: {message}"
+
+
+def _field(part: Any) -> str:
+    """A field name as shown: a name with newlines or terminal escapes is shown quoted, on one line."""
+    text = str(part)
+    return text if text and text.isprintable() else repr(text)
 
 
 def _allowed_fields(location: tuple[Any, ...]) -> list[str]:

@@ -66,6 +66,32 @@ def manifests(queue: Queue, name: str) -> list[dict[str, Any]]:
     return [store.verify(info).manifest for info in store.committed()]
 
 
+def lease_holders(queue: Queue, names: list[str]) -> dict[str, str]:
+    """Job name to ``host:pid`` of the worker that holds its lease now."""
+    return {name: holder.describe() for name in names if (holder := read_holder(queue.job(name).paths)) is not None}
+
+
+def start_hosts_that_are_up(queue: Queue, hosts: dict[str, Host], down: dict[str, tuple[float, dict[str, int]]]) -> None:
+    """Start ``runner work`` on every host whose worker has ended, unless the host is down.
+
+    A host is down (``down[name]``: until when, and the jobs it held with their claim generations) until each
+    job it held has been claimed again elsewhere or is done, or the time is up.
+    """
+    for name, host in hosts.items():
+        if host.running:
+            continue
+        if name in down:
+            until, held = down[name]
+            moved = all(
+                (current := state(queue, job)).generation > generation or current.status is JobStatus.DONE
+                for job, generation in held.items()
+            )
+            if time.monotonic() < until and not moved:
+                continue
+            del down[name]
+        host.start()
+
+
 def all_finished(queue: Queue, names: list[str]) -> bool:
     """Whether every job is done (a failed or cancelled one would be a bug here: nothing fails on purpose)."""
     return all(state(queue, name).status is JobStatus.DONE for name in names)
@@ -80,10 +106,10 @@ CHAOS_S = 25.0
 
 
 def submit_jobs(queue: Queue, rng: random.Random) -> dict[str, tuple[int, int]]:
-    """Five counting jobs of 2 to 4 s each, with mid-epoch checkpoints; returns each one's (epochs, steps)."""
+    """Five counting jobs of 2.2 to 4.8 s each, with mid-epoch checkpoints; returns each one's (epochs, steps)."""
     shapes = {}
     for index in range(JOBS):
-        name, epochs, steps = f"job-{index}", rng.choice((3, 4)), 8
+        name, epochs, steps = f"job-{index}", rng.choice((4, 5)), 8
         params = {"steps": steps, "step_seconds": round(rng.uniform(0.07, 0.12), 3), "every_steps": 3}
         # keep 2 on some jobs, so that pruning runs across claims; keep all on others, for the late-commit check.
         keep = 2 if index % 2 else 1000
@@ -101,34 +127,42 @@ def test_three_hosts_with_random_kills_train_every_job_exactly_once_and_never_tw
     shapes = submit_jobs(queue, rng)
     names = sorted(shapes)
     hosts = cluster(tmp_path, queue)
-    down_until = {name: 0.0 for name in hosts}
+    down: dict[str, tuple[float, dict[str, int]]] = {}
     kills: list[Run] = []
     try:
-        # Chaos: restart every host that is not down, SIGKILL a random one at a random moment, and leave it down
-        # for a while (so that another host has to wait out its lease) or restart it at once (its successor on
-        # the same host takes over from the dead pid).
+        # Chaos: restart every host that is not down, SIGKILL a random one at a random moment (one that is
+        # training, mostly), and either restart it at once (its successor on the same host takes over from the
+        # dead pid) or leave it down until another host has waited out its lease and taken its job over (or
+        # for a bounded time, when the other hosts are too busy to).
         chaos_end = time.monotonic() + CHAOS_S
         while len(kills) < MAX_KILLS and time.monotonic() < chaos_end and not all_finished(queue, names):
-            for name, host in hosts.items():
-                if not host.running and time.monotonic() >= down_until[name]:
-                    host.start()
-            time.sleep(rng.uniform(0.3, 1.2))
-            victim = rng.choice(list(hosts))
-            if hosts[victim].running:
-                kills.append(hosts[victim].kill())
-                down_until[victim] = time.monotonic() + rng.choice((0.0, 0.0, rng.uniform(2.0, 5.0)))
+            start_hosts_that_are_up(queue, hosts, down)
+            time.sleep(rng.uniform(0.8, 2.2))
+            holders = lease_holders(queue, names)
+            running = [name for name, host in hosts.items() if host.running]
+            busy = [name for name in running if hosts[name].current.identity in holders.values()]
+            first = not kills
+            if not running or (first and not busy):
+                continue
+            victim = rng.choice(busy if busy and (first or rng.random() < 0.85) else running)
+            identity = hosts[victim].current.identity
+            kills.append(hosts[victim].kill())
+            if first or rng.random() < 0.6:
+                # The first victim stays down until another host has taken its job over, however long the others
+                # are busy, so that every run has at least one takeover across hosts.
+                held = {name: state(queue, name).generation for name, holder in holders.items() if holder == identity}
+                down[victim] = (time.monotonic() + (90.0 if first else LEASE_S + 10.0), held)
 
-        # Calm: every host runs `runner work` again whenever it has ended, until the whole queue is done.
+        # Calm: every host runs `runner work` again whenever it has ended (once it is up again), until the whole
+        # queue is done; then each ends on its own, nothing being runnable.
         calm_end = time.monotonic() + 120.0
         while not all_finished(queue, names):
             assert time.monotonic() < calm_end, f"the queue was not done in time\n{runs_report(hosts)}"
-            for host in hosts.values():
-                if not host.running:
-                    host.start()
+            start_hosts_that_are_up(queue, hosts, down)
             time.sleep(0.2)
         for host in hosts.values():
             if host.running:
-                host.wait(timeout=60)  # nothing is runnable: each worker ends on its own
+                host.wait(timeout=60)
     finally:
         for host in hosts.values():
             host.cleanup()
@@ -201,6 +235,7 @@ def test_three_hosts_with_random_kills_train_every_job_exactly_once_and_never_tw
                 f"{LEASE_S}s lease could have expired"
             )
 
+    assert takeovers["other host"] >= 1, f"no job was taken over from a killed worker by another host\n{report}"
     print(
         f"\nseed {seed}: {JOBS} jobs, {len(kills)} kills, {sum(len(h.runs) for h in hosts.values())} worker runs, "
         f"takeovers of killed claims: {takeovers['same host']} on the same host, {takeovers['other host']} "

@@ -261,7 +261,7 @@ def _from_factory(
     function = _import_factory(dotted)
     try:
         model = function(input_shape=input_shape, num_classes=num_classes, **params)
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a script's argparse exits: that must fail the job, not the worker
         raise ModelError(f"factory {dotted!r} raised {type(error).__name__}: {_one_line(error)}") from error
     if not isinstance(model, keras.Model):
         raise ModelError(f"factory {dotted!r} returned {type(model).__name__}, not a keras.Model")
@@ -280,7 +280,7 @@ def _import_factory(dotted: str) -> Callable[..., Any]:
         else:  # the factory's own module imports something that is not installed
             fix = f"the factory's module needs {missing!r}: install it"
         raise ModelError(f"cannot import factory {dotted!r}: {error}: {fix}") from None
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a module that exits on import must fail the job, not the worker
         raise ModelError(f"cannot import factory {dotted!r}: {type(error).__name__}: {_one_line(error)}") from error
     function = getattr(module, attribute, None)
     if function is None:

@@ -28,7 +28,7 @@ DEFAULT_FAULT_OPS = (
 """Operations a plan faults when it names none: all that report errors to the caller (not ``release``)."""
 
 DEFAULT_ERRNOS = (errno.EIO, errno.ENOTCONN)
-"""What DriveFS is seen to return when it struggles: EIO (also on quota) and 107 'Transport endpoint is not connected'."""
+"""What DriveFS returns when it struggles: EIO (also on quota) and 107 'Transport endpoint is not connected'."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class FaultPlan:
             raise ValueError(f"rate must be within [0, 1], got {self.rate!r}")
         if not 0.0 <= self.after <= 1.0:
             raise ValueError(f"after must be within [0, 1], got {self.after!r}")
+        unknown_errnos = [code for code in self.errnos if code not in errno.errorcode]
+        if unknown_errnos:
+            raise ValueError(f"unknown errnos {unknown_errnos!r}")
         if self.rate and not self.errnos:
             raise ValueError("errnos must name at least one errno when rate > 0")
         unknown = sorted(set(self.ops) - set(ALL_OPS))

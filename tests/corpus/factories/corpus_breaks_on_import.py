@@ -1,0 +1,3 @@
+"""Corpus: a factory module whose top level raises while it is imported."""
+
+raise RuntimeError("corpus: this module breaks on import")

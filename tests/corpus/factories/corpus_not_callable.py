@@ -1,0 +1,3 @@
+"""Corpus: ``model.factory`` names something that is not a function."""
+
+build = [32, 512]
