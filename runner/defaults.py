@@ -12,6 +12,9 @@ Colab session does not wait long for the job of a session that died. Every worke
 RETRY_BUDGET_S = 300.0
 """Seconds one file operation keeps retrying transient errors (errno 107, EIO, timeouts) before giving up."""
 
+RETRY_BUDGET_ENV = "RUNNER_RETRY_BUDGET"
+"""Environment variable overriding :data:`RETRY_BUDGET_S` (seconds), e.g. to test long outages quickly."""
+
 RETRY_MAX_ATTEMPTS = 12
 """Tries of one file operation before giving up, whatever the clock says (bounds retries under a fake sleep)."""
 

@@ -88,8 +88,17 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
     log.warning("storage error (%s), try %d, retrying in %.1fs", error, state.attempt_number, pause)
 
 
-retry_io = retrying()
-"""The policy every job-folder operation runs under."""
+def _budget_from_environment() -> float:
+    raw = os.environ.get(defaults.RETRY_BUDGET_ENV)
+    try:
+        value = float(raw) if raw is not None else defaults.RETRY_BUDGET_S
+    except ValueError:
+        value = defaults.RETRY_BUDGET_S
+    return value if value >= 0 else defaults.RETRY_BUDGET_S
+
+
+retry_io = retrying(budget_s=_budget_from_environment())
+"""The policy every job-folder operation runs under (budget: ``$RUNNER_RETRY_BUDGET`` seconds, else the default)."""
 
 
 _ADVICE = {
