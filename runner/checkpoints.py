@@ -184,8 +184,21 @@ class CheckpointStore:
             for child in scratch.iterdir():
                 child.rename(Path(target) / child.name)
             scratch.rmdir()
+            self._log_stale(restored)
             return restored
         return None
+
+    def _log_stale(self, restored: CheckpointInfo) -> None:
+        """Log checkpoints of an older claim that are ahead of the one restored: written (or made visible, on a
+        lagging mount) after a newer claim had taken over, so not on the job's line of training. Ordering by
+        generation already keeps them from being restored; pruning removes them."""
+        for info in self.committed():
+            if info.generation < restored.generation and (info.epoch, info.step) > (restored.epoch, restored.step):
+                self.job.events.append(
+                    "stale-checkpoint",
+                    checkpoint=info.id,
+                    reason=f"generation {info.generation} is older than {restored.generation} but ahead of it",
+                )
 
     def prune(self, *, keep_id: str | None = None) -> list[str]:
         """Delete committed checkpoints beyond the newest ``keep``; never ``keep_id``. Returns what went."""

@@ -71,13 +71,11 @@ class JobView:
 
     @property
     def wants_worker(self) -> bool:
-        """Whether the job is readable and queued or running: a worker should claim it if its lease is free."""
-        return (
-            self.problem is None
-            and self.spec is not None
-            and self.state is not None
-            and self.state.status in (JobStatus.QUEUED, JobStatus.RUNNING)
-        )
+        """Whether a worker should claim the job if its lease is free: queued or running, or a damaged state.json
+        next to a readable spec (the claiming worker rebuilds it); never a job whose spec cannot be read."""
+        if self.spec is None:
+            return False
+        return self.state is None or self.state.status in (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 @dataclass

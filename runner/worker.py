@@ -26,6 +26,7 @@ from runner.errors import Fenced, RunnerError, StorageError
 from runner.job import Job, JobStatus
 from runner.lease import JobLease, LeaseHolder
 from runner.queue import Claim, JobView, Queue
+from runner.recovery import repair_damaged_state
 from runner.training import Outcome, RunContext, TrainerFactory
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class _JobLogHandler(logging.Handler):
 
 
 _SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+_MAX_RECLAIMS = 3
+"""Times one `runner work` claims a job again after its lease vanished, before it gives the job up."""
 
 
 def is_storage_trouble(error: BaseException) -> bool:
@@ -99,6 +103,7 @@ class Worker:
         self.only, self.wait_for_silent_leases, self.sleep = only, wait_for_silent_leases, sleep
         self.stop = threading.Event()
         self._signals_seen = 0
+        self._reclaims: dict[str, int] = {}
         self.result = WorkResult()
 
     # --- signals --------------------------------------------------------------------------------------------
@@ -128,7 +133,8 @@ class Worker:
             if claimed is None:
                 break
             attempted.add(claimed.job.name)
-            self._run(claimed)
+            if self._run(claimed):
+                attempted.discard(claimed.job.name)  # its lease vanished with nobody else claiming: go again
         return self.result
 
     def _candidates(self, attempted: set[str]) -> list[JobView]:
@@ -162,6 +168,11 @@ class Worker:
         if not acquired:
             return None
         try:
+            if (recovered := repair_damaged_state(self.queue.job(name))) is not None:
+                self.console.print(
+                    f"[yellow]job {name!r}: state.json was damaged; rebuilt it from events and checkpoints "
+                    f"({recovered.status.value}, checkpoint {recovered.checkpoint})[/]"
+                )
             claim = self.queue.claim(name, lease)
         except BaseException:
             lease.release()
@@ -188,7 +199,8 @@ class Worker:
 
     # --- one job --------------------------------------------------------------------------------------------
 
-    def _run(self, claim: Claim) -> None:
+    def _run(self, claim: Claim) -> bool:
+        """Run one claimed job; ``True`` when it should be claimed again at once (its lease vanished)."""
         job, name = claim.job, claim.job.name
         handler = _JobLogHandler(job, claim.generation)
         job_log = logging.getLogger(f"runner.job.{name}")
@@ -197,11 +209,30 @@ class Worker:
         try:
             self._run_claimed(claim, job_log)
         except Fenced as fenced:
+            if self._lease_vanished(claim, fenced, job_log):
+                return True
             self.console.print(f"[red]{escape(str(fenced))}[/]")
             self.result.interrupted.append(name)
         finally:
             job_log.removeHandler(handler)
             claim.lease.release()
+        return False
+
+    def _lease_vanished(self, claim: Claim, fenced: Fenced, job_log: logging.Logger) -> bool:
+        """Whether the lease was lost while no other worker claimed the job (its marker deleted, say)."""
+        lost = claim.lease.lost
+        name = claim.job.name
+        if lost is None or self.stop.is_set() or self._reclaims.get(name, 0) >= _MAX_RECLAIMS:
+            return False
+        try:
+            claim.job.check_generation(claim.generation)
+        except (Fenced, RunnerError, OSError):
+            return False  # another worker has claimed it: leave it to them
+        self._reclaims[name] = self._reclaims.get(name, 0) + 1
+        claim.job.events.append("lease-lost", generation=claim.generation, reason=lost.reason)
+        job_log.warning("lease lost (%s) with no other claim; claiming the job again", lost.reason)
+        self.console.print(f"[yellow]job {name!r}: lease lost ({lost.reason}); claiming it again[/]")
+        return True
 
     def _run_claimed(self, claim: Claim, job_log: logging.Logger) -> None:
         job, name = claim.job, claim.job.name

@@ -432,3 +432,18 @@ def test_a_kill_while_pruning_never_leaves_a_partial_committed_checkpoint(job: J
     store.collect_garbage()
     assert [info.id for info in store.committed()] in ([checkpoint_id(1, 2, 0)], [checkpoint_id(1, 2, 0), old.id])
     assert store.restore(tmp_path / "restored").id == checkpoint_id(1, 2, 0)
+
+
+def test_a_late_checkpoint_of_an_older_claim_is_never_restored_and_is_logged(job: Job, tmp_path: Path) -> None:
+    store = CheckpointStore(job, keep=5)
+    commit(store, tmp_path, generation=1, epoch=3)
+    taken_over = commit(store, tmp_path, generation=2, epoch=4)
+    # Generation 1's epoch-5 checkpoint shows up late (a lagging mount, a writer that slipped past its fence).
+    late = commit(store, tmp_path, generation=1, epoch=5)
+
+    restored = store.restore(tmp_path / "restore")
+
+    assert restored is not None and restored.id == taken_over.id
+    stale = events(job, "stale-checkpoint")
+    assert [event["checkpoint"] for event in stale] == [late.id]
+    assert "older than 2" in stale[0]["reason"]

@@ -7,21 +7,24 @@ processes.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from runner.checkpoints import CheckpointStore
 from runner.job import JobStatus
 from runner.lease import read_holder
 from runner.queue import Queue
 from runner.worker import Worker
 from tests.conftest import make_spec, run_cli, runner_env, start_cli
-from tests.support.counting_trainer import CountingTrainer, expected_value
+from tests.support.counting_trainer import CountingTrainer, expected_value, fold, weights_bytes
 from tests.support.worker_helpers import (
     events,
     lease_held_elsewhere,
@@ -380,28 +383,85 @@ def test_sigkill_at_random_moments_then_resume_ends_with_the_uninterrupted_value
 # --- damaged job folders ----------------------------------------------------------------------------------------
 
 
-def test_damaged_job_folders_do_not_stop_the_worker_and_are_left_alone(queue: Queue) -> None:
+def test_a_damaged_spec_is_left_alone_and_a_damaged_state_is_rebuilt(queue: Queue) -> None:
     for name, priority in (("bad-state", 3), ("good-1", 2), ("bad-spec", 1), ("good-2", 0)):
         queue.submit(make_spec(name, priority=priority))
     bad_state = queue.job("bad-state").paths.state
     bad_state.write_bytes(b"\x00{not json at all")
     bad_spec = queue.job("bad-spec").paths.spec
     bad_spec.write_text("name: [unclosed\n  training: {epochs: 3\n")
-    untouched = {path: path.read_bytes() for path in (bad_state, bad_spec, queue.job("bad-spec").paths.state)}
+    untouched = {path: path.read_bytes() for path in (bad_spec, queue.job("bad-spec").paths.state)}
 
     worker = work(queue)
 
-    assert worker.result.done == ["good-1", "good-2"]
-    assert worker.result.failed == []
-    assert worker.result.exit_code == 0
-    for name in ("good-1", "good-2"):
-        assert result_value(queue, name) == expected_value(3, 4)
+    # A spec cannot be guessed: that job is left exactly as it was, and the others run.
     for path, content in untouched.items():
         assert path.read_bytes() == content
-    for name in ("bad-state", "bad-spec"):
-        assert events(queue, name, "claimed") == []
-        assert not queue.job(name).paths.checkpoints.exists()
-        assert not queue.job(name).paths.lease.exists()
+    assert events(queue, "bad-spec", "claimed") == []
+    assert not queue.job("bad-spec").paths.checkpoints.exists()
+    assert not queue.job("bad-spec").paths.lease.exists()
+    # A state can: it is rebuilt from the events (and checkpoints), logged, and the job completes.
+    assert worker.result.done == ["bad-state", "good-1", "good-2"]  # by priority, as before the damage
+    assert worker.result.failed == [] and worker.result.exit_code == 0
+    for name in ("good-1", "good-2", "bad-state"):
+        assert result_value(queue, name) == expected_value(3, 4)
+    recovered = events(queue, "bad-state", "state-recovered")
+    assert len(recovered) == 1 and recovered[0]["status"] == "queued"
+    assert state(queue, "bad-state").status is JobStatus.DONE
+
+
+def test_a_damaged_state_of_an_interrupted_job_is_rebuilt_and_it_resumes(queue: Queue) -> None:
+    queue.submit(make_spec("job-a", training={"epochs": 4}))
+    lease = queue.lease("job-a")
+    assert lease.try_acquire()
+    claim = queue.claim("job-a", lease)
+    assert claim is not None
+    store = CheckpointStore(claim.job, keep=2, fence=claim.fence)
+    scratch = queue.root.parent / "scratch"
+    scratch.mkdir()
+    # Two epochs' worth of real counting-trainer state, committed as the trainer would.
+    value = 1
+    for epoch in range(2):
+        for step in range(4):
+            value = fold(value, epoch, step)
+    (scratch / "state.json").write_text(json.dumps({"epoch": 2, "step": 0, "value": value}))
+    (scratch / "weights.bin").write_bytes(weights_bytes(value))
+    store.commit(scratch, generation=claim.generation, epoch=2, step=0)
+    lease.release()
+    claim.job.paths.state.write_text("{ garbage")
+
+    worker = work(queue)
+
+    assert worker.result.done == ["job-a"]
+    assert result_value(queue, "job-a") == expected_value(4, 4)
+    recovered = events(queue, "job-a", "state-recovered")[0]
+    assert recovered["status"] == "running" and recovered["checkpoint"] == "g000001-e000002-s000000000"
+    assert events(queue, "job-a", "resumed")[0]["checkpoint"] == "g000001-e000002-s000000000"
+    assert state(queue, "job-a").generation == 2
+
+
+def test_a_lease_file_deleted_mid_run_is_detected_logged_and_the_job_completes(queue: Queue) -> None:
+    short = Queue(queue.root, lease_duration=0.6)
+    short.submit(make_spec("slow", model={"params": {"steps": 40, "step_seconds": 0.02}}))
+    lease_file = short.job("slow").paths.lease
+
+    def delete_the_marker() -> None:
+        deadline = time.monotonic() + 30
+        while not lease_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        lease_file.unlink(missing_ok=True)
+
+    remover = threading.Thread(target=delete_the_marker)
+    remover.start()
+    worker = work(short)
+    remover.join()
+
+    assert worker.result.done == ["slow"]
+    assert result_value(short, "slow") == expected_value(3, 40)
+    lost = events(short, "slow", "lease-lost")
+    assert lost and lost[0]["reason"] == "marker-missing"
+    assert state(short, "slow").generation == 1 + len(lost)
 
 
 # --- one job only -----------------------------------------------------------------------------------------------
