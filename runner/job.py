@@ -165,14 +165,27 @@ class Job:
         storage.atomic_write_json(self.paths.state, state.model_dump(mode="json"))
 
     def check_generation(self, generation: int) -> JobState:
-        """The state on disk; :class:`Fenced` unless its claim generation is ``generation``."""
+        """The state on disk; :class:`Fenced` if a claim newer than ``generation`` exists.
+
+        Two witnesses: the next claim's marker (created exclusively, never removed, so a frozen writer that wakes
+        up and replaces state.json with its stale copy cannot roll it back), and the generation in state.json.
+        A state.json showing an *older* generation was rolled back by such a writer; the current holder's next
+        write repairs it.
+        """
+        if self.paths.claim_marker(generation + 1).exists():
+            raise Fenced(self.name, generation, f"generation {generation + 1} has claimed the job since")
         try:
             state = self.read_state()
         except DamagedFile as error:
             raise Fenced(self.name, generation, f"state.json unreadable: {error.reason}") from None
-        if state.generation != generation:
+        if state.generation > generation:
             raise Fenced(self.name, generation, f"generation {state.generation} has claimed the job since")
         return state
+
+    def newest_claim_marker(self) -> int:
+        """The highest claim generation with a marker (0 when none)."""
+        generations = [int(name[1:]) for name in storage.list_dir(self.paths.claims) if name[1:].isdigit()]
+        return max(generations, default=0)
 
     def request_cancel(self) -> None:
         """Ask the worker running this job to stop it at its next checkpoint."""

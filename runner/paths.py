@@ -2,7 +2,7 @@
 
 ```
 <queue>/jobs/<name>/
-    spec.yaml  state.json  lease  cancel-requested  history.csv  events.jsonl  runner.log
+    spec.yaml  state.json  lease  cancel-requested  history.csv  events.jsonl  runner.log  claims/g<N>
     checkpoints/<id>/MANIFEST.json   checkpoints/.tmp-<id>-<rand>/
     final/model.keras
 ```
@@ -65,6 +65,15 @@ class JobPaths:
     def cancel_request(self) -> Path:
         """Present while a cancel waits for the running worker to see it."""
         return self.folder / "cancel-requested"
+
+    @property
+    def claims(self) -> Path:
+        """One empty marker per claim generation, created exclusively and never removed."""
+        return self.folder / "claims"
+
+    def claim_marker(self, generation: int) -> Path:
+        """The marker of claim ``generation``."""
+        return self.claims / f"g{generation:06d}"
 
     @property
     def checkpoints(self) -> Path:

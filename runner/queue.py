@@ -33,6 +33,9 @@ INTERRUPTED = "interrupted"
 
 _STALE_SUBMIT_S = 3600.0
 
+_CLAIM_FIELDS = ("generation", "restarts", "worker", "started_at", "session_started_at", "session_start_epoch")
+"""What a claim sets in state.json, and so owns until the next claim."""
+
 
 @dataclass(frozen=True)
 class JobView:
@@ -87,6 +90,8 @@ class Claim:
     lease: JobLease
     generation: int
     resumed: bool
+    claimed: JobState
+    """The state this claim wrote; its claim fields are written again with every update."""
 
     def fence(self) -> None:
         """Raise :class:`Fenced` if this claim is no longer current: lease lost or a newer generation."""
@@ -97,15 +102,22 @@ class Claim:
             raise Fenced(self.job.name, self.generation, f"lease lost ({lost.reason})")
         return self.job.check_generation(self.generation)
 
+    def _claim_fields(self) -> dict[str, Any]:
+        # Written with every update: this repairs a state.json that a frozen stale writer rolled back.
+        return {field: getattr(self.claimed, field) for field in _CLAIM_FIELDS}
+
     def update(self, **changes: Any) -> JobState:
         """Write progress into state.json, fenced."""
-        state = self._current_state().model_copy(update={**changes, "updated_at": self.job.clock()})
+        update = {**changes, **self._claim_fields(), "updated_at": self.job.clock()}
+        state = self._current_state().model_copy(update=update)
         self.job.write_state(state, generation=None)  # just checked: one read per write on a slow mount
         return state
 
     def finish(self, status: JobStatus, *, error: str | None = None) -> JobState:
         """Move the job to a final status, fenced."""
-        state = self._current_state().moved_to(status, job=self.job.name, now=self.job.clock(), error=error)
+        state = self._current_state().moved_to(
+            status, job=self.job.name, now=self.job.clock(), error=error, **self._claim_fields()
+        )
         self.job.write_state(state, generation=None)  # just checked
         return state
 
@@ -244,7 +256,11 @@ class Queue:
             return None
         now = self.clock()
         resumed = state.status is JobStatus.RUNNING or state.checkpoint is not None
-        generation = state.generation + 1
+        generation = max(state.generation, job.newest_claim_marker()) + 1
+        storage.make_dirs(job.paths.claims)
+        if not storage.create_exclusive(job.paths.claim_marker(generation)):
+            # Another worker claimed this generation between our read and now: it won.
+            raise LeaseHeld(name, "another worker that claimed it at the same moment")
         claimed = state.moved_to(
             JobStatus.RUNNING,
             job=name,
@@ -257,12 +273,11 @@ class Queue:
             session_start_epoch=float(state.epoch),
             error=None,
         )
-        # Fenced on the generation read: a claim that slipped in between makes this one fail, not both win.
-        job.write_state(claimed, generation=state.generation)
+        job.write_state(claimed, generation=None)  # the exclusive marker decided who claims this generation
         job.events.append(
             "claimed", generation=generation, worker=claimed.worker, previous=state.status.value, resumed=resumed
         )
-        return Claim(job=job, spec=spec, lease=lease, generation=generation, resumed=resumed)
+        return Claim(job=job, spec=spec, lease=lease, generation=generation, resumed=resumed, claimed=claimed)
 
     @contextmanager
     def _holding(self, name: str) -> Iterator[JobLease]:

@@ -37,7 +37,7 @@ def rebuild_state(job: Job) -> JobState:
     newest = committed[0] if committed else None
     return JobState(
         status=status,
-        generation=max(generations, default=0),
+        generation=max([*generations, job.newest_claim_marker()], default=0),
         restarts=max(0, claims - 1),
         submitted_at=submitted,
         updated_at=now,

@@ -201,6 +201,19 @@ def append_line(path: Path, line: str) -> None:
 
 
 @retry_io
+def create_exclusive(path: Path) -> bool:
+    """Create an empty file; ``False`` if it already exists (someone else created it first)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    os.fsync(fd)
+    os.close(fd)
+    fsync_dir(path.parent)
+    return True
+
+
+@retry_io
 def make_dirs(path: Path) -> None:
     """Create a folder and its parents if missing."""
     Path(path).mkdir(parents=True, exist_ok=True)

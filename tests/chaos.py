@@ -49,7 +49,12 @@ from runner.job import JobStatus
 from tests.conftest import REPO, run_cli
 from tests.drivesim import DriveSim, FaultPlan
 from tests.drivesim.fixtures import SimFactory
-from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, write_keras_spec
+from tests.support.keras_jobs import (
+    job_of,
+    keras_env,
+    make_digit_folders,
+    write_keras_spec,
+)
 
 JOB = "chaos"
 DRIVE_ROOT = Path("/content/drive")
@@ -142,7 +147,8 @@ class ChaosResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "done" and self.bit_identical and self.history_ok and self.exported
+        done = self.outcome == "done" and self.bit_identical and self.history_ok and self.exported
+        return done and self.trained_through_outage is not False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"faults_total": self.faults_total, "ok": self.ok}
@@ -304,8 +310,12 @@ def run_scenario(scenario: Scenario, folder: Path, archive: Path, reference: Ref
     with drive_mountpoint(folder) as mountpoint, SimFactory(folder) as factory:
         queue = mountpoint / "runner"
         remote_queue = remote / "runner"
+        stuck = 0
         for session in range(scenario.max_sessions):
             if _remote_state(remote_queue).get("status") in ("done", "failed", "cancelled"):
+                break
+            if stuck >= 2:
+                result.problems.append("gave up: two sessions in a row could not claim the job")
                 break
             disturbed = session < scenario.disturbed_sessions
             sim = factory(remote, mountpoint, latency_s=scenario.latency_s, durability_lag_s=scenario.durability_lag_s)
@@ -336,6 +346,11 @@ def run_scenario(scenario: Scenario, folder: Path, archive: Path, reference: Ref
                     except subprocess.TimeoutExpired:
                         result.problems.append(f"session {session}: the worker ran for 10 minutes; killed")
                         _kill_group(worker)
+                if worker.returncode == 0 and "left to other live workers" in log.read_text(errors="replace"):
+                    stuck += 1  # the job was not claimed: its lease was never taken over
+                    result.problems.append(f"session {session}: the job's lease was not taken over; nothing ran")
+                else:
+                    stuck = 0
                 if sim.mounted:
                     if worker.returncode is not None and worker.returncode >= 0:
                         result.worker_exits.append(worker.returncode)

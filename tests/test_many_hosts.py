@@ -12,6 +12,7 @@ timeouts, so a loaded machine makes the tests slower, never wrong.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import time
@@ -28,7 +29,13 @@ from tests.conftest import make_spec, runner_env
 from tests.support.counting_trainer import expected_value
 from tests.support.hosts_cluster import Host, Run, host_of, pid_of, uts_namespaces_work
 from tests.support.hosts_timeline import generations, late_commits, timeline_problems
-from tests.support.worker_helpers import events, result_value, state, temp_entries, wait_until
+from tests.support.worker_helpers import (
+    events,
+    result_value,
+    state,
+    temp_entries,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -218,7 +225,7 @@ def test_three_hosts_with_random_kills_train_every_job_exactly_once_and_never_tw
         # A killed worker on another host is taken over only once its lease has expired: its marker was last
         # refreshed at most one heartbeat before the kill, and the new host must see it unchanged for LEASE_S.
         ordered = [claims[number] for number in sorted(claims)]
-        for earlier, later in zip(ordered, ordered[1:]):
+        for earlier, later in itertools.pairwise(ordered):
             if host_of(earlier.worker) == host_of(later.worker):
                 takeovers["same host"] += earlier.kinds()[-1] not in {"interrupted", "done"}
                 continue
@@ -248,9 +255,18 @@ def test_three_hosts_with_random_kills_train_every_job_exactly_once_and_never_tw
 FROZEN_PARAMS = {"steps": 8, "step_seconds": 0.15, "every_steps": 2}
 FROZEN_EPOCHS = 4
 """About 4.8 s of training, a checkpoint every 0.3 s: host-a is frozen after ~1 s, host-b does the rest."""
+FREEZE = Path(__file__).resolve().parent / "support" / "hosts_freeze.py"
 
 
-def test_host_frozen_past_its_lease_is_fenced_on_resume_and_another_host_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("freeze", ["between-steps", "inside-a-fenced-state-write"])
+def test_host_frozen_past_its_lease_is_fenced_on_resume_and_another_host_finishes(tmp_path: Path, freeze: str) -> None:
+    """host-a is frozen (SIGSTOP) past its lease, host-b takes the job over, host-a is resumed (SIGCONT).
+
+    between-steps: frozen by the test while its trainer sleeps through a step, just after a checkpoint.
+    inside-a-fenced-state-write: host-a freezes itself between the generation check and the state.json write of
+    its 4th ``record_checkpoint`` (tests/support/hosts_freeze.py), the one place where a check cannot help.
+    Either way host-a must not write anything that counts once resumed.
+    """
     queue = Queue(tmp_path / "queue", lease_duration=LEASE_S)
     queue.submit(
         make_spec("frozen", model={"params": FROZEN_PARAMS}, training={"epochs": FROZEN_EPOCHS}, checkpoint={"keep": 1000})
@@ -263,14 +279,21 @@ def test_host_frozen_past_its_lease_is_fenced_on_resume_and_another_host_finishe
         return [event["checkpoint"] for event in events(queue, "frozen", "checkpoint")]
 
     try:
-        run_a = host_a.start()
-        wait_until(lambda: len(checkpoints_logged()) >= 3, "host-a's first checkpoints", timeout=60)
-        # Freeze it just after a checkpoint, while it sleeps through its next steps: not inside a commit.
-        seen = len(checkpoints_logged())
-        wait_until(lambda: len(checkpoints_logged()) > seen, "host-a's next checkpoint", timeout=30, interval=0.002)
-        stopped_at = host_a.stop()
+        if freeze == "between-steps":
+            run_a = host_a.start()
+            wait_until(lambda: len(checkpoints_logged()) >= 3, "host-a's first checkpoints", timeout=60)
+            # Freeze it while it sleeps through the steps after a checkpoint: not inside a commit or a write.
+            seen = len(checkpoints_logged())
+            wait_until(lambda: len(checkpoints_logged()) > seen, "host-a's next checkpoint", timeout=30, interval=0.002)
+            time.sleep(FROZEN_PARAMS["step_seconds"] / 2)
+            stopped_at = host_a.stop()
+        else:
+            run_a = host_a.start(program=(str(FREEZE), "5"))  # the claim's own write, then 4 records
+            wait_until(host_a.frozen, "host-a to freeze inside its 4th state write", timeout=60, interval=0.002)
+            stopped_at = time.time()
         time.sleep(0.05)
         before_stop = checkpoints_logged()
+        assert len(before_stop) >= 4, before_stop
         holder = read_holder(paths)
         assert holder is not None and holder.describe() == run_a.identity
 
@@ -287,25 +310,37 @@ def test_host_frozen_past_its_lease_is_fenced_on_resume_and_another_host_finishe
         assert claim_b["time"] - run_b.started_at >= 0.8 * LEASE_S
         assert host_a.running  # frozen, not dead: it was taken over by age alone
 
-        # Resumed, host-a goes on training until it tries to write: its claim is fenced.
+        # Resumed, host-a goes on until it tries to write: its claim is fenced.
         time.sleep(0.3)
         assert host_b.running, "host-b finished too fast to overlap with the resumed host-a"
         continued_at = host_a.cont()
         code_a = host_a.wait(timeout=30)
-        holder = read_holder(paths)
+        holder, current = read_holder(paths), state(queue, "frozen")
         if host_b.running:
-            # host-a's release on its way out must not have removed host-b's marker.
+            # host-a's way out left host-b's claim alone: its lease marker and its generation in state.json.
             assert holder is not None and holder.describe() == run_b.identity, holder
+            assert (current.generation, current.worker) == (2, run_b.identity), current
         code_b = host_b.wait(timeout=60)
     finally:
         for host in hosts.values():
             host.cleanup()
+
+    found = events(queue, "frozen")
+    report = f"{runs_report(hosts)}\n" + "\n".join(map(str, found))
+    on_disk = manifests(queue, "frozen")
+    # Nothing committed by generation 1 once generation 2 had claimed, and never two claims at once.
+    assert late_commits(found, on_disk) == [], report
+    assert timeline_problems(found) == [], report
+    claims = generations(found)
+    assert sorted(claims) == [1, 2], report
+    assert claims[2].worker == run_b.identity, report
 
     output_a = " ".join(run_a.output().split())
     assert code_a == 1, output_a
     assert FENCED.search(output_a), output_a
     assert "generation 1" in output_a, output_a
     assert "Traceback" not in output_a, output_a
+    assert run_a.ended_at is not None and run_a.ended_at >= continued_at
     assert code_b == 0, run_b.output()
 
     final = state(queue, "frozen")
@@ -313,34 +348,24 @@ def test_host_frozen_past_its_lease_is_fenced_on_resume_and_another_host_finishe
     assert final.generation == 2 and final.restarts == 1
     assert final.worker == run_b.identity
     assert result_value(queue, "frozen") == expected_value(FROZEN_EPOCHS, FROZEN_PARAMS["steps"])
-
-    found = events(queue, "frozen")
-    assert timeline_problems(found) == []
-    claims = generations(found)
-    assert sorted(claims) == [1, 2]
     assert [(e["event"], e["generation"]) for e in found if e["event"] in {"done", "failed", "interrupted"}] == [
         ("done", 2)
     ]
     # Nothing of generation 1 was logged after the freeze, nor committed after it: every generation-1 checkpoint
     # on disk was created before host-a froze, and is one it logged before the freeze.
-    assert all(event["time"] <= stopped_at for event in claims[1].events), claims[1].events
+    assert all(event["time"] <= stopped_at for event in claims[1].events), report
     assert checkpoints_logged()[: len(before_stop)] == before_stop
-    on_disk = manifests(queue, "frozen")
     first = [manifest for manifest in on_disk if manifest["generation"] == 1]
     assert sorted(manifest["id"] for manifest in first) == sorted(before_stop)
     assert all(manifest["created_at"] <= stopped_at for manifest in first)
-    assert late_commits(found, on_disk) == []
     assert temp_entries(queue, "frozen") == []
-    # host-b resumed from host-a's newest pre-freeze checkpoint; host-a's late checkpoint never became a restore
-    # point (nor could it have been: none was committed).
+    # host-b resumed from host-a's newest pre-freeze checkpoint, and no later claim ever resumed from a checkpoint
+    # of generation 1 made after the freeze (none was committed).
     assert claims[2].resumed_from == max(before_stop, key=parse_checkpoint_id)
     second = [manifest for manifest in on_disk if manifest["generation"] == 2]
     assert second and all(manifest["created_at"] >= claim_b["time"] - 0.002 for manifest in second)
-    # The log of the job shows that host-a went on after the resume (it trained, then was fenced), not that it
-    # died: it printed the fenced claim only after SIGCONT.
-    assert run_a.ended_at is not None and run_a.ended_at >= continued_at
     print(
-        f"\nfrozen: host-a stopped {claim_b['time'] - stopped_at:.2f}s before host-b's claim, fenced on resume "
-        f"(exit {code_a}); host-b finished (exit {code_b}); generation-1 checkpoints {len(first)}, generation-2 "
-        f"{len(second)}"
+        f"\nfrozen {freeze}: host-b claimed {claim_b['time'] - stopped_at:.2f}s after host-a froze; host-a fenced "
+        f"on resume (exit {code_a}); host-b finished (exit {code_b}); generation-1 checkpoints {len(first)}, "
+        f"generation-2 {len(second)}"
     )

@@ -31,7 +31,7 @@ def uts_namespaces_work() -> bool:
         probe = subprocess.run(
             ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$1" -c "import socket; print(socket.gethostname())"',
              "probe-host", sys.executable],
-            capture_output=True, text=True, timeout=30,
+            check=False, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return False
@@ -104,15 +104,18 @@ class Host:
         run = self.current
         return run is not None and self._poll(run) is None
 
-    def start(self) -> Run:
-        """Start ``runner work`` as a new process in a new UTS namespace whose hostname is this host's name."""
+    def start(self, program: tuple[str, ...] = ("-m", "runner")) -> Run:
+        """Start ``runner work`` as a new process in a new UTS namespace whose hostname is this host's name.
+
+        ``program``: what Python runs, given ``work --queue QUEUE`` (a wrapper script and its own arguments).
+        """
         assert not self.running, f"{self.name} already runs a worker"
         number = len(self.runs)
         log = self.logs / f"{self.name}-{number:02d}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
                 ["unshare", "--uts", "sh", "-c", f'hostname {self.name} && exec "$0" "$@"',
-                 sys.executable, "-m", "runner", "work", "--queue", str(self.queue_root)],
+                 sys.executable, *program, "work", "--queue", str(self.queue_root)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=self.env, cwd=REPO, start_new_session=True,
             )  # fmt: skip
@@ -136,6 +139,17 @@ class Host:
         _signal_group(run, signal.SIGSTOP)
         run.stopped_at.append(time.time())
         return run.stopped_at[-1]
+
+    def frozen(self) -> bool:
+        """Whether the running worker is stopped (by a signal it sent itself, say)."""
+        run = self.current
+        if run is None or self._poll(run) is not None:
+            return False
+        try:
+            stat = Path(f"/proc/{run.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rpartition(")")[2].split()[0] in {"T", "t"}
 
     def cont(self) -> float:
         """SIGCONT the stopped worker; returns when."""

@@ -8,6 +8,7 @@ no generation; they belong to the claim before them in the file (claims never ov
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ def timeline_problems(events: list[dict[str, Any]]) -> list[str]:
         if entry.claimed_at is None:
             problems.append(f"generation {number} has events {entry.kinds()} but never claimed the job")
     ordered = [entry for _, entry in sorted(by_generation.items()) if entry.claimed_at is not None]
-    for earlier, later in zip(ordered, ordered[1:]):
+    for earlier, later in itertools.pairwise(ordered):
         assert later.claimed_at is not None
         if later.claimed_at + TIME_SLACK_S < earlier.last_at:
             problems.append(
@@ -98,7 +99,10 @@ def timeline_problems(events: list[dict[str, Any]]) -> list[str]:
 
 def late_commits(events: list[dict[str, Any]], manifests: list[dict[str, Any]]) -> list[str]:
     """Committed checkpoints (by manifest) of a generation that a newer claim had already superseded."""
-    claims = {event["generation"]: event["time"] for event in events if event["event"] == "claimed"}
+    claims: dict[int, float] = {}
+    for event in events:
+        if event["event"] == "claimed":  # the first claim of a generation (a generation claimed twice is a bug too)
+            claims[event["generation"]] = min(event["time"], claims.get(event["generation"], event["time"]))
     problems = []
     for manifest in manifests:
         created, own = manifest["created_at"], manifest["generation"]
