@@ -172,7 +172,7 @@ class Job:
         A state.json showing an *older* generation was rolled back by such a writer; the current holder's next
         write repairs it.
         """
-        if self.paths.claim_marker(generation + 1).exists():
+        if storage.exists(self.paths.claim_marker(generation + 1)):
             raise Fenced(self.name, generation, f"generation {generation + 1} has claimed the job since")
         try:
             state = self.read_state()
@@ -192,8 +192,11 @@ class Job:
         storage.atomic_write_text(self.paths.cancel_request, f"{self.clock()}\n")
 
     def cancel_requested(self) -> bool:
-        """Whether a cancel is waiting to be honoured."""
-        return self.paths.cancel_request.exists()
+        """Whether a cancel is waiting to be honoured (``False`` while the folder cannot be read: asked again later)."""
+        try:
+            return self.paths.cancel_request.exists()
+        except OSError:  # Path.exists() raises ENOTCONN/EIO: a struggling mount must not fail the job
+            return False
 
     def clear_cancel_request(self) -> None:
         """Forget a cancel request (it was honoured, or the job is retried)."""

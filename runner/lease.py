@@ -156,7 +156,13 @@ class JobLease:
         if self.lost is not None:
             self.release()  # filelock refuses to re-acquire a lost claim that was not released
         try:
-            self._lease.acquire(timeout=0)
+            try:
+                self._lease.acquire(timeout=0)
+            except Timeout:
+                holder = read_holder(self.paths)
+                if holder is None or not holder.dead_on_this_host() or not self._break_marker(holder.marker_key):
+                    return False
+                self._lease.acquire(timeout=0)
         except Timeout:
             return False
         except LeaseSettingsMismatch:
@@ -191,7 +197,28 @@ class JobLease:
             first = first or current
             report(current, max(0.0, self.duration - (clock() - started)))
             sleep(poll_s)
-        return self.try_acquire()
+        if self.try_acquire():
+            return True
+        # The holder stayed silent for the whole lease duration (else we returned above).
+        return first is not None and self._break_marker(first.marker_key) and self.try_acquire()
+
+    def _break_marker(self, expected: tuple[float, int, int]) -> bool:
+        """Remove a stale marker that is still the one observed (``expected``); whether it was removed.
+
+        filelock takes a stale marker over by an atomic exchange (renameat2 RENAME_EXCHANGE on Linux), which FUSE
+        mounts such as Drive's refuse with EINVAL: there it never takes over. Removing the marker lets the next
+        acquire create a fresh one; the claim generation fences out anyone who raced us.
+        """
+        current = read_holder(self.paths)
+        if current is None or current.marker_key != expected:
+            return False
+        try:
+            os.unlink(self.paths.lease)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return True
 
     def release(self) -> None:
         """Give the lease up (a no-op when not held)."""

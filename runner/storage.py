@@ -201,6 +201,16 @@ def append_line(path: Path, line: str) -> None:
 
 
 @retry_io
+def exists(path: Path) -> bool:
+    """Whether ``path`` exists; a mount that fails to answer is retried like any other operation."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@retry_io
 def create_exclusive(path: Path) -> bool:
     """Create an empty file; ``False`` if it already exists (someone else created it first)."""
     try:

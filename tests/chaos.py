@@ -85,7 +85,7 @@ class Scenario:
     latency_s: float = 0.002
     vm_death_share: float = 0.5
     """Chance that a disturbed session ends by VM death rather than a SIGKILL of the worker."""
-    kill_window_s: tuple[float, float] = (0.2, 4.0)
+    kill_window_s: tuple[float, float] = (0.2, 2.0)  # the tiny job trains for a few seconds after "dataset:"
     """Random delay of a kill, after the worker said it is preparing the dataset (TensorFlow is loaded)."""
     outage_s: float | None = None
     """An outage (errno 107 on everything) this long, once the first checkpoint is published, in session 0."""
