@@ -157,6 +157,8 @@ def _work(queue: Queue, only: str | None, out: Console, err: Console) -> int:
 
 
 def _status(queue: Queue, *, as_json: bool, watch: bool, out: Console) -> int:
+    # Status is asked by a person waiting for an answer: give up on a failing mount in seconds, not minutes.
+    storage.set_retry_budget(defaults.STATUS_RETRY_BUDGET_S)
     if as_json:
         print(json.dumps(status_records(queue.views(), time.time()), indent=2))
     elif watch:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich import box
@@ -12,6 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from runner.paths import default_cache_dir, publish_note
 from runner.queue import INTERRUPTED, JobView, Queue
 
 STATE_STYLES = {
@@ -39,6 +42,19 @@ def eta_seconds(view: JobView, now: float) -> float | None:
     return max(0.0, remaining - (now - state.checkpoint_at))
 
 
+def local_publish_note(view: JobView, now: float, cache_dir: Path | None = None) -> dict[str, Any] | None:
+    """This machine's note that the job's newest checkpoint waits on local disk (the job folder is failing)."""
+    path = publish_note(cache_dir or default_cache_dir(), view.name)
+    try:
+        note = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    current = view.state is not None and note.get("generation") == view.state.generation
+    if not (isinstance(note, dict) and current and view.shown_state(now) == "running"):
+        return None  # left by a worker that has gone: not news any more
+    return note
+
+
 def status_record(view: JobView, now: float) -> dict[str, Any]:
     """One job as the ``runner status --json`` contract describes it (plus a few extra keys)."""
     state, spec = view.state, view.spec
@@ -61,6 +77,18 @@ def status_record(view: JobView, now: float) -> dict[str, Any]:
         "eta_s": _round(eta_seconds(view, now)),
         "submitted_at": state.submitted_at if state else None,
         "updated_at": state.updated_at if state else None,
+        "publishing": _publishing(view, now),
+    }
+
+
+def _publishing(view: JobView, now: float) -> dict[str, Any] | None:
+    note = local_publish_note(view, now)
+    if note is None:
+        return None
+    return {
+        "kept_locally": f"epoch {note.get('epoch')} step {note.get('step')}",
+        "failing_for_s": round(max(0.0, now - float(note.get("since", now))), 1),
+        "error": note.get("error"),
     }
 
 
@@ -112,6 +140,14 @@ def status_table(views: list[JobView], now: float, *, title: str | None = None) 
         if record["error"]:
             errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["error"], "red")))
             notes = Text("error (below)", style="red")
+        elif publishing := record["publishing"]:
+            waiting = (
+                f"the job folder has been failing for {format_age(publishing['failing_for_s'])}: the checkpoint at "
+                f"{publishing['kept_locally']} is kept on local disk and is published when it recovers "
+                f"({publishing['error']})"
+            )
+            errors.append(Text.assemble((f"{view.name}: ", "bold"), (waiting, "yellow")))
+            notes = Text("kept locally (below)", style="yellow")
         else:
             notes = Text(_metrics_text(record["metrics"]))
         worker = "-"

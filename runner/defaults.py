@@ -62,3 +62,6 @@ PUBLISH_RETRY_PAUSE_S = 15.0
 
 PUBLISH_FLUSH_TIMEOUT_S = 600.0
 """Seconds a stopping or finishing trainer waits for its last checkpoint to reach the job folder."""
+
+STATUS_RETRY_BUDGET_S = 10.0
+"""Seconds `runner status` keeps retrying a failing job folder before it says so."""

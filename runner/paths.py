@@ -151,3 +151,8 @@ def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
         return Path(defaults.CACHE_DIR_COLAB)
     base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "runner"
+
+
+def publish_note(cache_dir: Path, job: str) -> Path:
+    """On local disk: present while a job's newest checkpoint waits there because the job folder is failing."""
+    return cache_dir / "publishing" / f"{job}.json"

@@ -47,18 +47,24 @@ def retrying(
     *,
     transient: Callable[[BaseException], bool] = is_transient,
     sleep: Callable[[float], None] = time.sleep,
-    budget_s: float = defaults.RETRY_BUDGET_S,
+    budget_s: float | None = None,
     max_attempts: int = defaults.RETRY_MAX_ATTEMPTS,
 ) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """The retry policy as a decorator: transient errors retried with jittered backoff, within a budget.
 
     ``transient`` decides what is worth another try (by default: transient OS errors of a mount; downloads pass
-    their own test). OS errors left once the policy gives up (and permanent ones at once) become
+    their own test). ``budget_s`` bounds the seconds spent on one operation; by default the process-wide budget
+    (:func:`set_retry_budget`). OS errors left once the policy gives up (and permanent ones at once) become
     :class:`StorageError`.
     """
+
+    def over_budget(state: tenacity.RetryCallState) -> bool:
+        limit = budget_s if budget_s is not None else _budget[0]
+        return (state.seconds_since_start or 0.0) >= limit
+
     policy = tenacity.retry(
         retry=tenacity.retry_if_exception(transient),
-        stop=tenacity.stop_after_delay(budget_s) | tenacity.stop_after_attempt(max_attempts),
+        stop=tenacity.stop_any(over_budget, tenacity.stop_after_attempt(max_attempts)),
         wait=tenacity.wait_random_exponential(multiplier=0.5, max=defaults.RETRY_MAX_WAIT_S),
         before_sleep=_log_retry,
         sleep=sleep,
@@ -97,7 +103,17 @@ def _budget_from_environment() -> float:
     return value if value >= 0 else defaults.RETRY_BUDGET_S
 
 
-retry_io = retrying(budget_s=_budget_from_environment())
+_budget = [_budget_from_environment()]
+
+
+def set_retry_budget(seconds: float) -> None:
+    """Change the process-wide retry budget, e.g. shorter for a status command than for a training worker."""
+    if not seconds >= 0:
+        raise ValueError(f"retry budget must be zero or more seconds, got {seconds!r}")
+    _budget[0] = seconds
+
+
+retry_io = retrying()
 """The policy every job-folder operation runs under (budget: ``$RUNNER_RETRY_BUDGET`` seconds, else the default)."""
 
 

@@ -283,7 +283,7 @@ def _status_line(queue: Path, env: dict[str, str]) -> str:
         return f"unparsable output: {result.stdout[-200:]}"
     return "; ".join(
         f"state={r.get('state')} epoch={r.get('epoch')} checkpoint={r.get('checkpoint')} "
-        f"saved_age={r.get('checkpoint_age_s')}s error={r.get('error')}"
+        f"saved_age={r.get('checkpoint_age_s')}s error={r.get('error')} publishing={r.get('publishing')}"
         for r in records
     ) or "no jobs"
 

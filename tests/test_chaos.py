@@ -85,6 +85,9 @@ def test_an_outage_longer_than_the_retry_budget_keeps_training_and_publishes_aft
     assert result.worker_exits == [0] and result.generation == 1, f"the worker had to start again: {_explain(result)}"
     # Publishing failed past the budget: the checkpoint was kept locally and that was said...
     assert result.publish_retries >= 1, _explain(result)
+    # ...also in `runner status` on this machine, once the folder answers again and before the upload...
+    seen = f"{result.status_during_outage} {result.status_after_outage}"
+    assert "'kept_locally': 'epoch" in seen, _explain(result)
     # ...training went on meanwhile, and a checkpoint trained during the outage was published after it.
     assert result.trained_through_outage, _explain(result)
     assert result.bit_identical and result.history_ok and result.exported, _explain(result)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from runner.checkpoints import parse_checkpoint_id
-from runner.console import eta_seconds, format_age, render_status, status_table, watch_status
+from runner.console import eta_seconds, format_age, render_status, status_records, status_table, watch_status
 from runner.job import JobStatus
+from runner.paths import publish_note
 from runner.queue import Queue
 from runner.worker import Worker
 from tests.conftest import make_spec, run_cli, runner_env, start_cli
@@ -261,3 +265,37 @@ def test_eta_is_none_for_queued_and_done_jobs(mixed: Queue) -> None:
 )
 def test_format_age(seconds: float | None, shown: str) -> None:
     assert format_age(seconds) == shown
+
+
+def test_a_checkpoint_kept_locally_is_shown_while_its_worker_runs(
+    queue: Queue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
+    queue.submit(make_spec("waiting"))
+    lease = queue.lease("waiting")
+    assert lease.try_acquire()
+    try:
+        claim = queue.claim("waiting", lease)
+        assert claim is not None
+        note = publish_note(tmp_path / "cache", "waiting")
+        note.parent.mkdir(parents=True)
+        since = time.time() - 42
+        note.write_text(json.dumps({"since": since, "epoch": 3, "step": 7, "generation": 1, "error": "errno 107"}))
+        record = status_records(queue.views(), time.time())[0]
+        table = render_text(status_table(queue.views(), time.time()))
+        stale = note.read_text().replace('"generation": 1', '"generation": 0')
+        note.write_text(stale)  # a note of an earlier claim is not news
+        after = status_records(queue.views(), time.time())[0]
+    finally:
+        lease.release()
+
+    assert record["publishing"]["kept_locally"] == "epoch 3 step 7"
+    assert record["publishing"]["failing_for_s"] >= 42 and record["publishing"]["error"] == "errno 107"
+    assert "kept on local disk" in table and "errno 107" in table
+    assert after["publishing"] is None
+
+
+def render_text(renderable: Any) -> str:
+    console = Console(file=io.StringIO(), width=200)
+    console.print(renderable)
+    return console.file.getvalue()

@@ -8,6 +8,7 @@ next: the older pending one is dropped. A storage error keeps the snapshot and t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import defaults
+from runner import defaults, storage
 from runner.errors import StorageError
 from runner.history import write_history
 from runner.training import RunContext
@@ -43,10 +44,12 @@ class Publisher:
         self,
         context: RunContext,
         *,
+        note: Path | None = None,
         retry_pause_s: float = defaults.PUBLISH_RETRY_PAUSE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.context, self.retry_pause_s, self.clock = context, retry_pause_s, clock
+        self.context, self.note, self.retry_pause_s, self.clock = context, note, retry_pause_s, clock
+        self._failing_since: float | None = None
         self._pending: Snapshot | None = None
         self._busy = False
         self._closing = False
@@ -113,6 +116,7 @@ class Publisher:
                     continue
                 # Drive is having a bad time: keep the snapshot (unless a newer one came) and try again shortly.
                 self.context.log.warning("publishing checkpoint failed, will retry: %s", error)
+                self._write_note(snapshot, error)
                 self._requeue(snapshot)
                 time.sleep(self.retry_pause_s)
             except BaseException as error:  # fenced, or a bug: stop publishing and let the trainer raise it
@@ -120,10 +124,38 @@ class Publisher:
                     self.error = error
             else:
                 shutil.rmtree(snapshot.folder, ignore_errors=True)
+                self._clear_note()
             finally:
                 with self._condition:
                     self._busy = False
                     self._condition.notify_all()
+
+    def _write_note(self, snapshot: Snapshot, error: StorageError) -> None:
+        """Tell `runner status` on this machine that a checkpoint waits on local disk, and why."""
+        if self._failing_since is None:
+            self._failing_since = time.time()
+        if self.note is None:
+            return
+        note = {
+            "since": round(self._failing_since, 3),
+            "epoch": snapshot.epoch,
+            "step": snapshot.step,
+            "generation": self.context.generation,
+            "error": " ".join(str(error).split())[:300],
+        }
+        try:
+            self.note.parent.mkdir(parents=True, exist_ok=True)
+            storage.atomic_write_json(self.note, note)
+        except OSError as failure:  # a note must never stop publishing
+            self.context.log.warning("could not write the local publishing note: %s", failure)
+
+    def _clear_note(self) -> None:
+        if self._failing_since is not None:
+            self.context.log.info("published again after %.0fs of storage errors", time.time() - self._failing_since)
+            self._failing_since = None
+        if self.note is not None:
+            with contextlib.suppress(OSError):
+                self.note.unlink(missing_ok=True)
 
     def _requeue(self, snapshot: Snapshot) -> None:
         with self._condition:

@@ -22,7 +22,7 @@ import tensorflow as tf
 from runner import defaults, storage
 from runner.errors import StorageError
 from runner.history import write_history
-from runner.paths import default_cache_dir
+from runner.paths import default_cache_dir, publish_note
 from runner.spec import JobSpec
 from runner.train.data import ImageFolderData, prepare_dataset
 from runner.train.export import publish_exports, write_exports
@@ -96,7 +96,7 @@ class KerasTrainer:
         workdir = self.cache_dir / "work" / f"{context.job.name}-g{context.generation}"
         shutil.rmtree(workdir, ignore_errors=True)
         try:
-            return _Session(context, model, data, workdir, self.clock).run()
+            return _Session(context, model, data, workdir, self.clock, self.cache_dir).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -111,8 +111,10 @@ class _Session:
         data: ImageFolderData,
         workdir: Path,
         clock: Callable[[], float],
+        cache_dir: Path,
     ) -> None:
         self.context, self.model, self.data, self.workdir, self.clock = context, model, data, workdir, clock
+        self.cache_dir = cache_dir
         self.spec = context.spec
         self.epochs = self.spec.training.epochs
         self.monitor = "val_loss" if data.num_validation else "loss"
@@ -127,7 +129,7 @@ class _Session:
 
     def run(self) -> Outcome:
         state = self._restore()
-        publisher = Publisher(self.context)
+        publisher = Publisher(self.context, note=publish_note(self.cache_dir, self.context.job.name))
         try:
             outcome = self._train(state, publisher)
             if outcome is Outcome.DONE:
