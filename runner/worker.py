@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import threading
 import time
@@ -33,18 +34,30 @@ log = logging.getLogger(__name__)
 
 
 class _JobLogHandler(logging.Handler):
-    """Appends log records to the job's runner.log, tagged with the claim generation."""
+    """Appends log records to the job's runner.log, tagged with the claim generation, without ever making the
+    job wait: one plain append per record, no retries; lines that cannot be written now (the mount is failing)
+    are kept in memory (the newest 1,000) and written with the next record."""
+
+    _MAX_PENDING = 1000
 
     def __init__(self, job: Job, generation: int) -> None:
         super().__init__()
         self.job, self.generation = job, generation
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._pending: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        self._pending.append(f"[g{self.generation}] {self.format(record)}\n")
+        del self._pending[: -self._MAX_PENDING]
         try:
-            storage.append_line(self.job.paths.log, f"[g{self.generation}] {self.format(record)}")
-        except Exception:  # a log line must never take the job down
-            self.handleError(record)
+            fd = os.open(self.job.paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, "".join(self._pending).encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError:
+            return  # kept for the next record; a log line must never stall or fail the job
+        self._pending.clear()
 
 
 _SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -206,6 +219,8 @@ class Worker:
         job_log = logging.getLogger(f"runner.job.{name}")
         job_log.addHandler(handler)
         job_log.setLevel(logging.INFO)
+        retries = logging.getLogger("runner.storage")  # its retry warnings belong in the job's log too
+        retries.addHandler(handler)
         try:
             self._run_claimed(claim, job_log)
         except Fenced as fenced:
@@ -215,6 +230,7 @@ class Worker:
             self.result.interrupted.append(name)
         finally:
             job_log.removeHandler(handler)
+            retries.removeHandler(handler)
             claim.lease.release()
         return False
 
