@@ -156,3 +156,40 @@ def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
 def publish_note(cache_dir: Path, job: str) -> Path:
     """On local disk: present while a job's newest checkpoint waits there because the job folder is failing."""
     return cache_dir / "publishing" / f"{job}.json"
+
+
+def work_folder(cache_dir: Path, job: str, generation: int) -> Path:
+    """On local disk: one claim's scratch space (restored checkpoint, snapshots, exports)."""
+    return cache_dir / "work" / f"{job}-g{generation}"
+
+
+@dataclass(frozen=True)
+class DatasetCachePaths:
+    """One dataset source's folder in the local cache: ``<cache>/datasets/<key>/``."""
+
+    folder: Path
+
+    @classmethod
+    def of(cls, cache_dir: Path, key: str) -> DatasetCachePaths:
+        """The folder of the source whose key is ``key``."""
+        return cls(cache_dir / "datasets" / key)
+
+    @property
+    def lock(self) -> Path:
+        """Held while the entry is checked or filled, so two workers on one machine do not fill it together."""
+        return self.folder.with_name(f"{self.folder.name}.lock")
+
+    @property
+    def archive(self) -> Path:
+        """A downloaded or copied archive, kept until its tree is committed (a kill then needs no new download)."""
+        return self.folder / "archive"
+
+    @property
+    def data(self) -> Path:
+        """The dataset's tree, committed by a rename."""
+        return self.folder / "data"
+
+    @property
+    def marker(self) -> Path:
+        """Written last: the tree is complete, and from the source its stamp describes."""
+        return self.folder / "READY.json"

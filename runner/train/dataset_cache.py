@@ -33,7 +33,7 @@ from rich.markup import escape
 
 from runner import storage
 from runner.errors import DamagedFile, DatasetError, StorageError
-from runner.paths import is_temp_name, temp_sibling
+from runner.paths import DatasetCachePaths, is_temp_name, temp_sibling
 from runner.spec import DatasetSpec
 from runner.train.archives import unpack_archive
 from runner.train.download import download
@@ -93,31 +93,8 @@ def _on_drive(path: Path) -> bool:
     return path.is_relative_to(DRIVE_ROOT)
 
 
-@dataclass(frozen=True)
-class CacheEntry:
-    """One source's folder in the cache."""
-
-    folder: Path
-
-    @property
-    def lock(self) -> Path:
-        """Held while the entry is checked or filled, so two workers on one machine do not fill it together."""
-        return self.folder.with_name(f"{self.folder.name}.lock")
-
-    @property
-    def archive(self) -> Path:
-        """A downloaded or copied archive, kept until its tree is committed (a kill then needs no new download)."""
-        return self.folder / "archive"
-
-    @property
-    def data(self) -> Path:
-        """The dataset's tree, committed by a rename."""
-        return self.folder / "data"
-
-    @property
-    def marker(self) -> Path:
-        """Written last: the tree is complete, and from the source its stamp describes."""
-        return self.folder / "READY.json"
+class CacheEntry(DatasetCachePaths):
+    """One source's folder in the cache, and how it is checked, cleared and committed."""
 
     def is_ready(self, stamp: dict[str, Any]) -> bool:
         """Whether the committed tree is complete and from this very source."""
@@ -156,7 +133,7 @@ def fetch_source(
     source = DatasetSource.parse(spec)
     if source.kind == "folder" and not source.on_drive:
         return source.path  # type: ignore[return-value]  # a folder source always has a path
-    entry = CacheEntry(cache_dir / "datasets" / source.key)
+    entry = CacheEntry(DatasetCachePaths.of(cache_dir, source.key).folder)
     storage.make_dirs(entry.folder)
     with FileLock(entry.lock):
         stamp = source.stamp()

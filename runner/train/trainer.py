@@ -22,7 +22,7 @@ import tensorflow as tf
 from runner import defaults, storage
 from runner.errors import StorageError
 from runner.history import write_history
-from runner.paths import default_cache_dir, publish_note
+from runner.paths import default_cache_dir, publish_note, work_folder
 from runner.spec import JobSpec
 from runner.train.data import ImageFolderData, prepare_dataset
 from runner.train.export import publish_exports, write_exports
@@ -93,7 +93,7 @@ class KerasTrainer:
         compile_model(model, spec)
         model.optimizer.build(model.trainable_variables)
         warn_if_short_of_space(context, model)
-        workdir = self.cache_dir / "work" / f"{context.job.name}-g{context.generation}"
+        workdir = work_folder(self.cache_dir, context.job.name, context.generation)
         shutil.rmtree(workdir, ignore_errors=True)
         try:
             return _Session(context, model, data, workdir, self.clock, self.cache_dir).run()
