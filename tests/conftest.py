@@ -26,12 +26,17 @@ def make_spec_dict(name: str = "job-a", **sections: Any) -> dict[str, Any]:
         "model": {"builtin": "simple_cnn", "params": {"steps": 4}},
         "training": {"epochs": 3},
     }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
+    return merge_sections(data, sections)
+
+
+def merge_sections(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with ``overrides`` merged in: a mapping merges into its section, anything else replaces it."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
         else:
-            data[key] = value
-    return data
+            spec[key] = value
+    return spec
 
 
 def make_spec(name: str = "job-a", **sections: Any) -> JobSpec:

@@ -10,7 +10,7 @@ import yaml
 
 from runner.job import Job
 from runner.paths import QueuePaths
-from tests.conftest import runner_env
+from tests.conftest import merge_sections, runner_env
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DIGITS_ARCHIVE = REPO / "runner" / "datasets" / "digits.tar.gz"
@@ -61,12 +61,7 @@ def keras_spec(name: str, data: Path, **overrides: Any) -> dict[str, Any]:
         },
         "checkpoint": {"every_epochs": 1, "keep": 2},
     }
-    for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(spec.get(section), dict):
-            spec[section] = {**spec[section], **values}
-        else:
-            spec[section] = values
-    return spec
+    return merge_sections(spec, overrides)
 
 
 def write_keras_spec(folder: Path, name: str, data: Path, **overrides: Any) -> Path:
