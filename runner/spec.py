@@ -105,6 +105,11 @@ class TrainingSpec(_Section):
     metrics: tuple[str, ...] = ("accuracy",)
     seed: int = Field(default=0, strict=True, ge=0, lt=2**31)
     deterministic: bool = Field(default=False, strict=True, description="op determinism: bit-identical resumes on the CPU")
+    on_oom: Literal["fail", "halve_batch"] = Field(
+        default="fail",
+        description="on a GPU out-of-memory error: fail with advice, or go back to the last checkpoint with half "
+        "the batch size (this changes the training trajectory)",
+    )
 
     @field_validator("learning_rate", mode="before")
     @classmethod

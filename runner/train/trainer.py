@@ -198,7 +198,12 @@ class _Session:
             state = load_snapshot(self.model, scratch, checkpoint=info.id)
             self.snapshot_position = (state.epoch, state.step)
             context.job.events.append(
-                "resumed", generation=context.generation, checkpoint=info.id, epoch=state.epoch, step=state.step
+                "resumed",
+                generation=context.generation,
+                checkpoint=info.id,
+                epoch=state.epoch,
+                step=state.step,
+                steps_per_epoch=self.data.steps_per_epoch,
             )
             context.console.print(
                 f"resuming {context.job.name!r} from checkpoint {info.id}: "
