@@ -1,13 +1,18 @@
 """runner: resumable Keras training jobs for GPU sessions that die without warning.
 
+In a notebook: ``runner.submit("job.yaml")``, then ``runner.work()`` (run it again after every disconnect),
+``runner.status()``, ``runner.plot("name")``.
+
 ``import runner`` stays light (no TensorFlow): specs, the queue, status and the worker loop load in a blink;
 only ``runner.train`` imports TensorFlow.
 """
 
+from runner.api import Picture, StatusReport, digits_spec, logs, plot, status, submit, work
 from runner.checkpoints import CheckpointInfo, CheckpointStore
 from runner.errors import (
     CheckpointCorrupt,
     DamagedFile,
+    DriveUnavailable,
     Fenced,
     InvalidTransition,
     JobExists,
@@ -34,6 +39,7 @@ __all__ = [
     "CheckpointStore",
     "Claim",
     "DamagedFile",
+    "DriveUnavailable",
     "Fenced",
     "InvalidTransition",
     "Job",
@@ -46,16 +52,24 @@ __all__ = [
     "JobView",
     "LeaseHeld",
     "Outcome",
+    "Picture",
     "Queue",
     "RunContext",
     "RunnerError",
     "SpecError",
+    "StatusReport",
     "StorageError",
     "Trainer",
     "TrainerError",
     "UsageError",
     "Worker",
     "__version__",
+    "digits_spec",
     "load_spec",
+    "logs",
     "parse_spec",
+    "plot",
+    "status",
+    "submit",
+    "work",
 ]

@@ -21,8 +21,10 @@ from runner import defaults, storage
 from runner.console import render_status, status_records, watch_status
 from runner.errors import RunnerError, SpecError, StorageError
 from runner.lease import lease_duration_from
-from runner.paths import default_queue_dir
+from runner.colab import ensure_drive, in_notebook_kernel
+from runner.paths import default_queue_dir, on_colab
 from runner.queue import Queue
+from runner.session import SessionOptions, run_session
 from runner.spec import json_schema, load_spec
 
 DEBUG_ENV = "RUNNER_DEBUG"
@@ -47,6 +49,20 @@ def _parser() -> argparse.ArgumentParser:
 
     work = commands.add_parser("work", parents=[common], help="run every runnable job, resuming each")
     work.add_argument("--job", metavar="NAME", help="run only this job")
+    work.add_argument(
+        "--max-hours",
+        metavar="H",
+        type=float,
+        help="stop with a saved checkpoint after H hours (default on Colab: a little before the 12-hour cap)",
+    )
+    work.add_argument(
+        "--flush", action="store_true", help="on Colab, push Drive's pending writes at the end (unmounts Drive)"
+    )
+    work.add_argument(
+        "--release-runtime",
+        action="store_true",
+        help="on Colab, flush Drive and hand the runtime back when the work ends, so no compute units are spent idle",
+    )
 
     status = commands.add_parser("status", parents=[common], help="show the jobs of the queue")
     status.add_argument("--json", action="store_true", help="print the status JSON contract")
@@ -59,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     logs = commands.add_parser("logs", parents=[common], help="print a job's log")
     logs.add_argument("name", metavar="NAME")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
+
+    plot = commands.add_parser("plot", parents=[common], help="draw learning curves (one job, or all compared)")
+    plot.add_argument("name", nargs="?", metavar="NAME", help="the job to plot (default: every job of the queue)")
+    plot.add_argument("-o", "--output", metavar="FILE", type=Path, help="picture to write: .png, .pdf or .svg")
 
     commands.add_parser("schema", help="print the JSON Schema of job specs")
 
@@ -95,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _queue(args: argparse.Namespace) -> Queue:
     root = args.queue if args.queue is not None else default_queue_dir()
+    ensure_drive(root, can_prompt=in_notebook_kernel())
     return Queue(root, lease_duration=lease_duration_from())
 
 
@@ -110,7 +131,10 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.command == "submit":
         return _submit(queue, args.specs, err)
     if args.command == "work":
-        return _work(queue, args.job, out, err)
+        options = SessionOptions(
+            job=args.job, max_hours=args.max_hours, flush=args.flush, release_runtime=args.release_runtime
+        )
+        return _work(queue, options, out, err)
     if args.command == "status":
         return _status(queue, as_json=args.json, watch=args.watch, out=out)
     if args.command == "cancel":
@@ -121,6 +145,8 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
         return 0
     if args.command == "logs":
         return _logs(queue, args.name, follow=args.follow)
+    if args.command == "plot":
+        return _plot(queue, args.name, args.output, err)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -143,13 +169,10 @@ def _submit(queue: Queue, paths: list[Path], err: Console) -> int:
     return 0
 
 
-def _work(queue: Queue, only: str | None, out: Console, err: Console) -> int:
-    from runner.training import default_trainer_name, lazy_trainer  # noqa: PLC0415 (keeps status fast)
-    from runner.worker import Worker  # noqa: PLC0415
-
-    worker = Worker(queue, lazy_trainer(default_trainer_name()), console=err, only=only)
-    worker.install_signal_handlers()
-    result = worker.run()
+def _work(queue: Queue, options: SessionOptions, out: Console, err: Console) -> int:
+    result = run_session(queue, options, err)
+    if result.signal is None and options.release_runtime and on_colab():
+        return result.exit_code  # the runtime is going away: a status table would only be cut off
     out.print(render_status(queue))
     if result.skipped:
         err.print(f"left to other live workers: {', '.join(result.skipped)}", markup=False)
@@ -165,6 +188,15 @@ def _status(queue: Queue, *, as_json: bool, watch: bool, out: Console) -> int:
         watch_status(queue, out, interval=defaults.STATUS_WATCH_INTERVAL_S)
     else:
         out.print(render_status(queue))
+    return 0
+
+
+def _plot(queue: Queue, name: str | None, output: Path | None, err: Console) -> int:
+    from runner.curves import plot_job, plot_queue  # noqa: PLC0415 (matplotlib loads for this command only)
+
+    storage.set_retry_budget(defaults.STATUS_RETRY_BUDGET_S)  # a person is waiting: say so soon on a failing mount
+    path = plot_job(queue, name, output) if name is not None else plot_queue(queue, output)
+    err.print(f"wrote {path}", markup=False, soft_wrap=True)
     return 0
 
 

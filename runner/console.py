@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from runner.device import short_device
 from runner.paths import default_cache_dir, publish_note
 from runner.queue import INTERRUPTED, JobView, Queue
 
@@ -68,6 +69,7 @@ def status_record(view: JobView, now: float) -> dict[str, Any]:
         "restarts": state.restarts if state else 0,
         "checkpoint": state.checkpoint if state else None,
         "metrics": dict(state.metrics) if state else {},
+        "batch_size": (state.batch_size if state else None) or (spec.dataset.batch_size if spec else None),
         "error": view.error,
         "priority": spec.priority if spec else None,
         "generation": state.generation if state else None,
@@ -78,6 +80,7 @@ def status_record(view: JobView, now: float) -> dict[str, Any]:
         "submitted_at": state.submitted_at if state else None,
         "updated_at": state.updated_at if state else None,
         "publishing": _publishing(view, now),
+        "device": state.device if state else None,
     }
 
 
@@ -153,6 +156,8 @@ def status_table(views: list[JobView], now: float, *, title: str | None = None) 
         worker = "-"
         if view.holder is not None:
             worker = f"{view.holder.describe()} {format_age(record['heartbeat_age_s'])}"
+        if record["device"]:  # what the current or last session trained on
+            worker = f"{worker} · {short_device(record['device'])}" if view.holder else short_device(record["device"])
         rows.append(
             (
                 Text(view.name, style="bold"),

@@ -30,8 +30,14 @@ STATUS_WATCH_INTERVAL_S = 2.0
 QUEUE_DIR_LOCAL = "runner-queue"
 """Queue folder, relative to the working directory, when neither ``--queue`` nor ``$RUNNER_QUEUE`` is given."""
 
-QUEUE_DIR_COLAB = "/content/drive/MyDrive/runner"
+DRIVE_MOUNT_POINT = "/content/drive"
+"""Where Colab mounts Google Drive (the tutorial's path, and the one Colab's file browser uses)."""
+
+QUEUE_DIR_COLAB = f"{DRIVE_MOUNT_POINT}/MyDrive/runner"
 """Queue folder on Colab: on the mounted Drive, so that it outlives the session."""
+
+EXIT_TIME_LIMIT = 75
+"""``runner work`` stopped at ``--max-hours`` with work left: run it again in a new session (EX_TEMPFAIL)."""
 
 QUEUE_ENV = "RUNNER_QUEUE"
 """Environment variable naming the queue folder."""

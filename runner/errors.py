@@ -111,9 +111,42 @@ class TrainerError(RunnerError):
     """A trainer could not be loaded or refused a job before training started."""
 
 
+class OutOfMemory(TrainerError, MemoryError):
+    """Training ran out of (GPU) memory at ``batch_size``; the message says what to change in the spec."""
+
+    def __init__(self, batch_size: int, *, gpu: bool = True, halved_from: int | None = None) -> None:
+        where = f"out of {'GPU ' if gpu else ''}memory at batch size {batch_size}"
+        if halved_from is not None:
+            where += f" (halved from {halved_from})"
+        if batch_size > 1 and halved_from is None:
+            fix = f"lower dataset.batch_size (to {batch_size // 2}, say) or set training.on_oom: halve_batch"
+        else:
+            fix = "even one image per step is too much: use a smaller model or dataset.image_size, or more memory"
+        super().__init__(f"{where}: {fix}")
+        self.batch_size, self.gpu, self.halved_from = batch_size, gpu, halved_from
+
+
 class ModelError(RunnerError, ValueError):
     """The job's model cannot be built or compiled as its spec asks (bad params, factory, loss for the labels)."""
 
 
 class DatasetError(RunnerError, ValueError):
     """A dataset cannot be fetched, unpacked or read; the message names the cause and the fix."""
+
+
+class DriveUnavailable(RunnerError, ConnectionError):
+    """The queue is on Google Drive, and Drive is not mounted and could not be."""
+
+
+class NoHistory(RunnerError, LookupError):
+    """Nothing to plot yet: the job (or every job of the queue) has no completed epoch in its history.csv."""
+
+    def __init__(self, queue: str, job: str | None = None) -> None:
+        if job is not None:
+            message = f"job {job!r} has no completed epoch yet: run `runner work`, then plot it after its first epoch"
+        else:
+            message = (
+                f"no job in queue {queue} has a completed epoch yet: submit a job and run `runner work`, then plot"
+            )
+        super().__init__(message)
+        self.queue, self.job = queue, job

@@ -68,9 +68,13 @@ class JobState(BaseModel):
     step: int = Field(default=0, ge=0, description="steps into the next epoch at the newest checkpoint")
     checkpoint: str | None = Field(default=None, description="newest committed checkpoint id")
     checkpoint_at: float | None = None
+    batch_size: int | None = Field(
+        default=None, ge=1, description="batch size in effect when out of memory halved it; None: the spec's"
+    )
     metrics: dict[str, float] = Field(default_factory=dict, description="the last completed epoch's metrics")
     session_started_at: float | None = Field(default=None, description="when the current claim began")
     session_start_epoch: float = Field(default=0.0, description="progress, in epochs, when the current claim began")
+    device: str | None = Field(default=None, description="what the current or last claim trains on: GPUs or CPU")
 
     def moved_to(self, status: JobStatus, *, job: str, now: float, **changes: Any) -> JobState:
         """This state in ``status``, if the transition table allows it."""

@@ -4,12 +4,14 @@
 <queue>/jobs/<name>/
     spec.yaml  state.json  lease  cancel-requested  history.csv  events.jsonl  runner.log  claims/g<N>
     checkpoints/<id>/MANIFEST.json   checkpoints/.tmp-<id>-<rand>/
+    tensorboard/train/events.out.tfevents.g<N>.runner   tensorboard/validation/...
     final/model.keras
 ```
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from collections.abc import Mapping
@@ -108,6 +110,43 @@ class JobPaths:
         """Exported models of a finished job."""
         return self.folder / "final"
 
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard logs: a run folder each for training and validation, as Keras' TensorBoard callback has them."""
+        return self.folder / "tensorboard"
+
+    @property
+    def tensorboard_train(self) -> Path:
+        """The ``train`` run: each epoch's training metrics."""
+        return self.tensorboard / "train"
+
+    @property
+    def tensorboard_validation(self) -> Path:
+        """The ``validation`` run: each epoch's validation metrics, without the ``val_`` prefix."""
+        return self.tensorboard / "validation"
+
+
+EVENT_FILE_PREFIX = "events.out.tfevents.g"
+EVENT_FILE_SUFFIX = ".runner"
+
+
+def event_file_name(generation: int) -> str:
+    """The TensorBoard event file of claim ``generation``.
+
+    TensorBoard reads the files whose name holds ``tfevents``, in name order, and never goes back to an earlier
+    name: the generation leads (zero padded) so a resumed run's file sorts after the ones it replaces, whatever
+    the clocks of the machines that wrote them.
+    """
+    return f"{EVENT_FILE_PREFIX}{generation:06d}{EVENT_FILE_SUFFIX}"
+
+
+def event_file_generation(name: str) -> int | None:
+    """The claim generation of a runner event file's name; ``None`` for any other name (ours to leave alone)."""
+    if not (name.startswith(EVENT_FILE_PREFIX) and name.endswith(EVENT_FILE_SUFFIX)):
+        return None
+    digits = name[len(EVENT_FILE_PREFIX) : -len(EVENT_FILE_SUFFIX)]
+    return int(digits) if digits.isdigit() else None
+
 
 @dataclass(frozen=True)
 class QueuePaths:
@@ -130,8 +169,14 @@ class QueuePaths:
 
 
 def on_colab(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process runs in a Google Colab runtime."""
-    return bool(environ.get("COLAB_RELEASE_TAG"))
+    """Whether this process runs in a Google Colab runtime: Colab sets ``COLAB_RELEASE_TAG`` and ships
+    ``google.colab`` (looked up, not imported: importing it outside a kernel has side effects)."""
+    if environ.get("COLAB_RELEASE_TAG"):
+        return True
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def default_queue_dir(environ: Mapping[str, str] = os.environ) -> Path:

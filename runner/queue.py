@@ -33,7 +33,15 @@ INTERRUPTED = "interrupted"
 
 _STALE_SUBMIT_S = 3600.0
 
-_CLAIM_FIELDS = ("generation", "restarts", "worker", "started_at", "session_started_at", "session_start_epoch")
+_CLAIM_FIELDS = (
+    "generation",
+    "restarts",
+    "worker",
+    "started_at",
+    "session_started_at",
+    "session_start_epoch",
+    "device",
+)
 """What a claim sets in state.json, and so owns until the next claim."""
 
 
@@ -244,8 +252,11 @@ class Queue:
 
     # --- claim ----------------------------------------------------------------------------------------------
 
-    def claim(self, name: str, lease: JobLease) -> Claim | None:
-        """With ``lease`` held, make this worker the job's current claim; ``None`` if it needs no running."""
+    def claim(self, name: str, lease: JobLease, *, device: str | None = None) -> Claim | None:
+        """With ``lease`` held, make this worker the job's current claim; ``None`` if it needs no running.
+
+        ``device`` (what this session trains on) is recorded in state.json and the ``claimed`` event.
+        """
         if not lease.held:
             holder = read_holder(lease.paths)
             raise LeaseHeld(name, holder.describe() if holder else "nobody (the lease is not held)")
@@ -272,10 +283,16 @@ class Queue:
             session_started_at=now,
             session_start_epoch=float(state.epoch),
             error=None,
+            device=device,
         )
         job.write_state(claimed, generation=None)  # the exclusive marker decided who claims this generation
         job.events.append(
-            "claimed", generation=generation, worker=claimed.worker, previous=state.status.value, resumed=resumed
+            "claimed",
+            generation=generation,
+            worker=claimed.worker,
+            previous=state.status.value,
+            resumed=resumed,
+            device=device,
         )
         return Claim(job=job, spec=spec, lease=lease, generation=generation, resumed=resumed, claimed=claimed)
 

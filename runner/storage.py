@@ -121,6 +121,7 @@ _ADVICE = {
     errno.ENOSPC: "no space left on the device: free some space (on Drive, empty the trash) or lower checkpoint.keep",
     errno.EDQUOT: "storage quota exceeded: free space on Drive (deleted files count until the trash is emptied)",
     errno.EACCES: "permission denied: use a folder you can write to",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another folder",
     errno.EPERM: "operation not permitted: use a folder you can write to",
     errno.EROFS: "read-only file system: use a writable folder",
     errno.ENOENT: "does not exist",

@@ -47,6 +47,8 @@ class RunContext:
     log: logging.Logger
     console: Console
     clock: Callable[[], float] = time.monotonic
+    deadline: float | None = None
+    """``clock()`` time at which to checkpoint and stop (``runner work --max-hours``); ``None``: no limit."""
     _cancel_seen: bool = field(default=False, init=False)
     _cancel_checked_at: float = field(default=-math.inf, init=False)
 
@@ -66,8 +68,20 @@ class RunContext:
         return self.claim.generation
 
     def should_stop(self) -> bool:
-        """Whether to checkpoint and stop now: a signal, a cancel, or the lease lost. Cheap enough for every step."""
-        return self.stop.is_set() or self.claim.lease.lost is not None or self._cancel_requested()
+        """Whether to checkpoint and stop now: a signal, a cancel, the lease lost, or the time limit reached.
+
+        Cheap enough for every step.
+        """
+        return (
+            self.stop.is_set()
+            or self.claim.lease.lost is not None
+            or self.past_deadline()
+            or self._cancel_requested()
+        )
+
+    def past_deadline(self) -> bool:
+        """Whether the time limit of this ``runner work`` has been reached."""
+        return self.deadline is not None and self.clock() >= self.deadline
 
     def _cancel_requested(self) -> bool:
         # A stat on Drive can take long: look for the cancel marker only every few seconds.

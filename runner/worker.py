@@ -17,12 +17,14 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-from runner import storage
+from runner import defaults, storage
 from runner.checkpoints import CheckpointStore
+from runner.device import describe_devices, detect_gpus
 from runner.errors import Fenced, RunnerError, StorageError
 from runner.job import Job, JobStatus
 from runner.lease import JobLease, LeaseHolder
@@ -66,6 +68,12 @@ _MAX_RECLAIMS = 3
 """Times one `runner work` claims a job again after its lease vanished, before it gives the job up."""
 
 
+def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    """Put back the handlers :meth:`Worker.install_signal_handlers` replaced."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 def is_storage_trouble(error: BaseException) -> bool:
     """A full disk or quota anywhere, or the job folder's storage failing past its retries."""
     if isinstance(error, StorageError):
@@ -88,14 +96,20 @@ class WorkResult:
     cancelled: list[str] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    time_limited: list[str] = field(default_factory=list)
+    """Jobs stopped with a checkpoint because the time limit (``--max-hours``) came."""
+    time_limit_reached: bool = False
     signal: int | None = None
 
     @property
     def exit_code(self) -> int:
-        """0 when every job run ended done or cancelled, 1 if one failed or lost its lease, 128+N after signal N."""
+        """0 when every job run ended done or cancelled, 1 if one failed or lost its lease, 75 when the time limit
+        stopped the work with jobs left, 128+N after signal N."""
         if self.signal is not None:
             return 128 + self.signal
-        return 1 if self.failed or self.interrupted else 0
+        if self.failed or self.interrupted:
+            return 1
+        return defaults.EXIT_TIME_LIMIT if self.time_limit_reached else 0
 
 
 class Worker:
@@ -110,10 +124,17 @@ class Worker:
         only: str | None = None,
         wait_for_silent_leases: bool = True,
         sleep: Callable[[float], None] = time.sleep,
+        max_hours: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        detect_device: Callable[[], str] | None = None,
     ) -> None:
         self.queue, self.trainer_factory = queue, trainer_factory
         self.console = console or Console(stderr=True)
         self.only, self.wait_for_silent_leases, self.sleep = only, wait_for_silent_leases, sleep
+        self.clock = clock
+        self.deadline = None if max_hours is None else clock() + max_hours * 3600
+        self._detect_device = detect_device or (lambda: describe_devices(detect_gpus()))
+        self._device: str | None = None
         self.stop = threading.Event()
         self._signals_seen = 0
         self._reclaims: dict[str, int] = {}
@@ -121,10 +142,15 @@ class Worker:
 
     # --- signals --------------------------------------------------------------------------------------------
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: first one checkpoints and stops, second one stops at once."""
+    def install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM/SIGINT: first one checkpoints and stops, second one stops at once.
+
+        Returns the handlers replaced, for :func:`restore_signal_handlers` (a notebook's kernel keeps its own).
+        """
+        previous = {}
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
+            previous[signum] = signal.signal(signum, self._on_signal)
+        return previous
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals_seen += 1
@@ -142,6 +168,11 @@ class Worker:
             self.queue.job(self.only)  # JobNotFound early, before any claim
         attempted: set[str] = set()
         while not self.stop.is_set():
+            if self._past_deadline():
+                self.result.time_limit_reached = bool(self._candidates(attempted))
+                if self.result.time_limit_reached:
+                    self.console.print("[yellow]time limit (--max-hours) reached: no new job started[/]")
+                break
             claimed = self._claim_next(attempted)
             if claimed is None:
                 break
@@ -186,7 +217,7 @@ class Worker:
                     f"[yellow]job {name!r}: state.json was damaged; rebuilt it from events and checkpoints "
                     f"({recovered.status.value}, checkpoint {recovered.checkpoint})[/]"
                 )
-            claim = self.queue.claim(name, lease)
+            claim = self.queue.claim(name, lease, device=self.device)
         except BaseException:
             lease.release()
             raise
@@ -261,7 +292,15 @@ class Worker:
         verb = "resuming" if claim.resumed else "starting"
         self.console.print(f"[bold]{verb} job {name!r}[/] (claim generation {claim.generation})")
         job_log.info("%s on %s, claim generation %d", verb, claim.lease.paths.folder, claim.generation)
-        context = RunContext(claim=claim, store=store, stop=self.stop, log=job_log, console=self.console)
+        context = RunContext(
+            claim=claim,
+            store=store,
+            stop=self.stop,
+            log=job_log,
+            console=self.console,
+            clock=self.clock,
+            deadline=self.deadline,
+        )
         try:
             outcome = self.trainer_factory().train(context)
         except Fenced:
@@ -282,6 +321,8 @@ class Worker:
             self._finish(claim, JobStatus.DONE, job_log)
         elif job.cancel_requested():
             self._finish(claim, JobStatus.CANCELLED, job_log)
+        elif context.past_deadline() and not self.stop.is_set():
+            self._stop_for_time_limit(claim, job_log)
         else:
             claim.fence()
             reason = "signal" if self.stop.is_set() else "stopped"
@@ -289,6 +330,31 @@ class Worker:
             job_log.info("stopped (%s); the next `runner work` resumes it", reason)
             self.console.print(f"job {name!r} stopped; run `runner work` again to resume it")
             self.result.interrupted.append(name)
+
+    def _stop_for_time_limit(self, claim: Claim, job_log: logging.Logger) -> None:
+        claim.fence()
+        job, name = claim.job, claim.job.name
+        job.events.append("interrupted", generation=claim.generation, reason="max-hours")
+        job_log.info("stopped at the time limit (--max-hours); the next `runner work` resumes it")
+        self.console.print(
+            f"[yellow]job {name!r} stopped at the time limit (--max-hours) with its checkpoint saved[/]; "
+            "run `runner work` again in a new session to resume it"
+        )
+        self.result.time_limited.append(name)
+        self.result.time_limit_reached = True
+        self.stop.set()
+
+    # --- device and time ------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        """What this session trains on, asked once (nvidia-smi), when the first job is claimed."""
+        if self._device is None:
+            self._device = self._detect_device()
+        return self._device
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and self.clock() >= self.deadline
 
     def _interrupt_for_storage(self, claim: Claim, job_log: logging.Logger, error: Exception) -> None:
         """Storage trouble is not the job's fault: keep it resumable, say why, and stop this worker."""

@@ -1,4 +1,4 @@
-"""``import runner`` stays light: no TensorFlow, no Keras (status and submit must start fast)."""
+"""``import runner`` stays light: no TensorFlow, no Keras, no matplotlib (status and submit must start fast)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import REPO, runner_env
 
-HEAVY = ("tensorflow", "keras")
+HEAVY = ("tensorflow", "keras", "matplotlib")
+"""matplotlib loads only when `runner plot` draws (runner/curves.py imports it inside its functions)."""
 
 # Records every attempt to import a heavy package, even one that is not installed, then imports the modules.
 PROBE = """
@@ -32,8 +33,10 @@ print(json.dumps({{"attempts": attempts, "loaded": loaded}}))
 """
 
 
-@pytest.mark.parametrize("modules", [["runner"], ["runner", "runner.cli", "runner.worker", "runner.console"]])
-def test_import_runner_leaves_tensorflow_and_keras_out(modules: list[str]) -> None:
+@pytest.mark.parametrize(
+    "modules", [["runner"], ["runner", "runner.cli", "runner.worker", "runner.console", "runner.curves"]]
+)
+def test_import_runner_leaves_tensorflow_keras_and_matplotlib_out(modules: list[str]) -> None:
     probe = PROBE.format(heavy=HEAVY, modules=modules)
 
     done = subprocess.run(

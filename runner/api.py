@@ -1,0 +1,175 @@
+"""The Python API for notebooks: ``runner.submit``, ``runner.work``, ``runner.status``, ``runner.plot``, ``runner.logs``.
+
+The same operations as the command line, with the same defaults (the queue is ``$RUNNER_QUEUE``, Drive on
+Colab, else ``./runner-queue``), but returning objects instead of exit codes and raising :class:`RunnerError`
+instead of printing: a notebook shows the error's one line. On Colab, Drive is mounted on first use (a notebook
+cell can ask for consent; a ``!runner`` shell cell cannot).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from runner import colab, storage
+from runner.console import status_records, status_table
+from runner.errors import JobNotFound, StorageError
+from runner.lease import lease_duration_from
+from runner.paths import default_queue_dir
+from runner.queue import Queue
+from runner.session import SessionOptions, run_session
+from runner.spec import JobSpec, load_spec, parse_spec
+from runner.worker import WorkResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+QueueLike = str | Path | Queue | None
+
+
+def open_queue(queue: QueueLike = None) -> Queue:
+    """The queue at ``queue`` (a folder), or the default one; mounts Drive on Colab when the queue is there."""
+    if isinstance(queue, Queue):
+        return queue
+    root = Path(queue).expanduser() if queue is not None else default_queue_dir()
+    colab.ensure_drive(root, can_prompt=colab.in_notebook_kernel())
+    return Queue(root, lease_duration=lease_duration_from())
+
+
+def submit(spec: str | Path | Mapping[str, Any] | JobSpec, *, queue: QueueLike = None) -> str:
+    """Validate a job spec (a YAML/JSON file, a dict, or a :class:`JobSpec`) and add it to the queue.
+
+    Submitting the same spec again is not an error (re-running a notebook cell): the job is left as it is.
+    Returns the job's name.
+    """
+    if isinstance(spec, JobSpec):
+        parsed = spec
+    elif isinstance(spec, Mapping):
+        parsed = parse_spec(dict(spec), source="spec")
+    else:
+        parsed = load_spec(Path(spec))
+    open_queue(queue).submit(parsed)
+    return parsed.name
+
+
+def work(
+    *,
+    queue: QueueLike = None,
+    job: str | None = None,
+    max_hours: float | None = None,
+    flush: bool = False,
+    release_runtime: bool = False,
+) -> WorkResult:
+    """Run every runnable job (or only ``job``), resuming each from its newest checkpoint: the one-line resume.
+
+    Interrupting the kernel checkpoints and stops (a second interrupt stops at once); run it again to continue.
+    ``max_hours``, ``flush`` and ``release_runtime`` are ``runner work``'s options of the same names.
+    """
+    options = SessionOptions(job=job, max_hours=max_hours, flush=flush, release_runtime=release_runtime)
+    return run_session(open_queue(queue), options, Console(stderr=True))
+
+
+def status(*, queue: QueueLike = None) -> StatusReport:
+    """The queue's jobs now: shows as the status table in a notebook, and is a list of JSON-able records in code."""
+    resolved = open_queue(queue)
+    now = time.time()
+    views = resolved.views()
+    return StatusReport(resolved.root, status_records(views, now), status_table(views, now, title=f"queue {resolved.root}"))
+
+
+def plot(name: str | None = None, *, queue: QueueLike = None) -> Picture:
+    """Learning curves of one job, or of every job compared; shown inline by notebooks, ``.save(path)`` to keep."""
+    from runner.curves import figure_for_job, figure_for_queue  # noqa: PLC0415 (matplotlib loads only when asked)
+
+    resolved = open_queue(queue)
+    return Picture(figure_for_queue(resolved) if name is None else figure_for_job(resolved, name))
+
+
+def digits_spec() -> JobSpec:
+    """The bundled digits job (real handwritten digits, a small CNN, 10 epochs): a quick first job anywhere."""
+    from runner.demo import demo_spec  # noqa: PLC0415
+
+    return demo_spec()
+
+
+class Picture:
+    """A matplotlib figure that a notebook shows as a PNG (no pyplot state, no backend set-up needed)."""
+
+    def __init__(self, figure: Figure) -> None:
+        self.figure = figure
+
+    def png(self) -> bytes:
+        """The figure as PNG bytes."""
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the figure to ``path`` (the format follows the suffix: .png, .pdf, .svg)."""
+        from runner.curves import save_figure  # noqa: PLC0415
+
+        return save_figure(self.figure, Path(path))
+
+    def _repr_png_(self) -> bytes:
+        return self.png()
+
+
+def logs(name: str, *, queue: QueueLike = None) -> str:
+    """The job's log (every session that ran it), as text."""
+    path = open_queue(queue).job(name).paths.log
+    try:
+        return storage.read_bytes(path).decode("utf-8", errors="replace")
+    except StorageError as error:
+        if error.errno_ == 2:
+            return ""
+        raise
+
+
+class StatusReport:
+    """The status of a queue: a sequence of records (the ``runner status --json`` contract) that renders as the
+    status table in Jupyter and Colab and as text in a terminal."""
+
+    def __init__(self, root: Path, records: list[dict[str, Any]], table: Any) -> None:
+        self.root, self.records, self._table = root, records, table
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __getitem__(self, key: int | str) -> dict[str, Any]:
+        """A job's record by position or by name."""
+        if isinstance(key, int):
+            return self.records[key]
+        for record in self.records:
+            if record["name"] == key:
+                return record
+        raise JobNotFound(key, str(self.root))
+
+    def to_json(self) -> str:
+        """The records as ``runner status --json`` prints them."""
+        return json.dumps(self.records, indent=2)
+
+    def __rich__(self) -> Any:
+        return self._table
+
+    def _rendered(self, *, html: bool) -> str:
+        console = Console(file=io.StringIO(), record=True, width=140, force_terminal=False, force_jupyter=False)
+        console.print(self._table)
+        return console.export_html(inline_styles=True) if html else console.export_text()
+
+    def __str__(self) -> str:
+        return self._rendered(html=False)
+
+    def __repr__(self) -> str:
+        return self._rendered(html=False)
+
+    def _repr_html_(self) -> str:
+        return self._rendered(html=True)

@@ -1,0 +1,98 @@
+"""One session of work, as ``runner work`` and ``runner.work()`` run it.
+
+The worker does the jobs; around it, this module decides how long the session may run (``--max-hours``, on
+Colab by default until a little before the 12-hour cap), what it trains on (recorded per job), and what happens
+to the machine at the end (``--flush`` Drive's pending writes, ``--release-runtime`` hand the runtime back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.markup import escape
+
+from runner import colab
+from runner.queue import Queue
+from runner.training import default_trainer_name, lazy_trainer
+from runner.worker import Worker, WorkResult, restore_signal_handlers
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How one session of work runs and ends."""
+
+    job: str | None = None
+    """Run only this job."""
+    max_hours: float | None = None
+    """Stop (with a checkpoint) after this many hours; ``None``: Colab's default, or no limit elsewhere."""
+    flush: bool = False
+    """At the end, push Drive's pending writes to the cloud (and unmount it)."""
+    release_runtime: bool = False
+    """At the end, hand the Colab runtime back (flushing Drive first, or its last writes would be lost)."""
+
+
+def time_limit_hours(options: SessionOptions, console: Console) -> float | None:
+    """The session's time limit in hours: the one given, or Colab's default (said aloud), or none."""
+    if options.max_hours is not None:
+        return colab.check_max_hours(options.max_hours)
+    hours = colab.default_max_hours(colab.vm_uptime_s())
+    if hours is not None:
+        console.print(
+            f"Colab session: stopping with a checkpoint within {hours:.1f} h, before the "
+            f"{colab.COLAB_SESSION_HOURS:g}-hour cap (change it with --max-hours)",
+            markup=False,
+            highlight=False,
+        )
+    return hours
+
+
+def run_session(
+    queue: Queue,
+    options: SessionOptions,
+    console: Console,
+    *,
+    install_signal_handlers: bool = True,
+    worker_factory: Callable[..., Worker] = Worker,
+) -> WorkResult:
+    """Run every runnable job of ``queue`` (or ``options.job``), then flush and release as asked."""
+    max_hours = time_limit_hours(options, console)
+
+    def warn(line: str) -> None:
+        console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
+
+    worker = worker_factory(
+        queue,
+        lazy_trainer(default_trainer_name()),
+        console=console,
+        only=options.job,
+        max_hours=max_hours,
+        detect_device=lambda: colab.session_device(warn),
+    )
+    previous = worker.install_signal_handlers() if install_signal_handlers else {}
+    try:
+        result = worker.run()
+    finally:
+        restore_signal_handlers(previous)
+    finish_session(options, result, console)
+    return result
+
+
+def finish_session(options: SessionOptions, result: WorkResult, console: Console) -> None:
+    """Flush Drive and release the runtime when asked, unless a person stopped the work (Ctrl-C, a signal)."""
+    if result.signal is not None or not (options.flush or options.release_runtime):
+        return
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    if not colab.on_colab():
+        say("--flush/--release-runtime: not on Colab, nothing to do")
+        return
+    flushed = colab.flush_drive(say)
+    if options.release_runtime:
+        if not flushed and colab.drive_mounted_default():
+            say("not releasing the runtime: Drive may still hold unsent writes; release it by hand in a few minutes")
+            return
+        colab.release_runtime(say)
