@@ -1,4 +1,4 @@
-"""The Python API for notebooks: ``runner.submit``, ``runner.work``, ``runner.status``, ``runner.plot``, ``runner.logs``.
+"""The Python API for notebooks: ``runner.submit``, ``work``, ``status``, ``plot`` and ``logs``.
 
 The same operations as the command line, with the same defaults (the queue is ``$RUNNER_QUEUE``, Drive on
 Colab, else ``./runner-queue``), but returning objects instead of exit codes and raising :class:`RunnerError`
@@ -80,7 +80,8 @@ def status(*, queue: QueueLike = None) -> StatusReport:
     resolved = open_queue(queue)
     now = time.time()
     views = resolved.views()
-    return StatusReport(resolved.root, status_records(views, now), status_table(views, now, title=f"queue {resolved.root}"))
+    table = status_table(views, now, title=f"queue {resolved.root}")
+    return StatusReport(resolved.root, status_records(views, now), table)
 
 
 def plot(name: str | None = None, *, queue: QueueLike = None) -> Picture:

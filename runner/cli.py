@@ -22,7 +22,7 @@ from runner.console import render_status, status_records, watch_status
 from runner.errors import RunnerError, SpecError, StorageError
 from runner.lease import lease_duration_from
 from runner.colab import ensure_drive, in_notebook_kernel
-from runner.paths import default_queue_dir, on_colab
+from runner.paths import default_queue_dir
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session
 from runner.spec import json_schema, load_spec
@@ -170,10 +170,8 @@ def _submit(queue: Queue, paths: list[Path], err: Console) -> int:
 
 
 def _work(queue: Queue, options: SessionOptions, out: Console, err: Console) -> int:
-    result = run_session(queue, options, err)
-    if result.signal is None and options.release_runtime and on_colab():
-        return result.exit_code  # the runtime is going away: a status table would only be cut off
-    out.print(render_status(queue))
+    # The table is printed before --flush unmounts Drive (and before --release-runtime ends the VM).
+    result = run_session(queue, options, err, before_finish=lambda _: out.print(render_status(queue)))
     if result.skipped:
         err.print(f"left to other live workers: {', '.join(result.skipped)}", markup=False)
     return result.exit_code

@@ -37,8 +37,20 @@ NO_GPU_ADVICE = (
 
 
 def drive_mounted(mount_point: Path) -> bool:
-    """Whether Drive is mounted at ``mount_point`` (Colab shows it as ``MyDrive``, older runtimes ``My Drive``)."""
-    return any((mount_point / name).is_dir() for name in ("MyDrive", "My Drive"))
+    """Whether Drive is mounted at ``mount_point`` (Colab shows it as ``MyDrive``, older runtimes ``My Drive``).
+
+    A mount that is there but broken (errno 107 once Drive's process has died) is :class:`DriveUnavailable`.
+    """
+    for name in ("MyDrive", "My Drive"):
+        try:
+            if (mount_point / name).is_dir():
+                return True
+        except OSError as error:
+            raise DriveUnavailable(
+                f"Google Drive's mount at {mount_point} is not answering ({error.strerror or error}, errno "
+                f"{error.errno}): choose Runtime > Restart session, then mount Drive again"
+            ) from None
+    return False
 
 
 def drive_mounted_default() -> bool:
@@ -85,8 +97,13 @@ def ensure_drive(queue_root: Path, *, can_prompt: bool, mount_point: Path | None
 def flush_drive(report: Callable[[str], None], *, mount_point: Path | None = None) -> bool:
     """Push Drive's pending writes to the cloud (this unmounts Drive); ``False`` with a reported line on failure."""
     mount_point = mount_point or Path(defaults.DRIVE_MOUNT_POINT)
-    if not drive_mounted(mount_point):
-        report(f"--flush: Drive is not mounted at {mount_point}; nothing to flush")
+    try:
+        mounted = drive_mounted(mount_point)
+    except DriveUnavailable as error:
+        report(f"cannot flush Drive: {error}")
+        return False
+    if not mounted:
+        report(f"Drive is not mounted at {mount_point}; nothing to flush")
         return False
     report("flushing Drive: waiting for pending writes to upload (Drive is unmounted afterwards)")
     try:

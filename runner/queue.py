@@ -310,7 +310,7 @@ class Queue:
     # --- cancel and retry -----------------------------------------------------------------------------------
 
     def cancel(self, name: str) -> str:
-        """Cancel a job: at once when no worker runs it, else at the running worker's next checkpoint."""
+        """Cancel a job: at once when no worker runs it, else its worker saves a checkpoint and stops within seconds."""
         job = self.job(name)
         state = job.read_state()
         if state.status is JobStatus.CANCELLED:
@@ -331,7 +331,7 @@ class Queue:
                 return f"job {name!r} cancelled"
         except LeaseHeld as held:
             job.events.append("cancel-requested")
-            return f"job {name!r} is being run by {held.owner}: it will stop at its next checkpoint"
+            return f"job {name!r} is being run by {held.owner}: it saves a checkpoint and stops within seconds"
 
     def retry(self, name: str) -> str:
         """Put a failed or cancelled job back in the queue; it resumes from its checkpoints."""

@@ -7,6 +7,7 @@ to the machine at the end (``--flush`` Drive's pending writes, ``--release-runti
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from runner import colab
+from runner.errors import DriveUnavailable
 from runner.queue import Queue
 from runner.training import default_trainer_name, lazy_trainer
 from runner.worker import Worker, WorkResult, restore_signal_handlers
@@ -37,8 +39,17 @@ def time_limit_hours(options: SessionOptions, console: Console) -> float | None:
     """The session's time limit in hours: the one given, or Colab's default (said aloud), or none."""
     if options.max_hours is not None:
         return colab.check_max_hours(options.max_hours)
-    hours = colab.default_max_hours(colab.vm_uptime_s())
-    if hours is not None:
+    uptime_s = colab.vm_uptime_s()
+    hours = colab.default_max_hours(uptime_s)
+    if hours is not None and hours <= 0:
+        console.print(
+            f"[yellow]this Colab VM has run {(uptime_s or 0) / 3600:.1f} h, past the point where runner stops "
+            f"({colab.COLAB_SESSION_HOURS - colab.COLAB_STOP_MARGIN_HOURS:g} h, before the "
+            f"{colab.COLAB_SESSION_HOURS:g}-hour cap): no job is started. Start a new session (Runtime > "
+            "Disconnect and delete runtime), or pass --max-hours to run anyway[/]",
+            highlight=False,
+        )
+    elif hours is not None:
         console.print(
             f"Colab session: stopping with a checkpoint within {hours:.1f} h, before the "
             f"{colab.COLAB_SESSION_HOURS:g}-hour cap (change it with --max-hours)",
@@ -55,8 +66,13 @@ def run_session(
     *,
     install_signal_handlers: bool = True,
     worker_factory: Callable[..., Worker] = Worker,
+    before_finish: Callable[[WorkResult], None] | None = None,
 ) -> WorkResult:
-    """Run every runnable job of ``queue`` (or ``options.job``), then flush and release as asked."""
+    """Run every runnable job of ``queue`` (or ``options.job``), then flush and release as asked.
+
+    ``before_finish`` runs between the two, while Drive is still mounted and the runtime still there (the command
+    line prints the status table then).
+    """
     max_hours = time_limit_hours(options, console)
 
     def warn(line: str) -> None:
@@ -70,11 +86,16 @@ def run_session(
         max_hours=max_hours,
         detect_device=lambda: colab.session_device(warn),
     )
-    previous = worker.install_signal_handlers() if install_signal_handlers else {}
+    # Python lets only the main thread set signal handlers: a notebook running `runner.work()` in a background
+    # thread runs without them (the kernel's Ctrl-C does not reach that thread anyway).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = worker.install_signal_handlers() if install_signal_handlers and in_main_thread else {}
     try:
         result = worker.run()
     finally:
         restore_signal_handlers(previous)
+    if before_finish is not None:
+        before_finish(result)
     finish_session(options, result, console)
     return result
 
@@ -92,7 +113,14 @@ def finish_session(options: SessionOptions, result: WorkResult, console: Console
         return
     flushed = colab.flush_drive(say)
     if options.release_runtime:
-        if not flushed and colab.drive_mounted_default():
+        if not flushed and _drive_may_hold_writes():
             say("not releasing the runtime: Drive may still hold unsent writes; release it by hand in a few minutes")
             return
         colab.release_runtime(say)
+
+
+def _drive_may_hold_writes() -> bool:
+    try:
+        return colab.drive_mounted_default()
+    except DriveUnavailable:
+        return True  # a broken mount may still hold writes that DriveFS uploads once it recovers

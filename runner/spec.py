@@ -53,8 +53,10 @@ class DatasetSpec(_Section):
     )
     image_size: tuple[int, int] = Field(default=(150, 150), description="height and width images are resized to")
     color_mode: Literal["rgb", "grayscale"] = Field(default="rgb", description="3 channels or 1")
-    label_mode: LabelMode = "binary"
-    batch_size: int = Field(default=20, strict=True, ge=1, le=65536)
+    label_mode: LabelMode = Field(
+        default="binary", description="binary: 2 classes, one 0/1 output; categorical: one-hot; int: class numbers"
+    )
+    batch_size: int = Field(default=20, strict=True, ge=1, le=65536, description="images per training step")
 
     @field_validator("image_size")
     @classmethod
@@ -80,7 +82,9 @@ class DatasetSpec(_Section):
 class ModelSpec(_Section):
     """The network: a built-in one or a factory of the user's."""
 
-    builtin: Literal["simple_cnn", "mobilenet_v2"] | None = None
+    builtin: Literal["simple_cnn", "mobilenet_v2"] | None = Field(
+        default=None, description="a network that comes with runner"
+    )
     factory: str | None = Field(
         default=None,
         pattern=FACTORY_PATTERN,
@@ -98,17 +102,20 @@ class ModelSpec(_Section):
 class TrainingSpec(_Section):
     """How long and how to train."""
 
-    epochs: int = Field(default=15, strict=True, ge=1, le=1_000_000)
-    optimizer: Optimizer = "adam"
-    learning_rate: float = Field(default=0.001, strict=True, gt=0, le=10)
-    loss: Loss = "binary_crossentropy"
-    metrics: tuple[str, ...] = ("accuracy",)
-    seed: int = Field(default=0, strict=True, ge=0, lt=2**31)
+    epochs: int = Field(default=15, strict=True, ge=1, le=1_000_000, description="passes over the training images")
+    optimizer: Optimizer = Field(default="adam", description="Keras optimizer")
+    learning_rate: float = Field(default=0.001, strict=True, gt=0, le=10, description="the optimizer's learning rate")
+    loss: Loss = Field(default="binary_crossentropy", description="Keras loss; must fit dataset.label_mode")
+    metrics: tuple[str, ...] = Field(default=("accuracy",), description="Keras metrics, reported every epoch")
+    seed: int = Field(
+        default=0, strict=True, ge=0, lt=2**31, description="seeds the data order, initial weights and random layers"
+    )
     deterministic: bool = Field(default=False, strict=True, description="op determinism: bit-identical resumes on the CPU")
     on_oom: Literal["fail", "halve_batch"] = Field(
         default="fail",
-        description="on a GPU out-of-memory error: fail with advice, or go back to the last checkpoint with half "
-        "the batch size (this changes the training trajectory)",
+        description="on a GPU out-of-memory error: fail with advice, or go back to the last checkpoint and go on "
+        "with half the batch size, halving again on each new error down to 1 (this changes the training trajectory: "
+        "more optimizer steps, each on fewer images)",
     )
 
     @field_validator("learning_rate", mode="before")
@@ -130,7 +137,9 @@ class TrainingSpec(_Section):
 class CheckpointSpec(_Section):
     """When checkpoints are taken and how many are kept."""
 
-    every_epochs: int = Field(default=1, strict=True, ge=1)
+    every_epochs: int = Field(
+        default=1, strict=True, ge=1, description="checkpoint after every this many epochs (and after the last)"
+    )
     every_minutes: float | None = Field(default=None, strict=True, gt=0, description="also checkpoint mid-epoch this often")
     keep: int = Field(default=2, strict=True, ge=1, le=1000, description="committed checkpoints kept")
 
@@ -138,7 +147,9 @@ class CheckpointSpec(_Section):
 class ExportSpec(_Section):
     """What is exported when the job is done."""
 
-    formats: tuple[ExportFormat, ...] = Field(default=("keras",), min_length=1)
+    formats: tuple[ExportFormat, ...] = Field(
+        default=("keras",), min_length=1, description="files written to final/ when the job is done"
+    )
 
     @field_validator("formats")
     @classmethod

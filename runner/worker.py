@@ -171,7 +171,7 @@ class Worker:
             if self._past_deadline():
                 self.result.time_limit_reached = bool(self._candidates(attempted))
                 if self.result.time_limit_reached:
-                    self.console.print("[yellow]time limit (--max-hours) reached: no new job started[/]")
+                    self.console.print("[yellow]time limit reached: no new job started[/]")
                 break
             claimed = self._claim_next(attempted)
             if claimed is None:

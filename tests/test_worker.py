@@ -189,7 +189,7 @@ def test_cancel_of_a_running_job_stops_it_at_its_next_checkpoint(queue: Queue) -
     with reaped(start_slow_job(queue, "slow")) as process:
         asked = run_cli("cancel", "slow", "--queue", str(queue.root))
         assert asked.returncode == 0, asked.stderr
-        assert "will stop at its next checkpoint" in flat(asked.stderr)
+        assert "saves a checkpoint and stops within seconds" in flat(asked.stderr)
         process.wait(timeout=60)
 
     assert process.returncode == 0

@@ -106,7 +106,8 @@ class EpochProgress:
         self._completed += 1
         now = self.clock()
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, advance=1, metrics=format_metrics(metrics), rate=f"{self._rate(now):.1f} it/s")
+            rate = f"{self._rate(now):.1f} it/s"
+            self._progress.update(self._task, advance=1, metrics=format_metrics(metrics), rate=rate)
         elif self.mode == "notebook" and now - self._shown_at >= NOTEBOOK_REFRESH_S:
             self._shown_at = now
             self._show_in_notebook(self._line(metrics, now))
