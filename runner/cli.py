@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
     logs = commands.add_parser("logs", parents=[common], help="print a job's log")
     logs.add_argument("name", metavar="NAME")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new lines until the job is finished (or Ctrl-C)"
+    )
 
     plot = commands.add_parser("plot", parents=[common], help="draw learning curves (one job, or all compared)")
     plot.add_argument("name", nargs="?", metavar="NAME", help="the job to plot (default: every job of the queue)")
@@ -199,25 +201,15 @@ def _plot(queue: Queue, name: str | None, output: Path | None, err: Console) -> 
 
 
 def _logs(queue: Queue, name: str, *, follow: bool) -> int:
-    path = queue.job(name).paths.log
-    position = 0
-    while True:
-        try:
-            data = storage.read_bytes(path)
-        except StorageError as error:
-            if error.errno_ != 2:
-                raise
-            data = b""
-        if len(data) < position:
-            position = 0  # the log was replaced
-        sys.stdout.write(data[position:].decode("utf-8", errors="replace"))
+    from runner.joblog import show_log  # noqa: PLC0415
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
         sys.stdout.flush()
-        position = len(data)
-        if not follow:
-            if not data:
-                print(f"(job {name!r} has no log yet)", file=sys.stderr)
-            return 0
-        time.sleep(1.0)
+
+    if not show_log(queue.job(name), write, follow=follow):
+        print(f"(job {name!r} has no log yet)", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ download that gives up on a blip or retries a 404, and bad input reported as any
 
 from __future__ import annotations
 
+import dataclasses
 import email.message
 import hashlib
 import io
@@ -119,6 +120,20 @@ def test_start_step_gives_exactly_the_tail_of_the_epoch(folder: Path, cache: Pat
     assert data.steps_per_epoch == 4 and [len(labels) for _, labels in full] == [4, 4, 4, 3]
     for start in range(data.steps_per_epoch + 1):
         assert same(collect(data.train_batches(epoch=3, start_step=start)), full[start:])
+
+
+def test_start_sample_with_another_batch_size_gives_the_rest_of_the_epoch(folder: Path, cache: Path) -> None:
+    """After running out of memory mid-epoch the batch size is halved: the epoch goes on at the sample where the
+    checkpoint stopped, whatever the new size, so no image of it is skipped or trained on twice."""
+    data = prepare(folder, cache)
+    done = ids_of(collect(data.train_batches(epoch=3)))[:8]  # two batches of 4
+    halved = dataclasses.replace(data, batch_size=2)
+    rest = collect(halved.train_batches(epoch=3, start_sample=8))
+
+    assert [len(labels) for _, labels in rest] == [2, 2, 2, 1]
+    assert done + ids_of(rest) == list(epoch_order(7, 3, 15))
+    with pytest.raises(ValueError, match="start_sample must be between 0 and 15"):
+        data.train_batches(epoch=0, start_sample=16)
 
 
 def test_batches_hold_float32_images_in_0_255_with_the_right_labels(folder: Path, cache: Path) -> None:

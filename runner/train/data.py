@@ -86,14 +86,23 @@ class ImageFolderData:
         """Batches in one epoch; the last one may be partial."""
         return math.ceil(self.num_train / self.batch_size)
 
-    def train_batches(self, *, epoch: int, start_step: int = 0) -> tf.data.Dataset:
-        """Batches of epoch ``epoch`` from batch ``start_step`` on: batch k is the same whatever the start."""
+    def train_batches(self, *, epoch: int, start_step: int = 0, start_sample: int | None = None) -> tf.data.Dataset:
+        """Batches of epoch ``epoch`` from batch ``start_step`` on: batch k is the same whatever the start.
+
+        ``start_sample`` starts at that sample of the epoch's order instead: after the batch size changed mid-epoch,
+        the samples done are no longer a multiple of the batch size.
+        """
         if epoch < 0:
             raise ValueError(f"epoch must be 0 or more, got {epoch!r}")
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step must be between 0 and {self.steps_per_epoch}, got {start_step!r}")
+        if start_sample is None:
+            start_sample = min(start_step * self.batch_size, self.num_train)
+        elif start_step or not 0 <= start_sample <= self.num_train:
+            limits = f"between 0 and {self.num_train}, without start_step"
+            raise ValueError(f"start_sample must be {limits}, got {start_sample!r}")
         order = epoch_order(self.seed, epoch, self.num_train)
-        return self._finish(self._train.batches(order[start_step * self.batch_size :], self.batch_size))
+        return self._finish(self._train.batches(order[start_sample:], self.batch_size))
 
     def validation_batches(self) -> tf.data.Dataset | None:
         """Validation batches in a fixed order; ``None`` when the dataset has no validation images."""

@@ -2,8 +2,13 @@
 
 The training loop hands over a local snapshot folder and carries on. One thread copies it into the job folder
 through the checkpoint store (temp folder, manifest, fencing, rename), then records the progress in state.json
-and rewrites history.csv. If a newer snapshot is handed over while one is uploading, only the newest is uploaded
-next: the older pending one is dropped. A storage error keeps the snapshot and tries again later.
+and rewrites history.csv and the TensorBoard logs. If a newer snapshot is handed over while one is uploading,
+only the newest is uploaded next: the older pending one is dropped. A storage error keeps the snapshot and tries
+again later.
+
+TensorBoard logs are a view, not a result: a failure to write them is a warning, tried again after the next
+checkpoint, and never holds up or fails the job. Before any snapshot the thread replays the restored history into
+this claim's TensorBoard files.
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner import defaults, storage
-from runner.errors import StorageError
+from runner.errors import Fenced, StorageError
 from runner.history import write_history
+from runner.train.tensorboard import TensorBoardLog
 from runner.training import RunContext
 
 log = logging.getLogger(__name__)
@@ -45,13 +51,18 @@ class Publisher:
         context: RunContext,
         *,
         note: Path | None = None,
+        tensorboard: TensorBoardLog | None = None,
+        restored_history: Sequence[dict[str, float]] = (),
         retry_pause_s: float = defaults.PUBLISH_RETRY_PAUSE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.context, self.note, self.retry_pause_s, self.clock = context, note, retry_pause_s, clock
+        self.tensorboard = tensorboard
+        self._restored_history = [dict(row) for row in restored_history]
+        self._tensorboard_failing = False
         self._failing_since: float | None = None
         self._pending: Snapshot | None = None
-        self._busy = False
+        self._busy = tensorboard is not None  # the replay below: flush() waits for it like for a snapshot
         self._closing = False
         self._condition = threading.Condition()
         self.error: BaseException | None = None
@@ -100,6 +111,8 @@ class Publisher:
             self._thread.join(timeout=defaults.PUBLISH_FLUSH_TIMEOUT_S)
 
     def _run(self) -> None:
+        if self.tensorboard is not None:
+            self._replay_tensorboard()
         while True:
             with self._condition:
                 while self._pending is None and not self._closing:
@@ -178,4 +191,34 @@ class Publisher:
         context.claim.fence()
         write_history(context.job.paths.history, snapshot.history)
         self.published.append(info.id)
+        self._publish_tensorboard(snapshot.history)
+
+    def _replay_tensorboard(self) -> None:
+        try:
+            self._publish_tensorboard(self._restored_history)
+        except BaseException as error:  # fenced: stop publishing and let the trainer raise it
+            with self._condition:
+                self.error = error
+        finally:
+            with self._condition:
+                self._busy = False
+                self._condition.notify_all()
+
+    def _publish_tensorboard(self, history: list[dict[str, float]]) -> None:
+        """Bring the TensorBoard logs up to ``history``; a failure is a warning (once per streak), never the job's."""
+        if self.tensorboard is None:
+            return
+        try:
+            self.tensorboard.publish(history, fence=self.context.claim.fence)
+        except Fenced:
+            raise
+        except Exception as error:  # whatever went wrong, it is not worth stopping training for
+            level = logging.DEBUG if self._tensorboard_failing else logging.WARNING
+            message = "could not write the TensorBoard logs (trying again after the next checkpoint): %s"
+            self.context.log.log(level, message, error)
+            self._tensorboard_failing = True
+        else:
+            if self._tensorboard_failing:
+                self.context.log.info("TensorBoard logs written again")
+            self._tensorboard_failing = False
 

@@ -2,9 +2,9 @@
 
 ``variables.npz`` holds the model's variables (weights, batch-norm statistics, and the state of every Keras
 ``SeedGenerator``: Dropout and augmentation layers) and the optimizer's (iteration count, learning rate,
-moments). ``state.json`` holds the position (epoch, step, global step), this epoch's running metric sums, the
-metrics history, the best value so far, and the claim generation. The data order is a pure function of
-(seed, epoch), so the position is the whole data state.
+moments). ``state.json`` holds the position (epoch, step, global step, samples of the epoch seen), this epoch's
+running metric sums, the metrics history, the best value so far, the claim generation and the batch size in effect.
+The data order is a pure function of (seed, epoch), so the position is the whole data state.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class TrainingState:
     epoch: int = 0
     """Completed epochs."""
     step: int = 0
-    """Batches done in the current epoch."""
+    """Batches done in the current epoch (of two sizes if the batch size was halved in it: ``seen`` is the position)."""
     global_step: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     """Sample-weighted sums of this epoch's per-batch metrics so far."""
@@ -46,6 +46,9 @@ class TrainingState:
     """Seconds of training over all sessions."""
     generation: int = 0
     steps_per_epoch: int = 0
+    batch_size: int | None = None
+    """The batch size training goes on with (halved after running out of memory); ``None`` in snapshots written
+    before it was recorded, which means the spec's."""
 
     def epoch_metrics(self) -> dict[str, float]:
         """This epoch's metrics so far: sample-weighted means of the per-batch values."""

@@ -8,7 +8,9 @@ so a resumed epoch reports exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -27,9 +29,11 @@ from runner.spec import JobSpec
 from runner.train.data import ImageFolderData, prepare_dataset
 from runner.train.export import publish_exports, write_exports
 from runner.train.models import build_model, check_loss_matches_labels, compile_model
+from runner.train.oom import go_back, halved_batch_size, is_out_of_memory, report_halving
 from runner.train.progress import EpochProgress
 from runner.train.publisher import Publisher, Snapshot
 from runner.train.snapshot import TrainingState, load_snapshot, save_snapshot
+from runner.train.tensorboard import TensorBoardLog
 from runner.training import Outcome, RunContext
 
 
@@ -129,7 +133,15 @@ class _Session:
 
     def run(self) -> Outcome:
         state = self._restore()
-        publisher = Publisher(self.context, note=publish_note(self.cache_dir, self.context.job.name))
+        tensorboard = TensorBoardLog(
+            self.context.job.paths, generation=self.context.generation, local_folder=self.workdir / "tensorboard"
+        )
+        publisher = Publisher(
+            self.context,
+            note=publish_note(self.cache_dir, self.context.job.name),
+            tensorboard=tensorboard,
+            restored_history=state.history,  # replayed into this claim's TensorBoard files before any snapshot
+        )
         try:
             outcome = self._train(state, publisher)
             if outcome is Outcome.DONE:
@@ -142,14 +154,27 @@ class _Session:
             publisher.shutdown()
 
     def _train(self, state: TrainingState, publisher: Publisher) -> Outcome:
+        if self.spec.training.on_oom == "halve_batch" and state.global_step == 0:
+            self._save_initial(state)
+        while True:
+            try:
+                return self._train_epochs(state, publisher)
+            except tf.errors.OpError as error:
+                if not is_out_of_memory(error):
+                    raise
+                state = self._after_oom(error, state, publisher)
+
+    def _train_epochs(self, state: TrainingState, publisher: Publisher) -> Outcome:
         context = self.context
         every_minutes = self.spec.checkpoint.every_minutes
         while state.epoch < self.epochs:
             if context.should_stop():
                 return self._stop(state, publisher)
             epoch_started = self.clock()
-            self.progress.start(state.epoch, total=self.data.steps_per_epoch, completed=state.step)
-            for images, labels in self.data.train_batches(epoch=state.epoch, start_step=state.step):
+            # Counted in samples: after a batch size change mid-epoch, the batches done were of another size.
+            left = math.ceil((self.data.num_train - state.seen) / self.data.batch_size)
+            self.progress.start(state.epoch, total=state.step + left, completed=state.step)
+            for images, labels in self.data.train_batches(epoch=state.epoch, start_sample=state.seen):
                 logs = self.model.train_on_batch(images, labels, return_dict=True)
                 state.add_batch(logs, int(images.shape[0]))
                 self.progress.advance(state.epoch_metrics())
@@ -159,7 +184,7 @@ class _Session:
                     self.progress.stop()
                     return self._stop(state, publisher)
                 due = every_minutes and self.clock() - self.last_snapshot_at >= every_minutes * 60
-                if due and state.step < self.data.steps_per_epoch:
+                if due and state.seen < self.data.num_train:
                     self._snapshot(state, publisher)
             self.progress.stop()
             self._end_epoch(state, self.clock() - epoch_started)
@@ -184,6 +209,53 @@ class _Session:
             self._snapshot(state, publisher)
         return Outcome.STOPPED
 
+    # --- out of memory ----------------------------------------------------------------------------------------
+
+    def _after_oom(self, error: tf.errors.OpError, state: TrainingState, publisher: Publisher) -> TrainingState:
+        """Fail with advice, or (``on_oom: halve_batch``) go back to the newest checkpoint with half the batch."""
+        self.progress.stop()
+        old = self.data.batch_size
+        new = halved_batch_size(old, self.spec, error)
+        during = "validation" if state.seen >= self.data.num_train else "training"
+        if not publisher.flush(defaults.PUBLISH_FLUSH_TIMEOUT_S):  # the newest snapshot is where to go back to
+            raise StorageError(
+                f"{self.context.job.paths.checkpoints}: the newest checkpoint was still not published "
+                f"{defaults.PUBLISH_FLUSH_TIMEOUT_S:.0f}s after running out of memory: run `runner work` again",
+                path=str(self.context.job.paths.checkpoints),
+                transient=True,
+            )
+        back, checkpoint = go_back(
+            self.context, self.model, scratch=self.workdir / "oom-restore", initial=self.workdir / "initial"
+        )
+        # Fresh step functions: one whose first trace failed cannot create its metrics' variables on the next call.
+        self.model.make_train_function(force=True)
+        self.model.make_test_function(force=True)
+        back.generation, back.batch_size = self.context.generation, new
+        report_halving(self.context, at=state, during=during, back_to=back, checkpoint=checkpoint, old=old)
+        self._use_batch_size(back)
+        self.snapshot_position = (back.epoch, back.step) if checkpoint else None
+        self.last_snapshot_at = self.clock()
+        return back
+
+    def _use_batch_size(self, state: TrainingState) -> None:
+        """Go on at the snapshot's batch size: one halved after running out of memory must survive a resume."""
+        size = state.batch_size or self.spec.dataset.batch_size
+        state.batch_size = size
+        if size != self.data.batch_size:
+            self.data = dataclasses.replace(self.data, batch_size=size)
+        state.steps_per_epoch = self.data.steps_per_epoch
+        if size != self.spec.dataset.batch_size and self.context.claim.claimed.batch_size != size:
+            self.context.claim.update(batch_size=size)  # for status; also repairs a state.json rebuilt without it
+
+    def _save_initial(self, state: TrainingState) -> None:
+        """Keep the initial weights on local disk: where to go back to if memory runs out before any checkpoint."""
+        folder = self.workdir / "initial"
+        try:
+            save_snapshot(self.model, state, folder)
+        except OSError as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise local_disk_error(error, folder) from error
+
     # --- checkpoints ----------------------------------------------------------------------------------------
 
     def _restore(self) -> TrainingState:
@@ -196,6 +268,7 @@ class _Session:
             context.job.events.append("started", generation=context.generation, epochs=self.epochs)
         else:
             state = load_snapshot(self.model, scratch, checkpoint=info.id)
+            self._use_batch_size(state)
             self.snapshot_position = (state.epoch, state.step)
             context.job.events.append(
                 "resumed",
