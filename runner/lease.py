@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from filelock import LeaseCompromise, LeaseSettingsMismatch, SoftFileLease, Timeout
 
-from runner import defaults
+from runner import defaults, storage
 from runner.errors import UsageError
 from runner.paths import JobPaths
 
@@ -170,6 +170,8 @@ class JobLease:
                 f"the lease on {self.paths.folder} was taken with another lease duration than this process's "
                 f"{self.duration:g}s: every worker of a queue must use the same ${defaults.LEASE_DURATION_ENV}"
             ) from None
+        except OSError as error:  # a read-only, full or failing job folder: one line with the path and the fix
+            raise storage.storage_error(error) from error
         return True
 
     def wait_for_takeover(

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from runner.errors import OutOfMemory
 from runner.spec import JobSpec
+from runner.train.gpu import tensorflow_sees_a_gpu
 from runner.train.snapshot import TrainingState, load_snapshot
 from runner.training import RunContext
 
@@ -39,11 +40,7 @@ def halved_batch_size(batch_size: int, spec: JobSpec, error: BaseException) -> i
     if spec.training.on_oom == "halve_batch" and batch_size > 1:
         return batch_size // 2
     halved_from = spec.dataset.batch_size if batch_size != spec.dataset.batch_size else None
-    raise OutOfMemory(batch_size, gpu=_has_gpu(), halved_from=halved_from) from error
-
-
-def _has_gpu() -> bool:
-    return bool(tf.config.list_physical_devices("GPU"))
+    raise OutOfMemory(batch_size, gpu=tensorflow_sees_a_gpu(), halved_from=halved_from) from error
 
 
 def go_back(
@@ -71,7 +68,7 @@ def report_halving(
     when = f"epoch {epoch}, step {at.step + 1}" if during == "training" else f"validation of epoch {epoch}"
     where = f"checkpoint {checkpoint}" if checkpoint else "the start (no checkpoint yet)"
     message = (
-        f"out of {'GPU ' if _has_gpu() else ''}memory at batch size {old} ({when}): going back to {where} and on "
+        f"out of {'GPU ' if tensorflow_sees_a_gpu() else ''}memory at batch size {old} ({when}): going back to {where} and on "
         f"with batch size {new} (training.on_oom: halve_batch; this changes the training trajectory)"
     )
     context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)

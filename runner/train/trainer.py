@@ -20,6 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from rich.markup import escape
 
 from runner import defaults, storage
 from runner.errors import StorageError
@@ -28,6 +29,7 @@ from runner.paths import default_cache_dir, publish_note, work_folder
 from runner.spec import JobSpec
 from runner.train.data import ImageFolderData, prepare_dataset
 from runner.train.export import publish_exports, write_exports
+from runner.train.gpu import warn_if_gpu_unused
 from runner.train.models import build_model, check_loss_matches_labels, compile_model
 from runner.train.oom import go_back, halved_batch_size, is_out_of_memory, report_halving
 from runner.train.progress import EpochProgress
@@ -55,7 +57,7 @@ def warn_if_short_of_space(context: RunContext, model: keras.Model) -> bool:
         f"plus one being written need about {needed / 1e6:.1f} MB ({each / 1e6:.1f} MB each): free some space "
         "(on Drive, empty the trash: deleted files count for 30 days) or lower checkpoint.keep"
     )
-    context.console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
     context.log.warning("%s", message)
     context.job.events.append("space-warning", free_bytes=free, needed_bytes=needed, checkpoint_bytes=each)
     return True
@@ -91,6 +93,7 @@ class KerasTrainer:
         """Run the job from its newest verified checkpoint to the end, or until asked to stop."""
         spec = context.spec
         check_loss_matches_labels(spec)
+        warn_if_gpu_unused(context)
         data = prepare_dataset(spec.dataset, seed=spec.training.seed, cache_dir=self.cache_dir, console=context.console)
         configure_determinism(spec)
         model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
