@@ -34,6 +34,24 @@ Loss = Literal[
     "mean_absolute_error",
     "hinge",
 ]
+
+LOSSES_FOR_LABELS: dict[str, tuple[str, ...]] = {
+    "binary": ("binary_crossentropy", "hinge", "mean_squared_error", "mean_absolute_error"),
+    "categorical": ("categorical_crossentropy", "mean_squared_error", "mean_absolute_error"),
+    "int": ("sparse_categorical_crossentropy",),
+}
+"""The losses that fit each ``dataset.label_mode``; the first is the one to advise."""
+
+
+def loss_label_problem(loss: str, label_mode: str) -> str | None:
+    """Why ``loss`` cannot train on labels of ``label_mode``, as one line; ``None`` when it can."""
+    if loss in LOSSES_FOR_LABELS[label_mode]:
+        return None
+    fitting_modes = " or ".join(mode for mode, losses in LOSSES_FOR_LABELS.items() if loss in losses)
+    return (
+        f"training.loss {loss!r} does not fit dataset.label_mode {label_mode!r}: "
+        f"use {LOSSES_FOR_LABELS[label_mode][0]}, or label_mode: {fitting_modes}"
+    )
 ExportFormat = Literal["keras", "h5", "saved_model"]
 
 
@@ -180,6 +198,13 @@ class JobSpec(_Section):
             )
         return name
 
+    @model_validator(mode="after")
+    def _loss_fits_labels(self) -> JobSpec:
+        # Checked at submit, not only when a worker starts the job hours later on a GPU.
+        if (problem := loss_label_problem(self.training.loss, self.dataset.label_mode)) is not None:
+            raise ValueError(problem)
+        return self
+
     def to_yaml(self) -> str:
         """The spec as YAML with every field, defaults filled in."""
         # Python mode, not JSON mode: JSON mode would turn an infinite float in params into null.
@@ -262,6 +287,8 @@ def _parse_text(text: str, source: str, *, json_only: bool) -> Any:
 def _describe(problem: Any) -> str:
     location = ".".join(_field(part) for part in problem["loc"]) or "(top level)"
     kind, message = problem["type"], problem["msg"]
+    if not problem["loc"] and kind == "value_error":
+        return message.removeprefix("Value error, ")  # a check across sections names its fields itself
     if kind == "extra_forbidden":
         allowed = _allowed_fields(problem["loc"][:-1])
         return f"{location}: unknown field; allowed here: {', '.join(allowed)}"

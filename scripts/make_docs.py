@@ -376,7 +376,7 @@ def _section_part(section: str | None) -> str:
 
 
 def _label_losses(_: str | None) -> str:
-    losses: dict[str, tuple[str, ...]] = _literal(MODELS_SOURCE, "LOSSES_FOR_LABELS")
+    losses: dict[str, tuple[str, ...]] = spec_module.LOSSES_FOR_LABELS
     heads = {
         "binary": "2 classes; one sigmoid output",
         "categorical": "2 or more classes, labels one-hot; softmax over the classes",

@@ -298,10 +298,6 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
             ),
             ["keras_jobs_factories:not_a_model", "int", "not a keras.Model"],
         ),
-        "loss-for-labels": (
-            small_spec("loss-for-labels", good, training={"loss": "categorical_crossentropy"}),
-            ["categorical_crossentropy", "binary"],
-        ),
     }
 
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from runner.errors import SpecError
 from runner.spec import (
     FACTORY_PATTERN,
+    LOSSES_FOR_LABELS,
     CheckpointSpec,
     DatasetSpec,
     ExportSpec,
@@ -131,6 +132,15 @@ exports = st.fixed_dictionaries(
         "formats": st.lists(st.sampled_from(["keras", "h5", "saved_model"]), min_size=1, max_size=3, unique=True)
     },
 )
+def _with_a_fitting_loss(spec: dict[str, Any]) -> dict[str, Any]:
+    """A loss that cannot train on the labels is refused (tested on its own): keep drawn losses that fit."""
+    label_mode = spec["dataset"].get("label_mode", "binary")
+    loss = spec.get("training", {}).get("loss", "binary_crossentropy")
+    if loss not in LOSSES_FOR_LABELS[label_mode]:
+        spec.setdefault("training", {})["loss"] = LOSSES_FOR_LABELS[label_mode][0]
+    return spec
+
+
 valid_specs = st.fixed_dictionaries(
     {"name": names, "dataset": datasets()},
     optional={
@@ -140,7 +150,7 @@ valid_specs = st.fixed_dictionaries(
         "checkpoint": checkpoints,
         "export": exports,
     },
-)
+).map(_with_a_fitting_loss)
 
 
 def _assert_kept(given: dict[str, Any], dumped: dict[str, Any]) -> None:

@@ -19,16 +19,9 @@ from typing import Any
 import keras
 
 from runner.errors import ModelError
-from runner.spec import JobSpec
+from runner.spec import JobSpec, loss_label_problem
 
 InputShape = tuple[int, int, int]
-
-LOSSES_FOR_LABELS: dict[str, tuple[str, ...]] = {
-    "binary": ("binary_crossentropy", "hinge", "mean_squared_error", "mean_absolute_error"),
-    "categorical": ("categorical_crossentropy", "mean_squared_error", "mean_absolute_error"),
-    "int": ("sparse_categorical_crossentropy",),
-}
-"""The losses that fit each ``dataset.label_mode``; the first is the one to advise."""
 
 OPTIMIZERS: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
     "adam": keras.optimizers.Adam,
@@ -57,15 +50,10 @@ _RATE = "a number from 0 up to (not including) 1"
 
 
 def check_loss_matches_labels(spec: JobSpec) -> None:
-    """Refuse a loss that cannot train on the dataset's labels, before any data is read."""
-    mode, loss = spec.dataset.label_mode, spec.training.loss
-    if loss in LOSSES_FOR_LABELS[mode]:
-        return
-    fitting_modes = " or ".join(m for m, losses in LOSSES_FOR_LABELS.items() if loss in losses)
-    raise ModelError(
-        f"training.loss {loss!r} does not fit dataset.label_mode {mode!r}: "
-        f"use {LOSSES_FOR_LABELS[mode][0]}, or label_mode: {fitting_modes}"
-    )
+    """Refuse a loss that cannot train on the dataset's labels, before any data is read (the spec refuses it at
+    submit; a job folder submitted by an older runner may still hold one)."""
+    if (problem := loss_label_problem(spec.training.loss, spec.dataset.label_mode)) is not None:
+        raise ModelError(problem)
 
 
 def build_model(spec: JobSpec, *, input_shape: InputShape, num_classes: int) -> keras.Model:
