@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _queue(args: argparse.Namespace) -> Queue:
     root = args.queue if args.queue is not None else default_queue_dir()
+    storage.check_retry_budget_environment()
     ensure_drive(root, can_prompt=in_notebook_kernel())
     return Queue(root, lease_duration=lease_duration_from())
 

@@ -15,8 +15,9 @@ RETRY_BUDGET_S = 300.0
 RETRY_BUDGET_ENV = "RUNNER_RETRY_BUDGET"
 """Environment variable overriding :data:`RETRY_BUDGET_S` (seconds), e.g. to test long outages quickly."""
 
-RETRY_MAX_ATTEMPTS = 12
-"""Tries of one file operation before giving up, whatever the clock says (bounds retries under a fake sleep)."""
+RETRY_MAX_ATTEMPTS = 40
+"""Tries of one file operation before giving up, whatever the clock says. With random pauses growing to 30 s,
+the 300 s budget is what ends a long outage (about 20 tries); this bounds retries under a fake sleep."""
 
 RETRY_MAX_WAIT_S = 30.0
 """Longest pause between two tries of one file operation (exponential backoff with jitter up to this)."""

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import tenacity
 
 from runner import defaults
-from runner.errors import DamagedFile, StorageError
+from runner.errors import DamagedFile, StorageError, UsageError
 from runner.paths import temp_sibling
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,26 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
 
 
 def _budget_from_environment() -> float:
-    raw = os.environ.get(defaults.RETRY_BUDGET_ENV)
+    # Read at import, where an error cannot be reported well: a bad value falls back to the default here, and the
+    # command line refuses it with one line (check_retry_budget_environment).
     try:
-        value = float(raw) if raw is not None else defaults.RETRY_BUDGET_S
+        return check_retry_budget_environment()
+    except UsageError:
+        return defaults.RETRY_BUDGET_S
+
+
+def check_retry_budget_environment(environ: Mapping[str, str] = os.environ) -> float:
+    """``$RUNNER_RETRY_BUDGET`` seconds, or the default; :class:`UsageError` for a value that is not one."""
+    raw = environ.get(defaults.RETRY_BUDGET_ENV)
+    if raw is None:
+        return defaults.RETRY_BUDGET_S
+    try:
+        value = float(raw)
     except ValueError:
-        value = defaults.RETRY_BUDGET_S
-    return value if value >= 0 else defaults.RETRY_BUDGET_S
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise UsageError(f"{defaults.RETRY_BUDGET_ENV} must be zero or more seconds, got {raw!r}")
+    return value
 
 
 _budget = [_budget_from_environment()]

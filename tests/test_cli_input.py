@@ -214,3 +214,25 @@ def test_work_with_nothing_runnable_does_not_load_the_trainer(tmp_path: Path) ->
     result = run_cli("work", "--queue", str(tmp_path / "queue"), env=env)
     _assert_clean_exit(result, 0)
     assert "imported!" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RUNNER_RETRY_BUDGET", "abc"),
+        ("RUNNER_RETRY_BUDGET", "-5"),
+        ("RUNNER_RETRY_BUDGET", "nan"),
+        ("RUNNER_LEASE_DURATION", "0"),
+        ("RUNNER_LEASE_DURATION", "soon"),
+    ],
+)
+def test_a_bad_setting_in_the_environment_is_one_line_naming_it(tmp_path: Path, variable: str, value: str) -> None:
+    queue_dir = tmp_path / "queue"
+    spec = write_spec(tmp_path, "job-a")
+
+    result = run_cli("submit", "--queue", str(queue_dir), str(spec), env=runner_env(**{variable: value}))
+
+    _assert_clean_exit(result, 2)
+    (line,) = _error_lines(result)
+    assert line.startswith(f"error: {variable} must be ") and repr(value) in line
+    assert _files_under(queue_dir) == []
