@@ -13,6 +13,7 @@ and takes the first that matches its manifest; every one it passes over is logge
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from runner import storage
 from runner.errors import CheckpointCorrupt, DamagedFile, StorageError
 from runner.job import Job
 from runner.paths import MANIFEST_NAME, is_temp_name
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 
@@ -77,6 +80,8 @@ class CheckpointStore:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep!r}")
         self.job, self.keep, self.fence, self.clock = job, keep, fence, clock
+        self.fallbacks: list[tuple[str, str]] = []
+        """``(checkpoint id, reason)`` of each checkpoint the last :meth:`restore` passed over as damaged."""
         self.folder = job.paths.checkpoints
 
     def committed(self) -> list[CheckpointInfo]:
@@ -171,6 +176,7 @@ class CheckpointStore:
 
     def restore(self, target: Path) -> CheckpointInfo | None:
         """Copy the newest checkpoint that verifies into ``target`` (local disk); ``None`` when none does."""
+        self.fallbacks = []
         for info in self.committed():
             scratch = Path(target) / f".restore-{info.id}"
             storage.remove_tree(scratch)
@@ -180,6 +186,8 @@ class CheckpointStore:
             except CheckpointCorrupt as error:
                 storage.remove_tree(scratch)
                 self.job.events.append("fallback", checkpoint=info.id, reason=error.reason)
+                log.warning("checkpoint %s does not verify (%s): trying the one before", info.id, error.reason)
+                self.fallbacks.append((info.id, error.reason))
                 continue
             for child in scratch.iterdir():
                 child.rename(Path(target) / child.name)

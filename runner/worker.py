@@ -250,8 +250,10 @@ class Worker:
         job_log = logging.getLogger(f"runner.job.{name}")
         job_log.addHandler(handler)
         job_log.setLevel(logging.INFO)
-        retries = logging.getLogger("runner.storage")  # its retry warnings belong in the job's log too
-        retries.addHandler(handler)
+        # Retry warnings and checkpoint fallbacks belong in the job's log too.
+        shared = [logging.getLogger("runner.storage"), logging.getLogger("runner.checkpoints")]
+        for logger in shared:
+            logger.addHandler(handler)
         try:
             self._run_claimed(claim, job_log)
         except Fenced as fenced:
@@ -261,7 +263,8 @@ class Worker:
             self.result.interrupted.append(name)
         finally:
             job_log.removeHandler(handler)
-            retries.removeHandler(handler)
+            for logger in shared:
+                logger.removeHandler(handler)
             claim.lease.release()
         return False
 

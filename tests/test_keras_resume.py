@@ -155,6 +155,9 @@ def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(
     assert final.returncode == 0, final.stderr[-3000:]
     fallbacks = events(queue, "tiny", "fallback")
     assert [event["checkpoint"] for event in fallbacks] == [newest.id]
+    said = " ".join(final.stderr.split())
+    assert f"warning: checkpoint {newest.id} of 'tiny' does not verify" in said and "using the one before it" in said
+    assert f"checkpoint {newest.id} does not verify" in job.paths.log.read_text()
     resumed = events(queue, "tiny", "resumed")[-1]
     assert resumed["checkpoint"] == committed[1].id
     assert_same_result(queue, reference)
@@ -171,3 +174,37 @@ def test_a_finished_job_is_never_trained_again(digits: Path, tmp_path: Path) -> 
     assert job_of(queue, "tiny").read_state() == before
     status = json.loads(run_cli("status", "--json", "--queue", str(queue), env=env).stdout)
     assert status[0]["state"] == "done" and status[0]["epoch"] == 1
+
+
+def test_when_no_checkpoint_verifies_the_job_starts_again_and_says_so(digits: Path, tmp_path: Path) -> None:
+    env = keras_env(tmp_path / "cache")
+    queue = tmp_path / "queue"
+    submit(tmp_path, queue, digits, "tiny", env)
+    job = job_of(queue, "tiny")
+    worker = start_cli("work", "--queue", str(queue), env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while job.read_state().epoch < 1 and worker.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGTERM)  # saves a checkpoint and stops: the job is left resumable
+        worker.communicate(timeout=120)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    committed = CheckpointStore(job, keep=2).committed()
+    if job.read_state().status is JobStatus.DONE or not committed:
+        pytest.skip("the run finished before it could be stopped with a checkpoint")
+    for info in committed:  # every checkpoint damaged, as by a sync tool gone wrong
+        weights = info.path / "variables.npz"
+        weights.write_bytes(b"\0" * weights.stat().st_size)
+
+    final = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+
+    assert final.returncode == 0, final.stderr[-3000:]
+    said = " ".join(final.stderr.split())
+    assert "warning: no checkpoint of 'tiny' verifies: training starts again from the beginning" in said
+    assert [event["checkpoint"] for event in events(queue, "tiny", "fallback")] == [info.id for info in committed]
+    assert events(queue, "tiny", "started")[-1]["generation"] == job.read_state().generation
+    history = read_history(job.paths.history)
+    assert [int(row["epoch"]) for row in history] == list(range(len(history)))  # each epoch once, from 0

@@ -266,6 +266,18 @@ class _Session:
         scratch = self.workdir / "restore"
         scratch.mkdir(parents=True, exist_ok=True)
         info = context.store.restore(scratch)
+        for checkpoint, reason in context.store.fallbacks:
+            context.console.print(
+                f"[yellow]warning:[/] checkpoint {checkpoint} of {context.job.name!r} does not verify "
+                f"({escape(reason)}): using the one before it",
+                highlight=False,
+            )
+        if info is None and context.store.fallbacks:
+            context.console.print(
+                f"[bold yellow]warning:[/] no checkpoint of {context.job.name!r} verifies: training starts again "
+                "from the beginning (the damaged ones are kept until newer ones replace them; see `runner logs`)",
+                highlight=False,
+            )
         if info is None:
             state = TrainingState()
             context.job.events.append("started", generation=context.generation, epochs=self.epochs)
