@@ -189,10 +189,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             _fsync_file(handle)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _name_the_path(error, path)
         raise
     fsync_dir(path.parent)
+
+
+def _name_the_path(error: BaseException, path: Path) -> None:
+    """A failed write(2) or fsync(2) (no space, quota) names no file: say which one, for the one-line message."""
+    if isinstance(error, OSError) and error.filename is None:
+        error.filename = str(path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -228,6 +235,9 @@ def append_line(path: Path, line: str) -> None:
     try:
         os.write(fd, data)
         os.fsync(fd)
+    except OSError as error:
+        _name_the_path(error, path)
+        raise
     finally:
         os.close(fd)
 
@@ -291,10 +301,18 @@ def copy_file(source: Path, target: Path) -> tuple[int, str]:
     digest, size = hashlib.sha256(), 0
     with open(source, "rb") as reader, open(target, "wb") as writer:
         while chunk := reader.read(_CHUNK):
-            writer.write(chunk)
+            try:
+                writer.write(chunk)
+            except OSError as error:
+                _name_the_path(error, target)
+                raise
             digest.update(chunk)
             size += len(chunk)
-        _fsync_file(writer)
+        try:
+            _fsync_file(writer)
+        except OSError as error:
+            _name_the_path(error, target)
+            raise
     return size, digest.hexdigest()
 
 

@@ -122,3 +122,18 @@ def test_a_full_local_cache_stops_cleanly_and_resumes(tmp_path: Path, tmpfs: Pat
     second = run_cli("work", "--queue", str(queue), env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     assert job.read_state().status is JobStatus.DONE
+
+
+def test_a_write_that_runs_out_of_space_names_the_file(tmpfs: Path, tmp_path: Path) -> None:
+    from runner import storage  # noqa: PLC0415
+    from runner.errors import StorageError  # noqa: PLC0415
+
+    target = tmpfs / "checkpoint.bin"
+    big = b"\1" * (8 << 20)  # twice the tmpfs
+    source = tmp_path / "big.bin"
+    source.write_bytes(big)
+    for write in (lambda: storage.atomic_write_bytes(target, big), lambda: storage.copy_file(source, target)):
+        with pytest.raises(StorageError) as caught:
+            write()
+        assert str(caught.value).startswith(f"{target}: no space left on the device")
+    assert [entry.name for entry in tmpfs.iterdir() if entry.name.startswith(".tmp-")] == []
