@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from runner import defaults, storage
-from runner.console import render_status, status_records, watch_status
-from runner.errors import RunnerError, SpecError, StorageError
-from runner.lease import lease_duration_from
 from runner.colab import ensure_drive, in_notebook_kernel
+from runner.console import render_status, status_records, watch_status
+from runner.errors import RunnerError, SpecError
+from runner.lease import lease_duration_from
 from runner.paths import default_queue_dir
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session

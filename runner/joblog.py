@@ -1,4 +1,4 @@
-"""Reading a job's runner.log: all of it, or following it as it grows (``runner logs NAME [-f]``).
+"""A job's runner.log: written by the worker without ever making training wait, read by ``runner logs NAME [-f]``.
 
 Following reads only what was appended since the last look (a log on Drive can grow to megabytes over many
 sessions), and stops by itself once the job is finished, so that ``!runner logs -f NAME`` in a notebook cell
@@ -8,6 +8,7 @@ ends with the job instead of blocking the notebook until it is interrupted.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -16,6 +17,34 @@ from pathlib import Path
 from runner import storage
 from runner.errors import RunnerError
 from runner.job import FINISHED, Job
+
+
+class JobLogHandler(logging.Handler):
+    """Appends log records to the job's runner.log, tagged with the claim generation, without ever making the
+    job wait: one plain append per record, no retries; lines that cannot be written now (the mount is failing)
+    are kept in memory (the newest 1,000) and written with the next record."""
+
+    _MAX_PENDING = 1000
+
+    def __init__(self, job: Job, generation: int) -> None:
+        super().__init__()
+        self.job, self.generation = job, generation
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._pending.append(f"[g{self.generation}] {self.format(record)}\n")
+        del self._pending[: -self._MAX_PENDING]
+        try:
+            fd = os.open(self.job.paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, "".join(self._pending).encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError:
+            return  # kept for the next record; a log line must never stall or fail the job
+        self._pending.clear()
+
 
 FOLLOW_POLL_S = 1.0
 """Seconds between two looks at a followed log (each is a stat and a small read on Drive)."""

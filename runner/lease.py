@@ -21,7 +21,6 @@ from runner import defaults, storage
 from runner.errors import UsageError
 from runner.paths import JobPaths
 
-
 _PID_NAMESPACE_MARK = "?pidns-"
 """filelock appends this and the PID namespace's inode (hex) to the host of a marker written inside a container."""
 

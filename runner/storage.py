@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import errno
 import functools
-import math
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time

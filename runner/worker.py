@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import signal
 import threading
 import time
@@ -26,40 +25,14 @@ from runner import defaults, storage
 from runner.checkpoints import CheckpointStore
 from runner.device import describe_devices, detect_gpus
 from runner.errors import Fenced, RunnerError, StorageError
-from runner.job import Job, JobStatus
+from runner.job import JobStatus
+from runner.joblog import JobLogHandler
 from runner.lease import JobLease, LeaseHolder
 from runner.queue import Claim, JobView, Queue
 from runner.recovery import repair_damaged_state
 from runner.training import Outcome, RunContext, TrainerFactory
 
 log = logging.getLogger(__name__)
-
-
-class _JobLogHandler(logging.Handler):
-    """Appends log records to the job's runner.log, tagged with the claim generation, without ever making the
-    job wait: one plain append per record, no retries; lines that cannot be written now (the mount is failing)
-    are kept in memory (the newest 1,000) and written with the next record."""
-
-    _MAX_PENDING = 1000
-
-    def __init__(self, job: Job, generation: int) -> None:
-        super().__init__()
-        self.job, self.generation = job, generation
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        self._pending: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._pending.append(f"[g{self.generation}] {self.format(record)}\n")
-        del self._pending[: -self._MAX_PENDING]
-        try:
-            fd = os.open(self.job.paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, "".join(self._pending).encode("utf-8"))
-            finally:
-                os.close(fd)
-        except OSError:
-            return  # kept for the next record; a log line must never stall or fail the job
-        self._pending.clear()
 
 
 _SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -246,7 +219,7 @@ class Worker:
     def _run(self, claim: Claim) -> bool:
         """Run one claimed job; ``True`` when it should be claimed again at once (its lease vanished)."""
         job, name = claim.job, claim.job.name
-        handler = _JobLogHandler(job, claim.generation)
+        handler = JobLogHandler(job, claim.generation)
         job_log = logging.getLogger(f"runner.job.{name}")
         job_log.addHandler(handler)
         job_log.setLevel(logging.INFO)

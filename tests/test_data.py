@@ -27,8 +27,7 @@ from rich.console import Console
 from runner.errors import DatasetError, RunnerError
 from runner.spec import DatasetSpec
 from runner.train import dataset_cache
-from runner.train.data import ImageFolderData, epoch_order, prepare_dataset
-from runner.train.data import is_transient_download
+from runner.train.data import ImageFolderData, epoch_order, is_transient_download, prepare_dataset
 from tests.support.data_archives import ESCAPES, TAR_ONLY, hostile_tar, hostile_zip
 from tests.support.data_images import (
     SIZE,

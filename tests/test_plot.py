@@ -18,10 +18,10 @@ from typing import Any
 import matplotlib.image
 import pytest
 
+from runner.curves import DPI, SUBPLOT_SIZE_IN, figure_for_job, figure_for_queue, plot_job, plot_queue
 from runner.errors import JobNotFound, NoHistory, UsageError
 from runner.history import write_history
 from runner.job import Job
-from runner.curves import DPI, SUBPLOT_SIZE_IN, figure_for_job, figure_for_queue, plot_job, plot_queue
 from runner.queue import Queue
 from tests.conftest import REPO, make_spec, run_cli, runner_env
 from tests.support.keras_jobs import keras_env, make_digit_folders, write_keras_spec

@@ -9,7 +9,6 @@ so a resumed epoch reports exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
 import shutil
 import time
@@ -18,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from rich.markup import escape
 
-from runner import defaults, storage
+from runner import defaults
 from runner.errors import StorageError
 from runner.history import write_history
 from runner.paths import default_cache_dir, publish_note, work_folder
@@ -35,44 +33,9 @@ from runner.train.oom import go_back, halved_batch_size, is_out_of_memory, repor
 from runner.train.progress import EpochProgress
 from runner.train.publisher import Publisher, Snapshot
 from runner.train.snapshot import TrainingState, load_snapshot, save_snapshot
+from runner.train.space import local_disk_error, warn_if_short_of_space
 from runner.train.tensorboard import TensorBoardLog
 from runner.training import Outcome, RunContext
-
-
-def checkpoint_bytes(model: keras.Model) -> int:
-    """Bytes of one checkpoint of ``model``: every model and optimizer variable (the manifest and state are tiny)."""
-    variables = [*model.variables, *model.optimizer.variables]
-    return sum(int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize for variable in variables)
-
-
-def warn_if_short_of_space(context: RunContext, model: keras.Model) -> bool:
-    """Warn (console, log, events) when the job folder cannot hold ``keep`` checkpoints plus one being written."""
-    each = checkpoint_bytes(model)
-    needed = each * (context.spec.checkpoint.keep + 1)
-    free = storage.free_bytes(context.job.paths.folder)
-    if free is None or free >= needed:
-        return False
-    message = (
-        f"the job folder has {free / 1e6:.1f} MB free, but {context.spec.checkpoint.keep} checkpoints of this model "
-        f"plus one being written need about {needed / 1e6:.1f} MB ({each / 1e6:.1f} MB each): free some space "
-        "(on Drive, empty the trash: deleted files count for 30 days) or lower checkpoint.keep"
-    )
-    context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
-    context.log.warning("%s", message)
-    context.job.events.append("space-warning", free_bytes=free, needed_bytes=needed, checkpoint_bytes=each)
-    return True
-
-
-def local_disk_error(error: OSError, folder: Path) -> StorageError:
-    """A failed local snapshot as one line that names the local disk and what to do."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageError(
-            f"{folder}: no space left on the local disk for a checkpoint snapshot: free some space there, "
-            f"or point ${defaults.CACHE_ENV} at a bigger disk",
-            path=str(folder),
-            errno_=error.errno,
-        )
-    return storage.storage_error(error)
 
 
 def configure_determinism(spec: JobSpec) -> None:
