@@ -153,6 +153,13 @@ def status_table(views: list[JobView], now: float, *, title: str | None = None) 
             notes = Text("kept locally (below)", style="yellow")
         else:
             notes = Text(_metrics_text(record["metrics"]))
+        if spec_batch := (view.spec.dataset.batch_size if view.spec else None):
+            if record["batch_size"] and record["batch_size"] != spec_batch:
+                halved = (
+                    f"batch size {record['batch_size']} (the spec says {spec_batch}): halved after running out of "
+                    "memory (training.on_oom: halve_batch)"
+                )
+                errors.append(Text.assemble((f"{view.name}: ", "bold"), (halved, "yellow")))
         worker = "-"
         if view.holder is not None:
             worker = f"{view.holder.describe()} {format_age(record['heartbeat_age_s'])}"

@@ -133,6 +133,8 @@ def test_halve_batch_halves_until_a_batch_fits_and_finishes(tmp_path: Path, digi
     assert job_of(queue, "halve").read_state().batch_size == 4
     status = status_of(queue, "halve", env)
     assert status["state"] == "done" and status["batch_size"] == 4
+    table = run_cli("status", "--queue", str(queue), env=env | {"COLUMNS": "300"})
+    assert "halve: batch size 4 (the spec says 16): halved after running out of memory" in one_line(table.stdout)
     assert [int(row["epoch"]) for row in read_history(job_of(queue, "halve").paths.history)] == [0, 1]
     epochs = recorded_epochs(record)
     assert [sum(len(batch) for batch in epoch) for epoch in epochs] == [TRAIN_IMAGES] * 2
