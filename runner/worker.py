@@ -232,7 +232,7 @@ class Worker:
         except Fenced as fenced:
             if self._lease_vanished(claim, fenced, job_log):
                 return True
-            self.console.print(f"[red]{escape(str(fenced))}[/]")
+            self.console.print(f"[red]{escape(str(fenced))}[/]", soft_wrap=True)
             self.result.interrupted.append(name)
         finally:
             job_log.removeHandler(handler)
@@ -339,7 +339,9 @@ class Worker:
             error = storage.storage_error(error)  # the path and what to do, not just "[Errno 28]"
         reason = one_line(error)
         job_log.error("interrupted by storage: %s\n%s", reason, traceback.format_exc())
-        self.console.print(f"[red]job {name!r} interrupted: {escape(reason)}[/]; run `runner work` again once fixed")
+        self.console.print(
+            f"[red]job {name!r} interrupted: {escape(reason)}[/]; run `runner work` again once fixed", soft_wrap=True
+        )
         self.result.interrupted.append(name)
         self.stop.set()  # a full or failing disk stops every job alike: do not burn through the queue
         try:  # the failed write freed its temporary files, so these small ones usually fit
@@ -357,5 +359,8 @@ class Worker:
         job.events.append(status.value, generation=claim.generation, **details)
         job_log.info("%s%s", status.value, f": {error}" if error else "")
         colour = {JobStatus.DONE: "green", JobStatus.FAILED: "red"}.get(status, "yellow")
-        self.console.print(f"[{colour}]job {name!r} {status.value}[/]" + (f": {escape(error)}" if error else ""))
+        # soft_wrap: a reason stays one line however narrow the terminal, as in the job's log and state.
+        self.console.print(
+            f"[{colour}]job {name!r} {status.value}[/]" + (f": {escape(error)}" if error else ""), soft_wrap=True
+        )
         getattr(self.result, status.value).append(name)
