@@ -177,6 +177,37 @@ def test_a_halved_batch_size_survives_a_kill_and_resume(tmp_path: Path, digits: 
     assert status["state"] == "done" and status["batch_size"] == 4
 
 
+@pytest.mark.slow
+def test_a_halving_survives_a_kill_before_the_next_checkpoint(tmp_path: Path, digits: Path, env: dict) -> None:
+    queue, record = tmp_path / "queue", tmp_path / "batches.jsonl"
+    params = {"max_batch": 5, "pause_s": 0.3, "record_to": str(record)}  # 12 batches of 4: 3.6 s to the checkpoint
+    spec = oom_spec("early", digits, batch_size=16, params=params, epochs=2, on_oom="halve_batch")
+    submit(tmp_path, queue, env, spec)
+    worker = start_cli("work", "--queue", str(queue), env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(events(queue, "early", "oom")) < 2 and worker.poll() is None:
+            assert time.monotonic() < deadline, "the batch size was not halved twice"
+            time.sleep(0.02)
+        os.killpg(worker.pid, signal.SIGKILL)
+    finally:
+        worker.wait()
+        worker.stdout.close()
+        worker.stderr.close()
+    if CheckpointStore(job_of(queue, "early"), keep=2).newest() is not None:
+        pytest.skip("a checkpoint was committed before the kill landed")
+    assert job_of(queue, "early").read_state().batch_size == 4  # recorded at once, before any checkpoint
+    batches_before = len(record.read_text().splitlines()) if record.exists() else 0
+
+    result = work(queue, env)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(events(queue, "early", "oom")) == 2  # no new halving: the new session started at 4
+    after = [json.loads(line) for line in record.read_text().splitlines()[batches_before:]]
+    assert after and {len(batch["images"]) for batch in after if batch["training"]} == {4}
+    assert [int(row["epoch"]) for row in read_history(job_of(queue, "early").paths.history)] == [0, 1]
+
+
 def _checkpoint_after_second_oom(queue: Path) -> bool:
     kinds = [event["event"] for event in job_of(queue, "survive").events.read()]
     return kinds.count("oom") == 2 and "checkpoint" in kinds[len(kinds) - kinds[::-1].index("oom") :]

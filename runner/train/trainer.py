@@ -204,8 +204,15 @@ class _Session:
         return back
 
     def _use_batch_size(self, state: TrainingState) -> None:
-        """Go on at the snapshot's batch size: one halved after running out of memory must survive a resume."""
+        """Go on at the snapshot's batch size: one halved after running out of memory must survive a resume.
+
+        state.json records a halving at once; a session killed before its next checkpoint left a snapshot with the
+        older, larger size, which would run out of memory again.
+        """
         size = state.batch_size or self.spec.dataset.batch_size
+        recorded = self.context.claim.claimed.batch_size
+        if recorded and recorded < size:
+            size = recorded
         state.batch_size = size
         if size != self.data.batch_size:
             self.data = dataclasses.replace(self.data, batch_size=size)
@@ -243,6 +250,7 @@ class _Session:
             )
         if info is None:
             state = TrainingState()
+            self._use_batch_size(state)
             context.job.events.append("started", generation=context.generation, epochs=self.epochs)
         else:
             state = load_snapshot(self.model, scratch, checkpoint=info.id)
