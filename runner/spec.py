@@ -180,7 +180,11 @@ class ExportSpec(_Section):
 class JobSpec(_Section):
     """A training job: dataset, model, training, checkpoints and export."""
 
-    name: str = Field(description="[a-z0-9][a-z0-9._-]{0,63}; also the job's folder name")
+    name: str = Field(
+        description="[a-z0-9][a-z0-9._-]{0,63}; also the job's folder name",
+        # In the schema for editors; validated by _folder_safe, whose message says what is allowed.
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
     priority: int = Field(default=0, strict=True, ge=-1000, le=1000, description="higher runs first; ties by submission time")
     dataset: DatasetSpec
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(builtin="simple_cnn"))

@@ -639,6 +639,7 @@ def test_tutorial_job_validates_against_the_json_schema() -> None:
     assert list(validator.iter_errors(tutorial)) == []
     assert list(validator.iter_errors({**tutorial, "surprise": 1}))
     assert list(validator.iter_errors({**tutorial, "training": {"epochs": 0}}))
+    assert list(validator.iter_errors({**tutorial, "name": "Cats vs Dogs"}))  # editors flag a bad name too
 
 
 def test_a_relative_source_is_resolved_against_the_spec_files_folder(tmp_path: Path) -> None:
