@@ -163,6 +163,8 @@ def test_a_tensorboard_folder_that_cannot_be_written_only_warns(digits: Path, tm
     assert len(read_history(job.paths.history)) == 2
     log = job.paths.log.read_text()
     assert log.count("could not write the TensorBoard logs") == 1, log[-3000:]  # once per streak of failures
+    said = " ".join(result.stderr.split())
+    assert said.count("warning: could not write the TensorBoard logs") == 1 and "training goes on" in said
     assert job.paths.tensorboard.read_text() == "a file where the folder should be"
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from runner import defaults, storage
 from runner.errors import Fenced, StorageError
 from runner.history import write_history
@@ -60,6 +62,7 @@ class Publisher:
         self.tensorboard = tensorboard
         self._restored_history = [dict(row) for row in restored_history]
         self._tensorboard_failing = False
+        self._tensorboard_warned = False
         self._failing_since: float | None = None
         self._pending: Snapshot | None = None
         self._busy = tensorboard is not None  # the replay below: flush() waits for it like for a snapshot
@@ -216,6 +219,13 @@ class Publisher:
             level = logging.DEBUG if self._tensorboard_failing else logging.WARNING
             message = "could not write the TensorBoard logs (trying again after the next checkpoint): %s"
             self.context.log.log(level, message, error)
+            if not self._tensorboard_warned:  # on screen once per session; the log has every streak
+                self._tensorboard_warned = True
+                self.context.console.print(
+                    f"[yellow]warning:[/] {escape(message % ' '.join(str(error).split()))}; training goes on",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             self._tensorboard_failing = True
         else:
             if self._tensorboard_failing:
