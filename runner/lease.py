@@ -20,6 +20,7 @@ from filelock import LeaseCompromise, LeaseSettingsMismatch, SoftFileLease, Time
 from runner import defaults, storage
 from runner.errors import UsageError
 from runner.paths import JobPaths
+from runner.settings import seconds_from_environment
 
 _PID_NAMESPACE_MARK = "?pidns-"
 """filelock appends this and the PID namespace's inode (hex) to the host of a marker written inside a container."""
@@ -111,16 +112,9 @@ def read_holder(paths: JobPaths) -> LeaseHolder | None:
 
 def lease_duration_from(environ: Mapping[str, str] = os.environ) -> float:
     """The lease duration: ``$RUNNER_LEASE_DURATION`` seconds, or the default."""
-    raw = environ.get(defaults.LEASE_DURATION_ENV)
-    if raw is None:
-        return defaults.LEASE_DURATION_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"{defaults.LEASE_DURATION_ENV} must be a positive number of seconds, got {raw!r}")
-    return value
+    return seconds_from_environment(
+        defaults.LEASE_DURATION_ENV, defaults.LEASE_DURATION_S, allow_zero=False, environ=environ
+    )
 
 
 class JobLease:

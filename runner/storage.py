@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ import tenacity
 from runner import defaults
 from runner.errors import DamagedFile, StorageError, UsageError
 from runner.paths import temp_sibling
+from runner.settings import seconds_from_environment
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,9 @@ def _budget_from_environment() -> float:
 
 def check_retry_budget_environment(environ: Mapping[str, str] = os.environ) -> float:
     """``$RUNNER_RETRY_BUDGET`` seconds, or the default; :class:`UsageError` for a value that is not one."""
-    raw = environ.get(defaults.RETRY_BUDGET_ENV)
-    if raw is None:
-        return defaults.RETRY_BUDGET_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise UsageError(f"{defaults.RETRY_BUDGET_ENV} must be zero or more seconds, got {raw!r}")
-    return value
+    return seconds_from_environment(
+        defaults.RETRY_BUDGET_ENV, defaults.RETRY_BUDGET_S, allow_zero=True, environ=environ
+    )
 
 
 _budget = [_budget_from_environment()]

@@ -17,7 +17,7 @@ import pytest
 
 from runner.checkpoints import CheckpointStore
 from runner.history import read_history
-from runner.job import JobStatus
+from runner.job import Job, JobStatus
 from tests.conftest import run_cli, start_cli
 from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, write_keras_spec
 
@@ -91,6 +91,21 @@ def kill_at_random(queue: Path, env: dict[str, str], rng: random.Random, kills: 
     return landed
 
 
+def signal_after_epochs(queue: Path, env: dict[str, str], job: Job, *, epochs: int, signum: int) -> None:
+    """Run `runner work` and send it ``signum`` once ``epochs`` epochs are checkpointed (or it has ended)."""
+    worker = start_cli("work", "--queue", str(queue), env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while job.read_state().epoch < epochs and worker.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker.send_signal(signum)
+        worker.communicate(timeout=120)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
 def assert_same_result(queue: Path, reference: tuple[dict, list]) -> None:
     variables, history = reference
     got = newest_variables(queue, "tiny")
@@ -133,17 +148,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(
     queue = tmp_path / "queue"
     submit(tmp_path, queue, digits, "tiny", env)
     job = job_of(queue, "tiny")
-    worker = start_cli("work", "--queue", str(queue), env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while job.read_state().epoch < 2 and worker.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        worker.send_signal(signal.SIGKILL)
-        worker.communicate(timeout=60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    signal_after_epochs(queue, env, job, epochs=2, signum=signal.SIGKILL)
     store = CheckpointStore(job, keep=2)
     committed = store.committed()
     if job.read_state().status is JobStatus.DONE or len(committed) < 2:
@@ -181,17 +186,8 @@ def test_when_no_checkpoint_verifies_the_job_starts_again_and_says_so(digits: Pa
     queue = tmp_path / "queue"
     submit(tmp_path, queue, digits, "tiny", env)
     job = job_of(queue, "tiny")
-    worker = start_cli("work", "--queue", str(queue), env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while job.read_state().epoch < 1 and worker.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        worker.send_signal(signal.SIGTERM)  # saves a checkpoint and stops: the job is left resumable
-        worker.communicate(timeout=120)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    # SIGTERM saves a checkpoint and stops: the job is left resumable.
+    signal_after_epochs(queue, env, job, epochs=1, signum=signal.SIGTERM)
     committed = CheckpointStore(job, keep=2).committed()
     if job.read_state().status is JobStatus.DONE or not committed:
         pytest.skip("the run finished before it could be stopped with a checkpoint")
