@@ -38,8 +38,9 @@ def scenarios(soak: bool) -> list[Scenario]:
                  epochs=EPOCHS),
         Scenario("kills+faults/step", seed=2, disturbed_sessions=3, fault_rate=0.03, durability_lag_s=1.0,
                  epochs=EPOCHS, mid_epoch=True, vm_death_share=0.7),
+        # A lease of 30 s refreshes every 10 s: the 8 s outage cannot span two refreshes (see tests/test_chaos.py).
         Scenario("outage>budget", seed=3, disturbed_sessions=0, durability_lag_s=None, outage_s=8.0,
-                 retry_budget_s=2.0, epochs=EPOCHS, max_sessions=3),
+                 retry_budget_s=2.0, epochs=EPOCHS, max_sessions=3, lease_duration_s=30.0),
         Scenario("sigkill-only", seed=4, disturbed_sessions=3, fault_rate=0.02, durability_lag_s=2.0,
                  epochs=EPOCHS, vm_death_share=0.0),
         Scenario("vm-deaths/step", seed=5, disturbed_sessions=3, fault_rate=0.02, durability_lag_s=2.0,
@@ -55,7 +56,8 @@ def scenarios(soak: bool) -> list[Scenario]:
     ]  # fmt: skip
     outages = [
         Scenario(f"soak/outage {seconds:g}s", seed=30 + index, disturbed_sessions=0, durability_lag_s=None,
-                 outage_s=seconds, retry_budget_s=2.0, epochs=EPOCHS, max_sessions=3)
+                 outage_s=seconds, retry_budget_s=2.0, epochs=EPOCHS, max_sessions=3,
+                 lease_duration_s=4 * seconds)
         for index, seconds in enumerate((5.0, 12.0))
     ]  # fmt: skip
     return base + soak_runs + outages

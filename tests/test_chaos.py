@@ -36,9 +36,13 @@ KILLS_MID_EPOCH = Scenario(
     "kills+faults/step", seed=2, disturbed_sessions=3, fault_rate=0.03, durability_lag_s=1.0, epochs=EPOCHS,
     mid_epoch=True, vm_death_share=0.7,
 )  # fmt: skip
+# The lease's heartbeat refreshes every third of the lease duration and rides out one failed refresh, not two in a
+# row: an outage shorter than that interval never loses the lease. With 30 s (10 s refreshes) the 8 s outage tests
+# the retry budget and the local publishing only; with 20 s it could span two refreshes and lose the lease (the
+# worker then re-claims the job, about one run in five).
 OUTAGE = Scenario(
     "outage>budget", seed=3, disturbed_sessions=0, durability_lag_s=None, outage_s=8.0, retry_budget_s=2.0,
-    epochs=EPOCHS, max_sessions=3,
+    epochs=EPOCHS, max_sessions=3, lease_duration_s=30.0,
 )  # fmt: skip
 
 

@@ -186,7 +186,7 @@ def test_a_halving_survives_a_kill_before_the_next_checkpoint(tmp_path: Path, di
     worker = start_cli("work", "--queue", str(queue), env=env)
     try:
         deadline = time.monotonic() + 120
-        while len(events(queue, "early", "oom")) < 2 and worker.poll() is None:
+        while len(events(queue, "early", "oom")) < 2 and worker.poll() is None:  # written after state.json's
             assert time.monotonic() < deadline, "the batch size was not halved twice"
             time.sleep(0.02)
         os.killpg(worker.pid, signal.SIGKILL)

@@ -197,8 +197,8 @@ class _Session:
         self.model.make_train_function(force=True)
         self.model.make_test_function(force=True)
         back.generation, back.batch_size = self.context.generation, new
+        self._use_batch_size(back)  # recorded in state.json first: a kill right after must not lose it
         report_halving(self.context, at=state, during=during, back_to=back, checkpoint=checkpoint, old=old)
-        self._use_batch_size(back)
         self.snapshot_position = (back.epoch, back.step) if checkpoint else None
         self.last_snapshot_at = self.clock()
         return back
