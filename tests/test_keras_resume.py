@@ -19,7 +19,7 @@ from runner.checkpoints import CheckpointStore
 from runner.history import read_history
 from runner.job import Job, JobStatus
 from tests.conftest import run_cli, start_cli
-from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, write_keras_spec
+from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, submit_keras_spec
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,6 @@ def events(queue: Path, name: str, kind: str) -> list[dict]:
     return [event for event in job_of(queue, name).events.read() if event["event"] == kind]
 
 
-def submit(tmp: Path, queue: Path, data: Path, name: str, env: dict[str, str], **overrides) -> None:
-    spec = write_keras_spec(tmp, name, data, **overrides)
-    result = run_cli("submit", str(spec), "--queue", str(queue), env=env)
-    assert result.returncode == 0, result.stderr
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_digit_folders(tmp_path_factory.mktemp("digits"), train_per_class=24)
@@ -57,7 +51,7 @@ def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[d
     """Variables and history of an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("reference")
     env = keras_env(tmp / "cache")
-    submit(tmp, tmp / "queue", digits, "tiny", env)
+    submit_keras_spec(tmp, tmp / "queue", digits, "tiny", env)
     result = run_cli("work", "--queue", str(tmp / "queue"), env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert job_of(tmp / "queue", "tiny").read_state().status is JobStatus.DONE
@@ -124,7 +118,7 @@ def test_sigkill_at_random_moments_resumes_bit_identical(
 ) -> None:
     env = keras_env(tmp_path / "cache")
     queue = tmp_path / "queue"
-    submit(tmp_path, queue, digits, "tiny", env, checkpoint=MID_EPOCH if cadence == "mid-epoch" else {})
+    submit_keras_spec(tmp_path, queue, digits, "tiny", env, checkpoint=MID_EPOCH if cadence == "mid-epoch" else {})
     landed = kill_at_random(queue, env, random.Random(seed), kills=3)
     final = run_cli("work", "--queue", str(queue), env=env, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
@@ -146,7 +140,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(
 ) -> None:
     env = keras_env(tmp_path / "cache")
     queue = tmp_path / "queue"
-    submit(tmp_path, queue, digits, "tiny", env)
+    submit_keras_spec(tmp_path, queue, digits, "tiny", env)
     job = job_of(queue, "tiny")
     signal_after_epochs(queue, env, job, epochs=2, signum=signal.SIGKILL)
     store = CheckpointStore(job, keep=2)
@@ -171,7 +165,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(
 def test_a_finished_job_is_never_trained_again(digits: Path, tmp_path: Path) -> None:
     env = keras_env(tmp_path / "cache")
     queue = tmp_path / "queue"
-    submit(tmp_path, queue, digits, "tiny", env, training={"epochs": 1})
+    submit_keras_spec(tmp_path, queue, digits, "tiny", env, training={"epochs": 1})
     assert run_cli("work", "--queue", str(queue), env=env, timeout=600).returncode == 0
     before = job_of(queue, "tiny").read_state()
     again = run_cli("work", "--queue", str(queue), env=env, timeout=600)
@@ -184,7 +178,7 @@ def test_a_finished_job_is_never_trained_again(digits: Path, tmp_path: Path) -> 
 def test_when_no_checkpoint_verifies_the_job_starts_again_and_says_so(digits: Path, tmp_path: Path) -> None:
     env = keras_env(tmp_path / "cache")
     queue = tmp_path / "queue"
-    submit(tmp_path, queue, digits, "tiny", env)
+    submit_keras_spec(tmp_path, queue, digits, "tiny", env)
     job = job_of(queue, "tiny")
     # SIGTERM saves a checkpoint and stops: the job is left resumable.
     signal_after_epochs(queue, env, job, epochs=1, signum=signal.SIGTERM)

@@ -25,7 +25,7 @@ from runner.job import JobStatus
 from runner.paths import JobPaths, event_file_name
 from runner.train.tensorboard import TensorBoardLog
 from tests.conftest import run_cli, start_cli
-from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, write_keras_spec
+from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, submit_keras_spec
 
 EPOCHS = 8
 """Enough epochs for three kills to land before the job is done (after the first, an epoch takes ~0.1 s)."""
@@ -78,12 +78,6 @@ def assert_matches_history(paths: JobPaths, epochs: int) -> dict[str, dict[str, 
 # --- real jobs --------------------------------------------------------------------------------------------------
 
 
-def submit(tmp: Path, queue: Path, data: Path, env: dict[str, str], **overrides) -> None:
-    spec = write_keras_spec(tmp, "tiny", data, **overrides)
-    result = run_cli("submit", str(spec), "--queue", str(queue), env=env)
-    assert result.returncode == 0, result.stderr
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_digit_folders(tmp_path_factory.mktemp("digits"), train_per_class=24)
@@ -93,7 +87,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def uninterrupted(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> JobPaths:
     tmp = tmp_path_factory.mktemp("uninterrupted")
     env = keras_env(tmp / "cache")
-    submit(tmp, tmp / "queue", digits, env, training={"epochs": EPOCHS})
+    submit_keras_spec(tmp, tmp / "queue", digits, "tiny", env, training={"epochs": EPOCHS})
     result = run_cli("work", "--queue", str(tmp / "queue"), env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return job_of(tmp / "queue", "tiny").paths
@@ -133,7 +127,7 @@ def test_a_run_killed_three_times_logs_each_epoch_once_as_uninterrupted(
 ) -> None:
     env = keras_env(tmp_path / "cache")
     queue = tmp_path / "queue"
-    submit(tmp_path, queue, digits, env, training={"epochs": EPOCHS})
+    submit_keras_spec(tmp_path, queue, digits, "tiny", env, training={"epochs": EPOCHS})
     rng = random.Random(3)
     landed = sum(kill_after_next_checkpoint(queue, env, rng) for _ in range(3))
     assert landed >= 2, "the kills did not cut the run short"
@@ -154,7 +148,7 @@ def test_a_run_killed_three_times_logs_each_epoch_once_as_uninterrupted(
 def test_a_tensorboard_folder_that_cannot_be_written_only_warns(digits: Path, tmp_path: Path) -> None:
     env = keras_env(tmp_path / "cache")
     queue = tmp_path / "queue"
-    submit(tmp_path, queue, digits, env, training={"epochs": 2})
+    submit_keras_spec(tmp_path, queue, digits, "tiny", env, training={"epochs": 2})
     job = job_of(queue, "tiny")
     job.paths.tensorboard.write_text("a file where the folder should be")
     result = run_cli("work", "--queue", str(queue), env=env, timeout=600)

@@ -10,7 +10,7 @@ import yaml
 
 from runner.job import Job
 from runner.paths import QueuePaths
-from tests.conftest import merge_sections, runner_env
+from tests.conftest import merge_sections, run_cli, runner_env
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DIGITS_ARCHIVE = REPO / "runner" / "datasets" / "digits.tar.gz"
@@ -69,6 +69,13 @@ def write_keras_spec(folder: Path, name: str, data: Path, **overrides: Any) -> P
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(keras_spec(name, data, **overrides)))
     return path
+
+
+def submit_keras_spec(folder: Path, queue: Path, data: Path, name: str, env: dict[str, str], **overrides: Any) -> None:
+    """Write the spec of :func:`keras_spec` into ``folder`` and submit it to ``queue`` with a real `runner submit`."""
+    spec = write_keras_spec(folder, name, data, **overrides)
+    result = run_cli("submit", str(spec), "--queue", str(queue), env=env)
+    assert result.returncode == 0, result.stderr
 
 
 def keras_env(cache: Path) -> dict[str, str]:
