@@ -37,6 +37,7 @@ def open_queue(queue: QueueLike = None) -> Queue:
     """The queue at ``queue`` (a folder), or the default one; mounts Drive on Colab when the queue is there."""
     if isinstance(queue, Queue):
         return queue
+    storage.check_retry_budget_environment()  # a bad value is one line, not silently the default
     root = Path(queue).expanduser() if queue is not None else default_queue_dir()
     colab.ensure_drive(root, can_prompt=colab.in_notebook_kernel())
     return Queue(root, lease_duration=lease_duration_from())

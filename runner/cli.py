@@ -18,11 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from runner import defaults, storage
-from runner.colab import ensure_drive, in_notebook_kernel
+from runner.api import open_queue
 from runner.console import render_status, status_records, watch_status
 from runner.errors import RunnerError, SpecError
-from runner.lease import lease_duration_from
-from runner.paths import default_queue_dir
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session
 from runner.spec import json_schema, load_spec
@@ -116,10 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _queue(args: argparse.Namespace) -> Queue:
-    root = args.queue if args.queue is not None else default_queue_dir()
-    storage.check_retry_budget_environment()
-    ensure_drive(root, can_prompt=in_notebook_kernel())
-    return Queue(root, lease_duration=lease_duration_from())
+    return open_queue(args.queue)
 
 
 def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
