@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner import storage
+from runner import killpoints, storage
 from runner.errors import CheckpointCorrupt, DamagedFile, StorageError
 from runner.job import Job
 from runner.paths import MANIFEST_NAME, is_temp_name
@@ -116,6 +116,7 @@ class CheckpointStore:
                 (temp / relative).parent.mkdir(parents=True, exist_ok=True)
                 size, digest = storage.copy_file(path, temp / relative)
                 files[relative] = {"size": size, "sha256": digest}
+            killpoints.reached("commit-copied")
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "id": ident,
@@ -127,8 +128,10 @@ class CheckpointStore:
                 "meta": meta or {},
             }
             storage.atomic_write_json(temp / MANIFEST_NAME, manifest)
+            killpoints.reached("commit-manifest")
             self.fence()
             storage.commit_dir(temp, target)
+            killpoints.reached("commit-renamed")
         except BaseException:
             storage.remove_tree(temp)
             raise

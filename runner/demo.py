@@ -20,6 +20,7 @@ from rich.rule import Rule
 
 from runner.console import render_status
 from runner.history import read_history
+from runner.job import JobStatus
 from runner.queue import Queue
 from runner.spec import JobSpec, load_spec
 
@@ -36,7 +37,7 @@ def demo_spec() -> JobSpec:
 
 
 def run_demo(queue_dir: Path | None, console: Console) -> int:
-    """The whole demo; returns the exit code of the final ``runner work``."""
+    """The whole demo; returns the exit code of the final ``runner work``, non-zero unless the job ended done."""
     root = queue_dir or Path(tempfile.mkdtemp(prefix="runner-demo-"))
     queue = Queue(root)
     spec = demo_spec()
@@ -63,6 +64,10 @@ def run_demo(queue_dir: Path | None, console: Console) -> int:
         accuracy = float(history[-1]["val_accuracy"])
         console.print(f"\n[bold]validation accuracy after {len(history)} epochs: {accuracy:.1%}[/]")
     console.print(f"events of the job: {job.paths.events}")
+    status = job.read_state().status
+    if status is not JobStatus.DONE:
+        console.print(f"[bold red]the demo job ended {status.value}, not done[/]: see `runner logs {spec.name} --queue {root}`")
+        return code or 1
     return code
 
 

@@ -46,3 +46,13 @@ def test_the_jobs_folder_digits_spec_is_the_bundled_one() -> None:
     in_jobs = load_spec(REPO / "jobs" / "digits.yaml")
     assert in_jobs == bundled
     assert Path(bundled.dataset.source).is_file()
+
+
+def test_the_demo_exits_non_zero_when_its_job_does_not_end_done(tmp_path: Path) -> None:
+    env = keras_env(tmp_path / "cache")
+    env["RUNNER_TRAINER"] = "tests.support.failing_trainer:FailingTrainer"
+    result = run_cli("demo", "--queue", str(tmp_path / "queue"), env=env, timeout=120)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 1, output[-3000:]
+    assert "the demo job ended failed, not done" in output
+    assert "Traceback" not in output

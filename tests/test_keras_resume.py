@@ -1,4 +1,6 @@
-"""Kill-and-resume of real Keras training: `runner work` SIGKILLed at random moments ends bit-identical.
+"""Resume of real Keras training from damaged checkpoints, and a finished job left alone.
+
+The kill-and-resume tests proper are in tests/test_kill_resume.py.
 
 Each run is a real `runner work` process with the default Keras trainer on a tiny real dataset (digits from
 the bundled archive), a model with Dropout and random augmentation, and `deterministic: true`.
@@ -7,7 +9,6 @@ the bundled archive), a model with Dropout and random augmentation, and `determi
 from __future__ import annotations
 
 import json
-import random
 import signal
 import time
 from pathlib import Path
@@ -24,9 +25,6 @@ from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, subm
 pytestmark = pytest.mark.slow
 
 EPOCHS = 4
-MID_EPOCH = {"every_minutes": 0.0005}  # a snapshot after every step: kills land during publishing too
-
-
 
 
 def newest_variables(queue: Path, name: str) -> dict[str, np.ndarray]:
@@ -58,33 +56,6 @@ def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[d
     return newest_variables(tmp / "queue", "tiny"), read_history(job_of(tmp / "queue", "tiny").paths.history)
 
 
-def kill_at_random(queue: Path, env: dict[str, str], rng: random.Random, kills: int) -> int:
-    """Start `runner work` and SIGKILL it at random moments after each claim; return how many kills landed."""
-    landed = 0
-    for _ in range(kills):
-        claims_before = len(events(queue, "tiny", "claimed"))
-        worker = start_cli("work", "--queue", str(queue), env=env)
-        try:
-            deadline = time.monotonic() + 120
-            while len(events(queue, "tiny", "claimed")) == claims_before and worker.poll() is None:
-                assert time.monotonic() < deadline, "the worker never claimed the job"
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.3, 3.0))
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGKILL)
-            worker.communicate(timeout=60)
-            # A kill counts only if it cut the run short (the tiny job may finish within the delay).
-            if worker.returncode == -signal.SIGKILL and job_of(queue, "tiny").read_state().status is not JobStatus.DONE:
-                landed += 1
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-                worker.communicate()
-        if job_of(queue, "tiny").read_state().status is JobStatus.DONE:
-            break
-    return landed
-
-
 def signal_after_epochs(queue: Path, env: dict[str, str], job: Job, *, epochs: int, signum: int) -> None:
     """Run `runner work` and send it ``signum`` once ``epochs`` epochs are checkpointed (or it has ended)."""
     worker = start_cli("work", "--queue", str(queue), env=env)
@@ -109,30 +80,6 @@ def assert_same_result(queue: Path, reference: tuple[dict, list]) -> None:
     rows = read_history(job_of(queue, "tiny").paths.history)
     assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(EPOCHS)]
     assert rows == history
-
-
-@pytest.mark.parametrize("seed", [1, 2])
-@pytest.mark.parametrize("cadence", ["epoch", "mid-epoch"])
-def test_sigkill_at_random_moments_resumes_bit_identical(
-    digits: Path, reference: tuple[dict, list], tmp_path: Path, seed: int, cadence: str
-) -> None:
-    env = keras_env(tmp_path / "cache")
-    queue = tmp_path / "queue"
-    submit_keras_spec(tmp_path, queue, digits, "tiny", env, checkpoint=MID_EPOCH if cadence == "mid-epoch" else {})
-    landed = kill_at_random(queue, env, random.Random(seed), kills=3)
-    final = run_cli("work", "--queue", str(queue), env=env, timeout=600)
-    assert final.returncode == 0, final.stderr[-3000:]
-    state = job_of(queue, "tiny").read_state()
-    assert state.status is JobStatus.DONE
-    assert state.generation >= landed + 1
-    assert (job_of(queue, "tiny").paths.final / "model.keras").is_file()
-    assert_same_result(queue, reference)
-    all_events = job_of(queue, "tiny").events.read()
-    first_checkpoint = next((e["time"] for e in all_events if e["event"] == "checkpoint"), None)
-    # A run that got as far as restoring after the first checkpoint resumed from one, never started afresh (a
-    # claim killed before its restore logs neither, so claims themselves are not counted).
-    starts_after = [e for e in all_events if e["event"] == "started" and first_checkpoint and e["time"] > first_checkpoint]
-    assert starts_after == [], "a run started from scratch although a checkpoint existed"
 
 
 def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
-from tensorflow.core.util import event_pb2
 
 from runner.errors import StorageError
 from runner.history import read_history
@@ -26,6 +24,7 @@ from runner.paths import JobPaths, event_file_name
 from runner.train.tensorboard import TensorBoardLog
 from tests.conftest import run_cli, start_cli
 from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, submit_keras_spec
+from tests.support.tensorboard_files import raw_scalars, tensorboard_scalars
 
 EPOCHS = 8
 """Enough epochs for three kills to land before the job is done (after the first, an epoch takes ~0.1 s)."""
@@ -35,26 +34,6 @@ TAGS = {"train": ("loss", "accuracy"), "validation": ("val_loss", "val_accuracy"
 
 
 # --- reading event files ----------------------------------------------------------------------------------------
-
-
-def raw_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every (step, value) of each tag, in file order, duplicates included (TensorBoard's reader would hide them)."""
-    (path,) = sorted(folder.iterdir())
-    series: dict[str, list[tuple[int, float]]] = {}
-    for record in tf.data.TFRecordDataset(str(path)):
-        event = event_pb2.Event.FromString(record.numpy())
-        for value in event.summary.value:
-            series.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return series
-
-
-def tensorboard_scalars(folder: Path, accumulator: event_accumulator.EventAccumulator | None = None) -> dict:
-    """What TensorBoard shows: (step, value) of each tag, read with its own loader."""
-    accumulator = accumulator or event_accumulator.EventAccumulator(
-        str(folder), size_guidance={event_accumulator.SCALARS: 0}
-    )
-    accumulator.Reload()
-    return {tag: [(s.step, s.value) for s in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
 def assert_matches_history(paths: JobPaths, epochs: int) -> dict[str, dict[str, list[float]]]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from runner import defaults, storage
+from runner import defaults, killpoints, storage
 from runner.errors import Fenced, StorageError
 from runner.history import write_history
 from runner.train.tensorboard import TensorBoardLog
@@ -191,8 +191,10 @@ class Publisher:
         )
         metrics = snapshot.history[-1] if snapshot.history else {}
         context.record_checkpoint(info, metrics={k: v for k, v in metrics.items() if k != "epoch"})
+        killpoints.reached("state-written")
         context.claim.fence()
         write_history(context.job.paths.history, snapshot.history)
+        killpoints.reached("history-written")
         self.published.append(info.id)
         self._publish_tensorboard(snapshot.history)
 

@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 from rich.markup import escape
 
-from runner import defaults
+from runner import defaults, killpoints
 from runner.errors import StorageError
 from runner.history import write_history
 from runner.paths import default_cache_dir, publish_note, work_folder
@@ -288,6 +288,7 @@ class _Session:
         except OSError as error:
             shutil.rmtree(folder, ignore_errors=True)
             raise local_disk_error(error, folder) from error
+        killpoints.reached("snapshot-written")
         meta: dict[str, Any] = {
             "global_step": state.global_step,
             "steps_per_epoch": state.steps_per_epoch,
@@ -303,7 +304,9 @@ class _Session:
         self._flush(publisher)
         local = self.workdir / "final"
         names = write_exports(self.model, self.spec, local)
+        killpoints.reached("export-written")
         publish_exports(local, self.context.job.paths, fence=self.context.claim.fence)
+        killpoints.reached("export-published")
         self.context.log.info("exported %s", ", ".join(names))
         self.context.job.events.append("exported", files=names)
 

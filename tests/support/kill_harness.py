@@ -1,0 +1,301 @@
+"""A kill harness driven by what happened, not by the clock, and the checks that prove a resume was exact.
+
+Each session is a real `runner work` process. It dies in one of two ways, both chosen by what the job did:
+
+* at an exact point (:mod:`runner.killpoints`): inside a publish (between copy and manifest, between manifest
+  and rename, after the rename), after a snapshot, a state write, the history rewrite or the export. The process
+  SIGKILLs itself there and leaves a line in a kill log, so the harness knows the kill landed and where;
+* after the session's n-th ``checkpoint`` event (a commit), at a random delay: in training.
+
+When a session has died, the harness records what the next claim must restore: the newest committed checkpoint
+that verifies, read from the job folder itself. :func:`check_resumes` then goes over the job's events: every
+kill after a commit was followed by a claim that resumed from exactly that checkpoint, and whose first new
+checkpoint lies beyond it (nothing before the resume point trained again). :func:`assert_same_result` compares
+the end with an uninterrupted run: variables bit for bit, the whole training state, history.csv, TensorBoard
+and the metrics of `runner status --json`. Every test also asserts that its kills landed where it meant them
+to (counts by phase, mid-epoch resumes); a run whose kills all missed fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runner.checkpoints import CheckpointStore
+from runner.errors import CheckpointCorrupt
+from runner.history import read_history
+from runner.job import Job, JobStatus
+from runner.killpoints import KILL_AT_ENV, KILL_LOG_ENV
+from tests.conftest import run_cli, start_cli
+from tests.support.keras_jobs import job_of
+from tests.support.tensorboard_files import tensorboard_scalars
+
+PUBLISH_POINTS = ("commit-copied", "commit-manifest", "commit-renamed", "state-written", "history-written")
+"""Kill points inside publishing a checkpoint."""
+
+SESSION_TIMEOUT_S = 240.0
+
+
+@dataclass(frozen=True)
+class Kill:
+    """How one session is to die: at ``point`` (its ``nth`` time), or ``delay_s`` after its ``nth`` commit."""
+
+    point: str | None = None
+    nth: int = 1
+    delay_s: tuple[float, float] = (0.0, 0.3)
+
+    @staticmethod
+    def at(point: str, nth: int = 1) -> Kill:
+        """Die exactly at a kill point, the ``nth`` time this session reaches it."""
+        return Kill(point=point, nth=nth)
+
+    @staticmethod
+    def after_commit(nth: int = 1, delay_s: tuple[float, float] = (0.0, 0.3)) -> Kill:
+        """Die at a random moment ``delay_s`` after this session's ``nth`` committed checkpoint: in training."""
+        return Kill(nth=nth, delay_s=delay_s)
+
+    @property
+    def meant_phase(self) -> str:
+        return self.point or "training"
+
+
+@dataclass
+class Session:
+    """What one killed session did and what the next claim must do."""
+
+    kill: Kill
+    landed: bool = False
+    """SIGKILLed where it was meant to be (kill log or commit count), with the job not done."""
+    phase: str = "missed"
+    generation: int | None = None
+    """The claim generation the session ran under."""
+    must_restore: str | None = None
+    """The newest committed checkpoint that verified right after the kill."""
+    status: dict[str, Any] = field(default_factory=dict)
+    """`runner status --json`'s record of the job right after the kill."""
+
+
+class KillRun:
+    """Sessions of `runner work` on one queue, each killed by plan, then one that runs to the end."""
+
+    def __init__(self, queue: Path, name: str, env: dict[str, str], *, rng: random.Random, folder: Path) -> None:
+        self.queue, self.name, self.env, self.rng = queue, name, env, rng
+        self.kill_log = folder / "kills.jsonl"
+        self.sessions: list[Session] = []
+
+    @property
+    def job(self) -> Job:
+        return job_of(self.queue, self.name)
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return [event for event in self.job.events.read() if kind is None or event["event"] == kind]
+
+    def kills_logged(self) -> list[dict[str, Any]]:
+        if not self.kill_log.exists():
+            return []
+        return [json.loads(line) for line in self.kill_log.read_text().splitlines() if line.strip()]
+
+    def session(self, kill: Kill) -> Session:
+        """Run one session and kill it as planned; record where it died and what must be restored next."""
+        record = Session(kill)
+        env = dict(self.env)
+        env[KILL_LOG_ENV] = str(self.kill_log)
+        if kill.point:
+            env[KILL_AT_ENV] = f"{kill.point}:{kill.nth}"
+        claims_before = len(self.events("claimed"))
+        commits_before = len(self.events("checkpoint"))
+        logged_before = len(self.kills_logged())
+        worker = start_cli("work", "--queue", str(self.queue), env=env)
+        try:
+            if kill.point:
+                worker.wait(timeout=SESSION_TIMEOUT_S)
+            else:
+                self._kill_after_commits(worker, commits_before + kill.nth, kill.delay_s)
+        finally:
+            _reap(worker)
+        claims = self.events("claimed")[claims_before:]
+        record.generation = claims[-1]["generation"] if claims else None
+        done = self.job.read_state().status is JobStatus.DONE
+        if worker.returncode == -signal.SIGKILL and not done:
+            logged = self.kills_logged()[logged_before:]
+            if kill.point:
+                record.landed = [entry["point"] for entry in logged] == [kill.point]
+            else:
+                record.landed = len(self.events("checkpoint")) >= commits_before + kill.nth
+            record.phase = kill.meant_phase if record.landed else "missed"
+        record.must_restore = newest_verified(self.job)
+        record.status = status_record(self.queue, self.name, self.env)
+        self.sessions.append(record)
+        return record
+
+    def _kill_after_commits(self, worker: subprocess.Popen[str], commits: int, delay_s: tuple[float, float]) -> None:
+        deadline = time.monotonic() + SESSION_TIMEOUT_S
+        while len(self.events("checkpoint")) < commits and worker.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no checkpoint number {commits} within {SESSION_TIMEOUT_S:.0f}s")
+            time.sleep(0.01)
+        time.sleep(self.rng.uniform(*delay_s))
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+
+    def finish(self) -> subprocess.CompletedProcess[str]:
+        """One undisturbed session to the end; it must finish the job."""
+        result = run_cli("work", "--queue", str(self.queue), env=self.env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert self.job.read_state().status is JobStatus.DONE
+        return result
+
+    # --- evidence -------------------------------------------------------------------------------------------
+
+    def landed(self, phase: str | None = None) -> list[Session]:
+        """Sessions whose kill landed (in ``phase``)."""
+        return [s for s in self.sessions if s.landed and (phase is None or s.phase == phase)]
+
+    def resumes(self) -> list[dict[str, Any]]:
+        return self.events("resumed")
+
+    def mid_epoch_resumes(self) -> int:
+        return sum(1 for event in self.resumes() if event["step"] > 0)
+
+    def boundary_resumes(self) -> int:
+        return sum(1 for event in self.resumes() if event["step"] == 0 and event["epoch"] > 0)
+
+    def summary(self) -> str:
+        phases = [f"{s.phase}{'' if s.landed else ' (missed)'}" for s in self.sessions]
+        return (
+            f"sessions: {phases}; resumed: {[(e['checkpoint'], e['step']) for e in self.resumes()]}; "
+            f"fallbacks: {len(self.events('fallback'))}"
+        )
+
+
+def _reap(worker: subprocess.Popen[str]) -> None:
+    if worker.poll() is None:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    worker.communicate(timeout=60)
+
+
+def newest_verified(job: Job) -> str | None:
+    """The id of the newest committed checkpoint that matches its manifest: what a restore must take."""
+    store = CheckpointStore(job, keep=job.read_spec().checkpoint.keep)
+    for info in store.committed():
+        try:
+            store.verify(info)
+        except CheckpointCorrupt:
+            continue
+        return info.id
+    return None
+
+
+def status_record(queue: Path, name: str, env: dict[str, str]) -> dict[str, Any]:
+    """The job's record in a real `runner status --json`."""
+    result = run_cli("status", "--json", "--queue", str(queue), env=env)
+    assert result.returncode == 0, result.stderr
+    (record,) = [row for row in json.loads(result.stdout) if row["name"] == name]
+    return record
+
+
+def check_resumes(run: KillRun) -> None:
+    """Every kill after a commit led to a resume from the newest verified checkpoint, with nothing redone."""
+    events = run.job.events.read()
+    assert not [e for e in events if e["event"] == "fallback"], "a kill left a checkpoint that does not verify"
+    for session in run.sessions:
+        if session.must_restore is None or session.generation is None:
+            continue
+        restores = [e for e in events if e["event"] in ("resumed", "started") and e["generation"] > session.generation]
+        assert restores, f"nothing restored after the kill in {session.phase}"
+        restore = restores[0]
+        assert restore["event"] == "resumed", f"after a kill in {session.phase} the next claim started afresh"
+        assert restore["checkpoint"] == session.must_restore, (
+            f"after a kill in {session.phase} the next claim resumed from {restore['checkpoint']}, "
+            f"not from the newest verified {session.must_restore}"
+        )
+        resumed_at = (restore["epoch"], restore["step"])
+        later = [e for e in events if e["event"] == "checkpoint" and e["generation"] == restore["generation"]]
+        if later:
+            assert (later[0]["epoch"], later[0]["step"]) > resumed_at, (
+                f"generation {restore['generation']} resumed at {resumed_at} and then checkpointed "
+                f"{(later[0]['epoch'], later[0]['step'])}: work before the resume point was done again"
+            )
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An uninterrupted run of the same job: what every killed run must end with."""
+
+    variables: dict[str, np.ndarray]
+    training_state: dict[str, Any]
+    history: list[dict[str, str]]
+    tensorboard: dict[str, dict[str, list[tuple[int, float]]]]
+    status_metrics: dict[str, float]
+
+    @staticmethod
+    def of(queue: Path, name: str, env: dict[str, str]) -> Reference:
+        job = job_of(queue, name)
+        return Reference(
+            newest_variables(job),
+            newest_training_state(job),
+            read_history(job.paths.history),
+            tensorboard_runs(job),
+            status_record(queue, name, env)["metrics"],
+        )
+
+
+def newest_variables(job: Job) -> dict[str, np.ndarray]:
+    newest = CheckpointStore(job, keep=2).newest()
+    assert newest is not None, "no checkpoint"
+    with np.load(newest.path / "variables.npz") as arrays:
+        return {key: arrays[key].copy() for key in arrays.files}
+
+
+# Fields of a snapshot's state.json that differ between runs by nature: wall time and the claim that wrote it.
+_PER_RUN_FIELDS = ("elapsed_s", "generation")
+
+
+def newest_training_state(job: Job) -> dict[str, Any]:
+    """The newest checkpoint's training state (position, sums, history, best, batch size...)."""
+    newest = CheckpointStore(job, keep=2).newest()
+    assert newest is not None, "no checkpoint"
+    state = json.loads((newest.path / "state.json").read_text())
+    return {key: value for key, value in state.items() if key not in _PER_RUN_FIELDS}
+
+
+def tensorboard_runs(job: Job) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    paths = job.paths
+    return {
+        "train": tensorboard_scalars(paths.tensorboard_train),
+        "validation": tensorboard_scalars(paths.tensorboard_validation),
+    }
+
+
+def assert_same_result(run: KillRun, reference: Reference) -> None:
+    """The killed run ends exactly as the uninterrupted one: bits, state, history, TensorBoard, status."""
+    job = run.job
+    variables = newest_variables(job)
+    assert variables.keys() == reference.variables.keys()
+    for key, expected in reference.variables.items():
+        assert np.array_equal(variables[key], expected), f"{key} differs from the uninterrupted run"
+    assert newest_training_state(job) == reference.training_state
+    history = read_history(job.paths.history)
+    assert [row["epoch"] for row in history] == [row["epoch"] for row in reference.history], "epochs in history.csv"
+    assert history == reference.history
+    assert tensorboard_runs(job) == reference.tensorboard
+    final = status_record(run.queue, run.name, run.env)
+    assert final["state"] == "done" and final["metrics"] == reference.status_metrics
+    for session in run.sessions:  # status after each kill showed the uninterrupted run's numbers for its epoch
+        epoch = session.status.get("epoch") or 0
+        if epoch:
+            row = reference.history[epoch - 1]
+            expected = {key: float(value) for key, value in row.items() if key != "epoch" and value != ""}
+            assert session.status["metrics"] == expected, f"status after the kill in {session.phase}"

@@ -1,0 +1,158 @@
+"""Kills that land where they are meant to, and resumes that are proven exact.
+
+Real `runner work` processes train a tiny real job (digits from the bundled archive, Dropout and random
+augmentation, ``deterministic: true``) and die by SIGKILL at chosen moments: inside a publish (between copy and
+manifest, between manifest and rename, after the rename, after the state write, after the history rewrite),
+right after a snapshot, during the export, or at a random delay after a commit while training. The harness
+(tests/support/kill_harness.py) checks that every kill after a commit was followed by a resume from the newest
+checkpoint that verified, with nothing before it trained again, and that the end is the uninterrupted run's:
+variables bit for bit, the training state, history.csv, TensorBoard and `runner status --json`. Each test
+also asserts that its kills landed (by phase) and that resumes happened mid-epoch: none passes vacuously.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runner.job import JobStatus
+from tests.conftest import run_cli
+from tests.drivesim.fixtures import SimFactory, requires_fuse
+from tests.support.keras_jobs import keras_env, make_digit_folders, submit_keras_spec
+from tests.support.kill_harness import (
+    PUBLISH_POINTS,
+    Kill,
+    KillRun,
+    Reference,
+    assert_same_result,
+    check_resumes,
+)
+
+pytestmark = pytest.mark.slow
+
+NAME = "tiny"
+EVERY_STEP = {"every_minutes": 0.000001}
+"""A snapshot after every step: resumes land mid-epoch, and kills can be put inside any publish."""
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_digit_folders(tmp_path_factory.mktemp("digits"), train_per_class=24)
+
+
+@pytest.fixture(scope="module")
+def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    """The uninterrupted run (checkpointing once an epoch: the cadence does not change the result)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    env = keras_env(tmp / "cache")
+    submit_keras_spec(tmp, tmp / "queue", digits, NAME, env)
+    result = run_cli("work", "--queue", str(tmp / "queue"), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Reference.of(tmp / "queue", NAME, env)
+
+
+def new_run(tmp_path: Path, digits: Path, *, seed: int, queue: Path | None = None, **overrides) -> KillRun:
+    env = keras_env(tmp_path / "cache")
+    queue = queue or tmp_path / "queue"
+    submit_keras_spec(tmp_path, queue, digits, NAME, env, **overrides)
+    return KillRun(queue, NAME, env, rng=random.Random(seed), folder=tmp_path)
+
+
+def test_kills_inside_every_step_of_publishing_resume_from_the_newest_verified_checkpoint(
+    digits: Path, reference: Reference, tmp_path: Path
+) -> None:
+    run = new_run(tmp_path, digits, seed=1, checkpoint=EVERY_STEP)
+    plan = [
+        Kill.at("commit-copied", 3),
+        Kill.at("commit-manifest", 2),
+        Kill.at("commit-renamed", 4),  # committed, but neither logged nor in state.json: it must still be found
+        Kill.at("state-written", 2),
+        Kill.at("history-written", 3),
+        Kill.at("snapshot-written", 5),
+    ]
+    for kill in plan:
+        run.session(kill)
+    run.finish()
+
+    missed = [kill.meant_phase for kill, session in zip(plan, run.sessions) if not session.landed]
+    assert not missed, f"kills that did not land: {missed}; {run.summary()}"
+    assert len([s for s in run.sessions if s.phase in PUBLISH_POINTS]) == 5, run.summary()
+    assert all(session.must_restore for session in run.sessions), "a kill came before the first commit"
+    assert run.mid_epoch_resumes() >= 4, run.summary()
+    check_resumes(run)
+    assert_same_result(run, reference)
+
+
+@pytest.mark.parametrize("cadence", ["epoch", "every-step"])
+def test_kills_at_random_moments_in_training_after_commits_resume_exactly(
+    digits: Path, reference: Reference, tmp_path: Path, cadence: str
+) -> None:
+    run = new_run(tmp_path, digits, seed=2, checkpoint=EVERY_STEP if cadence == "every-step" else {})
+    window = (0.0, 0.3) if cadence == "every-step" else (0.0, 0.1)
+    for nth in (1, 2, 1):
+        run.session(Kill.after_commit(nth, delay_s=window))
+    run.finish()
+
+    assert len(run.landed("training")) >= 2, run.summary()
+    if cadence == "every-step":
+        assert run.mid_epoch_resumes() >= 2, run.summary()
+    else:
+        assert run.boundary_resumes() >= 2, run.summary()
+    check_resumes(run)
+    assert_same_result(run, reference)
+
+
+def test_a_kill_during_the_export_finishes_the_job_without_training_again(
+    digits: Path, reference: Reference, tmp_path: Path
+) -> None:
+    run = new_run(tmp_path, digits, seed=3)
+    run.session(Kill.at("export-written"))
+    run.session(Kill.at("export-published"))
+    run.finish()
+
+    assert [s.phase for s in run.sessions] == ["export-written", "export-published"], run.summary()
+    resumes = run.resumes()
+    assert [(e["epoch"], e["step"]) for e in resumes] == [(4, 0), (4, 0)], "the finished training was redone"
+    assert len(run.events("checkpoint")) == 4, "a resumed claim checkpointed again"
+    assert (run.job.paths.final / "model.keras").is_file()
+    check_resumes(run)
+    assert_same_result(run, reference)
+
+
+@pytest.fixture
+def drive(tmp_path: Path) -> Iterator[SimFactory]:
+    with SimFactory(tmp_path) as factory:
+        yield factory
+
+
+@requires_fuse
+def test_kills_in_publishing_and_training_on_the_drive_simulator_resume_exactly(
+    digits: Path, reference: Reference, tmp_path: Path, drive: SimFactory
+) -> None:
+    """Each session is a new mount of the same remote (a new VM's view of Drive); the kill cuts its worker."""
+    remote, mountpoint = tmp_path / "drive", tmp_path / "mnt"
+    remote.mkdir()
+    mountpoint.mkdir()
+    sim = drive(remote, mountpoint, latency_s=0.002, durability_lag_s=0.5)
+    run = new_run(tmp_path, digits, seed=4, queue=mountpoint / "runner", checkpoint=EVERY_STEP)
+    # Training runs ahead of a slow mount (the publisher keeps only the newest snapshot), so the points come early.
+    plan = [
+        Kill.at("commit-manifest", 2),
+        Kill.at("commit-renamed", 2),
+        Kill.at("state-written", 2),
+        Kill.after_commit(1, delay_s=(0.0, 0.05)),
+    ]
+    for kill in plan:
+        run.session(kill)
+        sim.unmount()
+        sim = drive(remote, mountpoint, latency_s=0.002, durability_lag_s=0.5)
+    run.finish()
+
+    assert len(run.landed()) >= 3 and len([s for s in run.landed() if s.phase in PUBLISH_POINTS]) >= 3, run.summary()
+    assert run.mid_epoch_resumes() >= 2, run.summary()
+    assert run.job.read_state().status is JobStatus.DONE
+    check_resumes(run)
+    assert_same_result(run, reference)
