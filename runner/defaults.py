@@ -68,7 +68,11 @@ PUBLISH_RETRY_PAUSE_S = 15.0
 """Seconds before publishing a checkpoint again after the job folder's storage failed past its retries."""
 
 PUBLISH_FLUSH_TIMEOUT_S = 600.0
-"""Seconds a stopping or finishing trainer waits for its last checkpoint to reach the job folder."""
+"""Seconds a stopping or finishing trainer waits for its last checkpoint to reach the job folder; past it, the
+checkpoint is kept on local disk and the job left resumable (the next ``runner work`` on that machine publishes it)."""
+
+FLUSH_TIMEOUT_ENV = "RUNNER_FLUSH_TIMEOUT"
+"""Environment variable overriding :data:`PUBLISH_FLUSH_TIMEOUT_S` (seconds)."""
 
 STATUS_RETRY_BUDGET_S = 10.0
 """Seconds `runner status` keeps retrying a failing job folder before it says so."""

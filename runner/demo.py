@@ -66,7 +66,9 @@ def run_demo(queue_dir: Path | None, console: Console) -> int:
     console.print(f"events of the job: {job.paths.events}")
     status = job.read_state().status
     if status is not JobStatus.DONE:
-        console.print(f"[bold red]the demo job ended {status.value}, not done[/]: see `runner logs {spec.name} --queue {root}`")
+        console.print(
+            f"[bold red]the demo job ended {status.value}, not done[/]: see `runner logs {spec.name} --queue {root}`"
+        )
         return code or 1
     return code
 

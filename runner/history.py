@@ -43,6 +43,16 @@ def write_history(path: Path, history: Sequence[dict[str, Any]]) -> None:
     storage.atomic_write_text(path, history_csv(history))
 
 
+def check_history(path: Path, history: Sequence[dict[str, Any]]) -> None:
+    """Read history.csv back: :class:`StorageError` unless it holds exactly ``history`` (a job is done only then)."""
+    if storage.read_bytes(path).decode("utf-8", errors="replace") != history_csv(history):
+        raise storage.StorageError(
+            f"{path} does not hold the training history after it was written: run `runner work` again",
+            path=str(path),
+            transient=True,
+        )
+
+
 def read_history(path: Path) -> list[dict[str, str]]:
     """Rows of history.csv as dicts of strings; empty when there is none."""
     try:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import secrets
@@ -201,6 +202,35 @@ def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
 def publish_note(cache_dir: Path, job: str) -> Path:
     """On local disk: present while a job's newest checkpoint waits there because the job folder is failing."""
     return cache_dir / "publishing" / f"{job}.json"
+
+
+@dataclass(frozen=True)
+class KeptSnapshotPaths:
+    """On local disk: a job's newest snapshot that could not be published, until a next claim here publishes it.
+
+    ``<cache>/kept/<job>-<key>/``: ``files/`` (the snapshot) and ``kept.json`` (whose claim trained it, and how
+    far), written last. The key is a hash of the job folder's path, so two queues' jobs of one name never share.
+    """
+
+    folder: Path
+
+    @classmethod
+    def of(cls, cache_dir: Path, job_folder: Path) -> KeptSnapshotPaths:
+        key = hashlib.sha256(str(Path(job_folder).absolute()).encode()).hexdigest()[:12]
+        return cls(cache_dir / "kept" / f"{Path(job_folder).name}-{key}")
+
+    @property
+    def files(self) -> Path:
+        return self.folder / "files"
+
+    @property
+    def note(self) -> Path:
+        return self.folder / "kept.json"
+
+    @property
+    def in_progress(self) -> Path:
+        """Where the next kept snapshot is assembled before it replaces this one."""
+        return self.folder.with_name(f".tmp-{self.folder.name}")
 
 
 def work_folder(cache_dir: Path, job: str, generation: int) -> Path:

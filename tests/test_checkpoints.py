@@ -447,3 +447,46 @@ def test_a_late_checkpoint_of_an_older_claim_is_never_restored_and_is_logged(job
     stale = events(job, "stale-checkpoint")
     assert [event["checkpoint"] for event in stale] == [late.id]
     assert "older than 2" in stale[0]["reason"]
+
+
+def test_every_file_of_a_checkpoint_is_made_durable_before_the_rename_that_commits_it(
+    job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order of the real fsync(2) and rename(2) calls, watched on their way through: a checkpoint renamed into
+    place before its bytes are durable could come back after a power cut as a committed name over empty files."""
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(source, target, *args, **kwargs) -> None:  # noqa: ANN001
+        calls.append(("rename", f"{os.fspath(source)} -> {os.fspath(target)}"))
+        real_rename(source, target, *args, **kwargs)
+
+    def replace(source, target, *args, **kwargs) -> None:  # noqa: ANN001  (an atomic write's last step)
+        calls.append(("replace", f"{os.fspath(source)} -> {os.fspath(target)}"))
+        real_replace(source, target, *args, **kwargs)
+
+    source = tmp_path / "snapshot"
+    files = make_source(source, seed=1)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    info = CheckpointStore(job, keep=2).commit(source, generation=1, epoch=1, step=0)
+    monkeypatch.undo()
+
+    commits = [i for i, (kind, what) in enumerate(calls) if kind == "rename" and what.endswith(f"-> {info.path}")]
+    (commit_index,) = commits
+    temp = calls[commit_index][1].split(" -> ")[0]
+    synced_before: set[str] = set()
+    for kind, what in calls[:commit_index]:
+        if kind == "fsync":
+            synced_before.add(what)
+        elif kind == "replace" and (moved := what.split(" -> "))[0] in synced_before:
+            synced_before.add(moved[1])  # written and fsynced under a temporary name, then renamed over
+    for relative in [*files, MANIFEST_NAME]:
+        assert f"{temp}/{relative}" in synced_before, f"{relative} was not fsynced before the commit"
+    assert temp in synced_before, "the temporary folder's entries were not made durable before the commit"
+    assert ("fsync", str(info.path.parent)) in calls[commit_index:], "the commit's rename was not made durable"

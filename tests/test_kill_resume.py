@@ -13,12 +13,15 @@ also asserts that its kills landed (by phase) and that resumes happened mid-epoc
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from runner import storage
 from runner.job import JobStatus
+from runner.kept import find_kept
 from tests.conftest import run_cli
 from tests.drivesim.fixtures import SimFactory, requires_fuse
 from tests.support.keras_jobs import keras_env, make_digit_folders, submit_keras_spec
@@ -155,4 +158,80 @@ def test_kills_in_publishing_and_training_on_the_drive_simulator_resume_exactly(
     assert run.mid_epoch_resumes() >= 2, run.summary()
     assert run.job.read_state().status is JobStatus.DONE
     check_resumes(run)
+    assert_same_result(run, reference)
+
+
+# --- the last publish of a claim cannot finish ------------------------------------------------------------------
+
+
+def kept_on_this_machine(run: KillRun) -> tuple[int, int, int] | None:
+    kept = find_kept(Path(run.env["RUNNER_CACHE"]), run.job)
+    return (kept.generation, kept.epoch, kept.step) if kept else None
+
+
+def assert_finished_from_the_kept_checkpoint(run: KillRun, kept_id: str) -> None:
+    (published,) = run.events("kept-snapshot-published")
+    assert published["checkpoint"] == kept_id
+    resumed = run.resumes()[-1]
+    assert (resumed["checkpoint"], resumed["epoch"], resumed["step"]) == (kept_id, 4, 0), "training was redone"
+    assert [e["checkpoint"] for e in run.events("checkpoint")][-1] == kept_id
+    assert find_kept(Path(run.env["RUNNER_CACHE"]), run.job) is None
+
+
+@requires_fuse
+def test_an_outage_that_outlasts_the_final_flush_keeps_the_checkpoint_and_the_next_session_finishes(
+    digits: Path, reference: Reference, tmp_path: Path, drive: SimFactory
+) -> None:
+    remote, mountpoint = tmp_path / "drive", tmp_path / "mnt"
+    remote.mkdir()
+    mountpoint.mkdir()
+    sim = drive(remote, mountpoint, latency_s=0.001)
+    run = new_run(tmp_path, digits, seed=5, queue=mountpoint / "runner")
+    run.env |= {"RUNNER_FLUSH_TIMEOUT": "2", "RUNNER_RETRY_BUDGET": "1"}
+    outage_s = 12.0
+    outage_ends: list[float] = []
+
+    def outage() -> None:
+        sim.outage(outage_s)
+        outage_ends.append(time.monotonic() + outage_s)
+
+    # The 4th snapshot is the last epoch's: Drive goes away just before it is handed to the publisher.
+    held = run.held_session("snapshot-written", 4, outage)
+
+    said = " ".join((held.stdout + held.stderr).split())
+    assert held.returncode == 1, said[-3000:]
+    assert "the last checkpoint was not published within 2s" in said
+    assert "did not reach the job folder; it is kept on this machine's disk" in said
+    assert kept_on_this_machine(run) == (1, 4, 0), said[-3000:]
+    time.sleep(max(0.0, outage_ends[0] - time.monotonic()) + 0.5)  # the outage lasts as long as we set it to
+    assert run.job.read_state().status is JobStatus.RUNNING, "done although the last checkpoint never arrived"
+    assert "exported" not in [e["event"] for e in run.events()]
+
+    run.finish()
+
+    assert_finished_from_the_kept_checkpoint(run, "g000001-e000004-s000000000")
+    assert_same_result(run, reference)
+
+
+def test_a_claim_taken_over_during_its_final_publish_keeps_the_checkpoint_for_the_next_claim_here(
+    digits: Path, reference: Reference, tmp_path: Path
+) -> None:
+    run = new_run(tmp_path, digits, seed=6)
+
+    def newer_claim() -> None:  # what another VM's claim does first; that claim then dies before any commit
+        storage.make_dirs(run.job.paths.claims)
+        assert storage.create_exclusive(run.job.paths.claim_marker(2))
+
+    held = run.held_session("commit-manifest", 4, newer_claim)  # the 4th commit is the last epoch's
+
+    said = " ".join((held.stdout + held.stderr).split())
+    assert held.returncode == 1, said[-3000:]
+    assert "did not reach the job folder; it is kept on this machine's disk" in said
+    assert kept_on_this_machine(run) == (1, 4, 0)
+    assert run.job.read_state().status is JobStatus.RUNNING
+
+    run.finish()
+
+    assert run.job.read_state().generation == 3
+    assert_finished_from_the_kept_checkpoint(run, "g000001-e000004-s000000000")
     assert_same_result(run, reference)

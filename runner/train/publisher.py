@@ -65,6 +65,7 @@ class Publisher:
         self._tensorboard_warned = False
         self._failing_since: float | None = None
         self._pending: Snapshot | None = None
+        self._latest: Snapshot | None = None  # the newest handed over, until it is published
         self._busy = tensorboard is not None  # the replay below: flush() waits for it like for a snapshot
         self._closing = False
         self._condition = threading.Condition()
@@ -80,6 +81,7 @@ class Publisher:
             if self.error is not None:
                 raise self.error
             dropped, self._pending = self._pending, snapshot
+            self._latest = snapshot
             self._condition.notify_all()
         if dropped is not None:
             shutil.rmtree(dropped.folder, ignore_errors=True)
@@ -97,6 +99,14 @@ class Publisher:
             raise self.error
         return True
 
+    def unpublished(self) -> Snapshot | None:
+        """The newest snapshot handed over that has not been published (pending, failing or fenced), or ``None``.
+
+        Its folder is left alone by the thread, so that the trainer can keep it on local disk."""
+        with self._condition:
+            latest = self._latest
+        return latest if latest is not None and latest.folder.is_dir() else None
+
     def close(self, timeout_s: float) -> bool:
         """Publish what is pending (within ``timeout_s``), then stop the thread."""
         try:
@@ -105,7 +115,8 @@ class Publisher:
             self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop the thread once its current upload ends, dropping anything still pending; never raises."""
+        """Stop the thread once its current upload ends, publishing nothing more (see :meth:`unpublished`);
+        never raises."""
         with self._condition:
             self._closing = True
             self._pending = None
@@ -120,7 +131,7 @@ class Publisher:
             with self._condition:
                 while self._pending is None and not self._closing:
                     self._condition.wait()
-                if self._pending is None:
+                if self._closing:  # after shutdown nothing more is published: the trainer keeps what is left
                     return
                 snapshot, self._pending, self._busy = self._pending, None, True
             try:
@@ -134,11 +145,15 @@ class Publisher:
                 self.context.log.warning("publishing checkpoint failed, will retry: %s", error)
                 self._write_note(snapshot, error)
                 self._requeue(snapshot)
-                time.sleep(self.retry_pause_s)
+                with self._condition:  # a pause that shutdown() cuts short
+                    self._condition.wait_for(lambda: self._closing, timeout=self.retry_pause_s)
             except BaseException as error:  # fenced, or a bug: stop publishing and let the trainer raise it
                 with self._condition:
                     self.error = error
             else:
+                with self._condition:
+                    if self._latest is snapshot:
+                        self._latest = None
                 shutil.rmtree(snapshot.folder, ignore_errors=True)
                 self._clear_note()
             finally:
@@ -233,4 +248,3 @@ class Publisher:
             if self._tensorboard_failing:
                 self.context.log.info("TensorBoard logs written again")
             self._tensorboard_failing = False
-

@@ -22,8 +22,10 @@ from rich.markup import escape
 
 from runner import defaults, killpoints
 from runner.errors import StorageError
-from runner.history import write_history
+from runner.history import check_history, write_history
+from runner.kept import keep_snapshot, publish_kept
 from runner.paths import default_cache_dir, publish_note, work_folder
+from runner.settings import seconds_from_environment
 from runner.spec import JobSpec
 from runner.train.data import ImageFolderData, prepare_dataset
 from runner.train.export import publish_exports, write_exports
@@ -36,6 +38,11 @@ from runner.train.snapshot import TrainingState, load_snapshot, save_snapshot
 from runner.train.space import local_disk_error, warn_if_short_of_space
 from runner.train.tensorboard import TensorBoardLog
 from runner.training import Outcome, RunContext
+
+
+def flush_timeout() -> float:
+    """Seconds to wait for the last checkpoint to reach the job folder (``$RUNNER_FLUSH_TIMEOUT``)."""
+    return seconds_from_environment(defaults.FLUSH_TIMEOUT_ENV, defaults.PUBLISH_FLUSH_TIMEOUT_S, allow_zero=False)
 
 
 def configure_determinism(spec: JobSpec) -> None:
@@ -98,6 +105,7 @@ class _Session:
     # --- the run --------------------------------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        self._publish_kept()
         state = self._restore()
         tensorboard = TensorBoardLog(
             self.context.job.paths, generation=self.context.generation, local_folder=self.workdir / "tensorboard"
@@ -111,13 +119,14 @@ class _Session:
         try:
             outcome = self._train(state, publisher)
             if outcome is Outcome.DONE:
-                self._finish(publisher)
-            elif not publisher.close(defaults.PUBLISH_FLUSH_TIMEOUT_S):
+                self._finish(publisher, state)
+            elif not publisher.close(flush_timeout()):
                 self.context.log.warning("gave up waiting for the last checkpoint to be published")
             return outcome
         finally:
             self.progress.stop()
             publisher.shutdown()
+            self._keep_unpublished(publisher)
 
     def _train(self, state: TrainingState, publisher: Publisher) -> Outcome:
         if self.spec.training.on_oom == "halve_batch" and state.global_step == 0:
@@ -183,10 +192,10 @@ class _Session:
         old = self.data.batch_size
         new = halved_batch_size(old, self.spec, error)
         during = "validation" if state.seen >= self.data.num_train else "training"
-        if not publisher.flush(defaults.PUBLISH_FLUSH_TIMEOUT_S):  # the newest snapshot is where to go back to
+        if not publisher.flush(timeout := flush_timeout()):  # the newest snapshot is where to go back to
             raise StorageError(
                 f"{self.context.job.paths.checkpoints}: the newest checkpoint was still not published "
-                f"{defaults.PUBLISH_FLUSH_TIMEOUT_S:.0f}s after running out of memory: run `runner work` again",
+                f"{timeout:.0f}s after running out of memory: run `runner work` again",
                 path=str(self.context.job.paths.checkpoints),
                 transient=True,
             )
@@ -300,16 +309,61 @@ class _Session:
         self.snapshot_position = (state.epoch, state.step)
         self.last_snapshot_at = self.clock()
 
-    def _finish(self, publisher: Publisher) -> None:
-        self._flush(publisher)
+    def _finish(self, publisher: Publisher, state: TrainingState) -> None:
+        """Export, once the last checkpoint and the history are in the job folder: only then may the job be done."""
+        paths = self.context.job.paths
+        if not publisher.flush(timeout := flush_timeout()):
+            raise StorageError(
+                f"{paths.checkpoints}: the last checkpoint was not published within {timeout:.0f}s; the job stays "
+                "resumable, and the next `runner work` on this machine publishes it and finishes the job",
+                path=str(paths.checkpoints),
+                transient=True,
+            )
+        check_history(paths.history, state.history)
         local = self.workdir / "final"
         names = write_exports(self.model, self.spec, local)
         killpoints.reached("export-written")
-        publish_exports(local, self.context.job.paths, fence=self.context.claim.fence)
+        publish_exports(local, paths, fence=self.context.claim.fence)
         killpoints.reached("export-published")
         self.context.log.info("exported %s", ", ".join(names))
         self.context.job.events.append("exported", files=names)
 
-    def _flush(self, publisher: Publisher) -> None:
-        if not publisher.flush(defaults.PUBLISH_FLUSH_TIMEOUT_S):
-            self.context.log.warning("the last checkpoint is still not published; it stays on local disk")
+    # --- a snapshot that could not be published -------------------------------------------------------------
+
+    def _keep_unpublished(self, publisher: Publisher) -> None:
+        """Keep the newest snapshot that did not reach the job folder (outage, lost lease), for the next claim here."""
+        snapshot = publisher.unpublished()
+        if snapshot is None:
+            return
+        try:
+            kept = keep_snapshot(
+                snapshot.folder,
+                cache_dir=self.cache_dir,
+                job=self.context.job,
+                generation=self.context.generation,
+                epoch=snapshot.epoch,
+                step=snapshot.step,
+                meta=snapshot.meta,
+            )
+        except OSError as error:
+            self.context.log.error("could not keep the unpublished checkpoint on local disk: %s", error)
+            return
+        log = self.context.log
+        log.warning("the checkpoint at epoch %d step %d is kept on local disk: %s", kept.epoch, kept.step, kept.files)
+        self.context.console.print(
+            f"[yellow]job {self.context.job.name!r}: the checkpoint at epoch {kept.epoch} step {kept.step} did not "
+            "reach the job folder; it is kept on this machine's disk, and the next `runner work` here publishes it[/]",
+            soft_wrap=True,
+        )
+
+    def _publish_kept(self) -> None:
+        """Publish a snapshot an earlier claim on this machine kept, unless a newer claim has committed since."""
+        info = publish_kept(self.cache_dir, self.context.store)
+        if info is None:
+            return
+        metrics = info.meta.get("metrics") or {}
+        self.context.record_checkpoint(info, metrics={k: v for k, v in metrics.items() if k != "epoch"})
+        publish_note(self.cache_dir, self.context.job.name).unlink(missing_ok=True)  # status: nothing waits now
+        self.context.console.print(
+            f"published checkpoint {info.id}, kept on this machine's disk by an earlier session", markup=False
+        )

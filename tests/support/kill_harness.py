@@ -24,6 +24,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from runner.checkpoints import CheckpointStore
 from runner.errors import CheckpointCorrupt
 from runner.history import read_history
 from runner.job import Job, JobStatus
-from runner.killpoints import KILL_AT_ENV, KILL_LOG_ENV
+from runner.killpoints import HOLD_AT_ENV, KILL_AT_ENV, KILL_LOG_ENV, release_file
 from tests.conftest import run_cli, start_cli
 from tests.support.keras_jobs import job_of
 from tests.support.tensorboard_files import tensorboard_scalars
@@ -126,7 +127,7 @@ class KillRun:
         record.generation = claims[-1]["generation"] if claims else None
         done = self.job.read_state().status is JobStatus.DONE
         if worker.returncode == -signal.SIGKILL and not done:
-            logged = self.kills_logged()[logged_before:]
+            logged = [entry for entry in self.kills_logged()[logged_before:] if entry["action"] == "kill"]
             if kill.point:
                 record.landed = [entry["point"] for entry in logged] == [kill.point]
             else:
@@ -136,6 +137,29 @@ class KillRun:
         record.status = status_record(self.queue, self.name, self.env)
         self.sessions.append(record)
         return record
+
+    def held_session(self, point: str, nth: int, while_held: Callable[[], None]) -> subprocess.CompletedProcess[str]:
+        """Run one session that waits at ``point`` (its ``nth`` time) while ``while_held`` breaks something, then
+        goes on to whatever end it comes to; its exit code and output."""
+        env = dict(self.env)
+        env[KILL_LOG_ENV] = str(self.kill_log)
+        env[HOLD_AT_ENV] = f"{point}:{nth}"
+        release = Path(release_file(str(self.kill_log)))
+        release.unlink(missing_ok=True)
+        logged_before = len(self.kills_logged())
+        worker = start_cli("work", "--queue", str(self.queue), env=env)
+        try:
+            deadline = time.monotonic() + SESSION_TIMEOUT_S
+            while not [e for e in self.kills_logged()[logged_before:] if e["action"] == "hold"]:
+                assert worker.poll() is None, f"the worker ended before reaching {point}: {worker.communicate()}"
+                assert time.monotonic() < deadline, f"the worker never reached {point}"
+                time.sleep(0.01)
+            while_held()
+            release.touch()
+            out, err = worker.communicate(timeout=SESSION_TIMEOUT_S)
+        finally:
+            _reap(worker)
+        return subprocess.CompletedProcess(worker.args, worker.returncode, out, err)
 
     def _kill_after_commits(self, worker: subprocess.Popen[str], commits: int, delay_s: tuple[float, float]) -> None:
         deadline = time.monotonic() + SESSION_TIMEOUT_S
@@ -178,6 +202,8 @@ class KillRun:
 
 
 def _reap(worker: subprocess.Popen[str]) -> None:
+    if worker.returncode is not None:
+        return
     if worker.poll() is None:
         try:
             os.killpg(worker.pid, signal.SIGKILL)

@@ -1,0 +1,162 @@
+"""The publisher thread on its own: newest-only replacement, fencing inside the thread, and what close and
+shutdown leave behind. A real queue, a real claim with its lease, a real checkpoint store; the only thing added is
+a gate in the store's fence, so a test can hold an upload in the middle (between manifest and rename) while it
+hands over more snapshots."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from runner import storage
+from runner.checkpoints import CheckpointStore, checkpoint_id
+from runner.errors import Fenced
+from runner.history import read_history
+from runner.queue import Claim, Queue
+from runner.train.publisher import Publisher, Snapshot
+from runner.training import RunContext
+from tests.conftest import make_spec
+
+
+class Gate:
+    """Wraps the claim's real fence; while shut, the publishing thread waits in it (inside a commit)."""
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()
+
+    def shut(self) -> None:
+        self.open.clear()
+        self.entered.clear()
+
+    def __call__(self) -> None:
+        self.entered.set()
+        assert self.open.wait(timeout=30), "the test never opened the gate"
+        self.claim.fence()
+
+
+@pytest.fixture
+def claim(queue: Queue) -> Iterator[Claim]:
+    queue.submit(make_spec("job-a"))
+    lease = queue.lease("job-a")
+    assert lease.try_acquire()
+    claim = queue.claim("job-a", lease)
+    assert claim is not None
+    yield claim
+    lease.release()
+
+
+@pytest.fixture
+def gate(claim: Claim) -> Gate:
+    return Gate(claim)
+
+
+@pytest.fixture
+def publisher(claim: Claim, gate: Gate) -> Iterator[Publisher]:
+    store = CheckpointStore(claim.job, keep=5, fence=gate)
+    context = RunContext(
+        claim=claim,
+        store=store,
+        stop=threading.Event(),
+        log=logging.getLogger("test-publisher"),
+        console=Console(file=io.StringIO(), width=100),
+    )
+    publisher = Publisher(context, retry_pause_s=0.05)
+    yield publisher
+    publisher.shutdown()
+
+
+def snapshot(folder: Path, epoch: int, step: int = 0) -> Snapshot:
+    local = folder / f"snap-{epoch}-{step}"
+    local.mkdir(parents=True)
+    (local / "variables.npz").write_bytes(bytes([epoch, step]) * 500)
+    history = [{"epoch": index, "loss": 1.0 / (index + 1)} for index in range(epoch)]
+    return Snapshot(local, epoch, step, history, {"metrics": history[-1] if history else {}})
+
+
+def committed_ids(claim: Claim) -> list[str]:
+    return [info.id for info in CheckpointStore(claim.job, keep=5).committed()]
+
+
+def test_a_newer_snapshot_replaces_a_pending_one_and_the_newest_is_published_last(
+    publisher: Publisher, gate: Gate, claim: Claim, tmp_path: Path
+) -> None:
+    first, second, third = (snapshot(tmp_path, epoch) for epoch in (1, 2, 3))
+    gate.shut()
+    publisher.submit(first)
+    assert gate.entered.wait(timeout=30), "the first upload never reached its rename"
+    publisher.submit(second)
+    publisher.submit(third)  # the second was still pending: it is dropped, its local folder deleted
+    assert not second.folder.exists() and third.folder.exists()
+    gate.open.set()
+
+    assert publisher.flush(30)
+
+    g = claim.generation
+    assert publisher.published == [checkpoint_id(g, 1, 0), checkpoint_id(g, 3, 0)]
+    assert committed_ids(claim) == [checkpoint_id(g, 3, 0), checkpoint_id(g, 1, 0)]
+    state = claim.job.read_state()
+    assert (state.epoch, state.checkpoint) == (3, checkpoint_id(g, 3, 0)), "state.json went back to an older one"
+    assert [row["epoch"] for row in read_history(claim.job.paths.history)] == ["0", "1", "2"]
+    assert publisher.unpublished() is None
+    assert not first.folder.exists() and not third.folder.exists(), "published snapshots stay on local disk"
+
+
+def test_a_claim_fenced_during_an_upload_publishes_nothing_more_and_keeps_the_snapshot(
+    publisher: Publisher, gate: Gate, claim: Claim, tmp_path: Path
+) -> None:
+    publisher.submit(snapshot(tmp_path, 1))
+    assert publisher.flush(30)
+    gate.shut()
+    fenced = snapshot(tmp_path, 2)
+    publisher.submit(fenced)
+    assert gate.entered.wait(timeout=30)
+    storage.create_exclusive(claim.job.paths.claim_marker(claim.generation + 1))  # another worker claims the job
+    gate.open.set()
+
+    with pytest.raises(Fenced):
+        publisher.flush(30)
+    with pytest.raises(Fenced):
+        publisher.submit(snapshot(tmp_path, 3))
+    assert committed_ids(claim) == [checkpoint_id(claim.generation, 1, 0)]
+    assert [name for name in storage.list_dir(claim.job.paths.checkpoints) if name.startswith(".tmp-")] == []
+    assert publisher.unpublished() == fenced and fenced.folder.is_dir(), "the fenced snapshot was not left to keep"
+
+
+def test_close_publishes_what_is_pending_and_shutdown_publishes_nothing_more(
+    publisher: Publisher, gate: Gate, claim: Claim, tmp_path: Path
+) -> None:
+    gate.shut()
+    publisher.submit(snapshot(tmp_path, 1))
+    assert gate.entered.wait(timeout=30)
+    publisher.submit(pending := snapshot(tmp_path, 2))
+    assert not publisher.flush(0.2), "flush returned while an upload was held"
+    threading.Timer(0.2, gate.open.set).start()
+
+    assert publisher.close(30)
+
+    assert publisher.published == [checkpoint_id(claim.generation, e, 0) for e in (1, 2)]
+    assert not pending.folder.exists()
+
+
+def test_after_shutdown_the_newest_snapshot_is_left_unpublished_for_the_trainer_to_keep(
+    publisher: Publisher, gate: Gate, claim: Claim, tmp_path: Path
+) -> None:
+    gate.shut()
+    publisher.submit(snapshot(tmp_path, 1))
+    assert gate.entered.wait(timeout=30)
+    publisher.submit(newest := snapshot(tmp_path, 2))
+    threading.Timer(0.2, gate.open.set).start()
+
+    publisher.shutdown()  # waits for the held upload, then stops
+
+    assert publisher.published == [checkpoint_id(claim.generation, 1, 0)]
+    assert publisher.unpublished() == newest and newest.folder.is_dir()
