@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 
 from runner import storage
+from runner.errors import StorageError
 from runner.paths import JobPaths, temp_sibling
 from runner.spec import JobSpec
 
@@ -32,13 +33,15 @@ def write_exports(model: keras.Model, spec: JobSpec, folder: Path) -> list[str]:
 
 
 def publish_exports(local: Path, paths: JobPaths, *, fence: Callable[[], None]) -> None:
-    """Copy a local export folder to ``final/`` in the job folder, replacing an older one atomically."""
+    """Copy a local export folder to ``final/`` in the job folder, replacing an older one atomically, and read the
+    copy back: a job is done only once its export is in the job folder as written."""
     temp = temp_sibling(paths.final)
+    written: dict[Path, tuple[int, str]] = {}
     try:
         for source in sorted(p for p in local.rglob("*") if p.is_file()):
-            target = temp / source.relative_to(local)
-            storage.make_dirs(target.parent)
-            storage.copy_file(source, target)
+            relative = source.relative_to(local)
+            storage.make_dirs((temp / relative).parent)
+            written[relative] = storage.copy_file(source, temp / relative)
         fence()
         if paths.final.exists():
             # A previous session exported but died before marking the job done: replace its export.
@@ -49,3 +52,10 @@ def publish_exports(local: Path, paths: JobPaths, *, fence: Callable[[], None]) 
     except BaseException:
         storage.remove_tree(temp)
         raise
+    for relative, expected in written.items():
+        if storage.file_digest(paths.final / relative) != expected:
+            raise StorageError(
+                f"{paths.final / relative} does not read back as it was written: run `runner work` again",
+                path=str(paths.final / relative),
+                transient=True,
+            )
