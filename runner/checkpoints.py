@@ -75,11 +75,14 @@ class CheckpointStore:
         *,
         keep: int,
         fence: Callable[[], None] = lambda: None,
+        claim_token: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep!r}")
         self.job, self.keep, self.fence, self.clock = job, keep, fence, clock
+        self.claim_token = claim_token
+        """Written into each manifest: a restore skips checkpoints whose claim lost its generation's marker."""
         self.fallbacks: list[tuple[str, str]] = []
         """``(checkpoint id, reason)`` of each checkpoint the last :meth:`restore` passed over as damaged."""
         self.folder = job.paths.checkpoints
@@ -127,6 +130,8 @@ class CheckpointStore:
                 "files": files,
                 "meta": meta or {},
             }
+            if self.claim_token:
+                manifest["claim"] = self.claim_token
             storage.atomic_write_json(temp / MANIFEST_NAME, manifest)
             killpoints.reached("commit-manifest")
             self.fence()
@@ -186,6 +191,7 @@ class CheckpointStore:
             storage.make_dirs(scratch)  # a checkpoint may hold no files at all (everything in its meta)
             try:
                 restored = self._verified(info, copy_to=scratch)
+                self._check_claim(restored)
             except CheckpointCorrupt as error:
                 storage.remove_tree(scratch)
                 self.job.events.append("fallback", checkpoint=info.id, reason=error.reason)
@@ -198,6 +204,16 @@ class CheckpointStore:
             self._log_stale(restored)
             return restored
         return None
+
+    def _check_claim(self, info: CheckpointInfo) -> None:
+        """A checkpoint written by a claim that another VM's claim of the same generation displaced is not on the
+        job's line of training: :class:`CheckpointCorrupt` (so restore passes over it and logs why)."""
+        written_by = info.manifest.get("claim")
+        holder = self.job.claim_token(info.generation) if written_by else None
+        if holder is not None and holder != written_by:
+            raise CheckpointCorrupt(
+                info.id, f"written by a claim of generation {info.generation} that another machine's claim displaced"
+            )
 
     def _log_stale(self, restored: CheckpointInfo) -> None:
         """Log checkpoints of an older claim that are ahead of the one restored: written (or made visible, on a

@@ -186,6 +186,25 @@ class Job:
             raise Fenced(self.name, generation, f"generation {state.generation} has claimed the job since")
         return state
 
+    def check_claim(self, generation: int, token: str) -> None:
+        """:class:`Fenced` if the marker of ``generation`` names another claim than ``token``.
+
+        On one machine the marker's exclusive create decides who claims a generation. Two VMs on one Drive can
+        both create it, each in its own view, and Drive keeps the version uploaded last: once that version reaches
+        the other VM, the claim it does not name is fenced. A marker without a token (written by an older runner,
+        or unreadable for now) fences nobody.
+        """
+        holder = self.claim_token(generation)
+        if holder is not None and holder != token:
+            raise Fenced(self.name, generation, f"another machine claimed generation {generation} at the same time")
+
+    def claim_token(self, generation: int) -> str | None:
+        """The token in the marker of ``generation`` (``None`` when missing, empty or unreadable)."""
+        try:
+            return storage.read_bytes(self.paths.claim_marker(generation)).decode("utf-8", errors="replace").strip() or None
+        except StorageError:
+            return None
+
     def newest_claim_marker(self) -> int:
         """The highest claim generation with a marker (0 when none)."""
         generations = [int(name[1:]) for name in storage.list_dir(self.paths.claims) if name[1:].isdigit()]

@@ -6,6 +6,7 @@ cancel from a notebook and a worker on another machine never overwrite each othe
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -100,6 +101,9 @@ class Claim:
     resumed: bool
     claimed: JobState
     """The state this claim wrote; its claim fields are written again with every update."""
+    token: str = ""
+    """What this claim wrote into its generation's marker: tells it apart from a claim of the same generation
+    made on another VM at the same moment (Drive has no cross-VM exclusive create)."""
 
     def fence(self) -> None:
         """Raise :class:`Fenced` if this claim is no longer current: lease lost or a newer generation."""
@@ -108,6 +112,8 @@ class Claim:
     def _current_state(self) -> JobState:
         if (lost := self.lease.lost) is not None:
             raise Fenced(self.job.name, self.generation, f"lease lost ({lost.reason})")
+        if self.token:
+            self.job.check_claim(self.generation, self.token)
         return self.job.check_generation(self.generation)
 
     def _claim_fields(self) -> dict[str, Any]:
@@ -269,7 +275,8 @@ class Queue:
         resumed = state.status is JobStatus.RUNNING or state.checkpoint is not None
         generation = max(state.generation, job.newest_claim_marker()) + 1
         storage.make_dirs(job.paths.claims)
-        if not storage.create_exclusive(job.paths.claim_marker(generation)):
+        token = f"{worker_identity()} {secrets.token_hex(8)}"
+        if not storage.create_exclusive(job.paths.claim_marker(generation), token.encode()):
             # Another worker claimed this generation between our read and now: it won.
             raise LeaseHeld(name, "another worker that claimed it at the same moment")
         claimed = state.moved_to(
@@ -294,7 +301,9 @@ class Queue:
             resumed=resumed,
             device=device,
         )
-        return Claim(job=job, spec=spec, lease=lease, generation=generation, resumed=resumed, claimed=claimed)
+        return Claim(
+            job=job, spec=spec, lease=lease, generation=generation, resumed=resumed, claimed=claimed, token=token
+        )
 
     @contextmanager
     def _holding(self, name: str) -> Iterator[JobLease]:

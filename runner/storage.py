@@ -246,14 +246,21 @@ def exists(path: Path) -> bool:
 
 
 @retry_io
-def create_exclusive(path: Path) -> bool:
-    """Create an empty file; ``False`` if it already exists (someone else created it first)."""
+def create_exclusive(path: Path, content: bytes = b"") -> bool:
+    """Create a file holding ``content``; ``False`` if it already exists (someone else created it first).
+
+    Exclusive on one machine only: on Drive each VM decides against its own view, so two VMs can both create it
+    (see :meth:`runner.job.Job.check_claim`)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
-    os.fsync(fd)
-    os.close(fd)
+    try:
+        if content:
+            os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     fsync_dir(path.parent)
     return True
 

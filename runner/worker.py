@@ -259,7 +259,7 @@ class Worker:
 
     def _run_claimed(self, claim: Claim, job_log: logging.Logger) -> None:
         job, name = claim.job, claim.job.name
-        store = CheckpointStore(job, keep=claim.spec.checkpoint.keep, fence=claim.fence)
+        store = CheckpointStore(job, keep=claim.spec.checkpoint.keep, fence=claim.fence, claim_token=claim.token)
         if garbage := store.collect_garbage():
             job_log.info("removed %d unfinished checkpoint folder(s) of an earlier session", len(garbage))
         if job.cancel_requested():

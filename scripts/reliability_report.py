@@ -1,13 +1,16 @@
-"""Run the chaos harness (tests/chaos.py) over a set of scenarios and write docs/reliability.md from the results.
+"""Run the kill tests and the chaos harness, and write docs/reliability.md from what they measured.
 
-    python scripts/reliability_report.py            # the CI-sized set (a few minutes)
+    python scripts/reliability_report.py            # the CI-sized set (about ten minutes)
     python scripts/reliability_report.py --soak     # a longer soak: more seeds, more kills, higher fault rates
     python scripts/reliability_report.py --json results.json --output /tmp/reliability.md
 
-Every figure in the table is measured by this run: sessions, kills and VM deaths that cut a run short, faults
-injected by the simulated Drive (by errno), retries logged by the storage layer, checkpoints kept locally because
-publishing failed past the retry budget, restore fallbacks, and the outcome checked against an undisturbed run.
-Needs FUSE (Linux, /dev/fuse, libfuse2 + fusepy) like tests/test_drivesim.py.
+Every figure is measured by this run. The kill tests (tests/test_kill_resume.py, run here with
+``$RUNNER_KILL_REPORT``) give the kills that landed, by phase, and the resumes (mid-epoch, at epoch boundaries).
+The chaos scenarios give sessions, kills and VM deaths that cut a run short, faults injected by the simulated
+Drive (by errno), retries logged by the storage layer, checkpoints kept locally because publishing failed past
+the retry budget, restore fallbacks, and the outcome checked against an undisturbed run. The mutation table
+(scripts/mutation_check.py --write-docs) and the two-VM figures (tests/two_vms.py) are kept from the page as it
+was. Needs FUSE (Linux, /dev/fuse, libfuse2 + fusepy) like tests/test_drivesim.py.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -101,10 +106,13 @@ real Keras on tiny real images with `deterministic: true`. No assertion is on wa
 | test file | what it checks | how |
 |---|---|---|
 | tests/test_storage.py | atomic writes never leave a partial file; transient errors (EIO, errno 107) retried with bounded, growing waits and logged; permanent ones (no space, permission) not retried and explained in one line; an error that never stops gives up with mount advice | writer processes SIGKILLed at random; a flaky `os.replace`/`os.fsync` stands in for a dropping mount |
-| tests/test_checkpoints.py | commit (temp folder, manifest last, rename), newest-first order, prune only after a verified commit, fencing of a stale claim, restore falling back past damaged checkpoints, garbage collection | real checkpoint folders, real corruption of real files, processes SIGKILLed while committing and pruning |
+| tests/test_checkpoints.py | commit (temp folder, manifest last, rename, every file and the manifest fsynced before the rename), newest-first order, prune only after a verified commit, fencing of a stale claim, restore falling back past damaged checkpoints, garbage collection | real checkpoint folders, real corruption of real files, processes SIGKILLed while committing and pruning |
 | tests/test_lease.py | one holder at a time, immediate takeover of a dead holder on this host (also in a PID namespace), takeover of a frozen holder after the lease duration, fencing of a holder that comes back, lost-lease detection | racing helper processes killed and frozen with SIGKILL / SIGSTOP / SIGCONT (tests/support/lease_*.py) |
 | tests/test_worker.py | claim order, a failing job does not stop the queue, cancel and retry, SIGTERM checkpoints and releases, SIGKILL at random then resume gives the uninterrupted value, damaged spec/state/lease files | in-process worker with a counting trainer; real `runner work` processes for signals and kills |
-| tests/test_keras_resume.py | `runner work` SIGKILLed at random moments (epoch and per-step checkpoints) ends with weights bit-identical to an uninterrupted run and history each epoch once; a truncated newest checkpoint falls back and still ends bit-identical; a finished job is never trained again | real Keras trainer on digits from the bundled archive, Dropout and random augmentation |
+| tests/test_kill_resume.py | kills inside every step of publishing (between copy and manifest, manifest and rename, after the rename, after the state write, after the history rewrite), after a snapshot, during the export, and at random moments in training after a commit, on local disk and on the Drive simulator: each followed by a resume from the newest verified checkpoint with nothing redone, ending bit-identical with the same training state, history.csv, TensorBoard and status metrics; the kills' landing counted; an outage that outlasts the final flush and a claim taken over during it leave the job resumable with the checkpoint kept locally, which the next claim publishes | real `runner work` processes on tiny real digits (Dropout, augmentation, `deterministic: true`), killed at exact points (`$RUNNER_KILL_AT`) or after the n-th commit event; `$RUNNER_HOLD_AT` holds a worker while the test breaks Drive or takes the claim over (tests/support/kill_harness.py) |
+| tests/test_keras_resume.py | a truncated newest checkpoint falls back and still ends bit-identical; with every checkpoint damaged training starts again and says so; a finished job is never trained again | real Keras trainer on digits from the bundled archive |
+| tests/test_publisher.py | newest-only replacement of a pending snapshot; a claim fenced during an upload publishes nothing more and leaves its snapshot to keep; close publishes what is pending, shutdown nothing more | a real claim, lease and store; a gate in the store's fence holds an upload between manifest and rename |
+| tests/test_kept_snapshot.py | a snapshot kept on local disk is published under its own claim's id when no newer claim has committed, dropped (with an event) when one has, discarded when it got through after all; kept per job folder | real job folders and stores, no TensorFlow |
 | tests/test_keras_jobs.py | the tutorial-shaped job end to end from a flaky local HTTP server; wrong sha256 and bad inputs each fail their own job with one line while the queue goes on; a failed job keeps its checkpoints and resumes after `runner retry` | real `runner work` against an `http.server` on 127.0.0.1 |
 | tests/test_full_disk.py | ENOSPC in the job folder or the local cache keeps the previous checkpoint, stops with one line (exit 1), status says why, and the job resumes bit-identical once there is room | a small tmpfs as the job folder / cache |
 | tests/test_many_hosts.py | three hosts on one queue with random kills and restarts train every job exactly once and never twice at a time; a host frozen past its lease is fenced when it resumes | real workers in their own UTS namespaces (`unshare --uts`), checked from the job folders alone |
@@ -139,7 +147,89 @@ checkpoint that did not verify), *gen* (claims of the job), *outcome* (checked a
 """
 
 
-def render(results: list[ChaosResult], *, soak: bool, seconds: float, commit: str) -> str:
+KILL_TESTS = "tests/test_kill_resume.py"
+KEPT_BLOCKS = (
+    ("<!-- mutation table: begin -->", "<!-- mutation table: end -->"),
+    ("<!-- two VMs: begin -->", "<!-- two VMs: end -->"),
+)
+"""Sections generated by other scripts: carried over from the page as it was."""
+
+
+def run_kill_tests() -> tuple[list[dict], int]:
+    """Run the kill tests with a report file; their records and pytest's exit code."""
+    with tempfile.TemporaryDirectory(prefix="runner-kills-") as scratch:
+        report = Path(scratch) / "kills.jsonl"
+        env = dict(os.environ, RUNNER_KILL_REPORT=str(report))
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", KILL_TESTS], cwd=REPO, env=env, check=False
+        )
+        records = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+    return records, done.returncode
+
+
+def render_kills(records: list[dict], exit_code: int) -> list[str]:
+    landed = [phase for record in records for phase in record["landed"]]
+    by_phase: dict[str, int] = {}
+    for phase in landed:
+        by_phase[phase] = by_phase.get(phase, 0) + 1
+    lines = [
+        "## Kills that land where they are meant to",
+        "",
+        (
+            f"`{KILL_TESTS}` ({'all passed' if exit_code == 0 else f'**pytest exit {exit_code}**'}): "
+            f"{len(records)} runs, {len(landed)} kills landed, "
+            f"{sum(len(r['missed']) for r in records)} missed; "
+            f"{sum(r['mid_epoch_resumes'] for r in records)} resumes mid-epoch, "
+            f"{sum(r['boundary_resumes'] for r in records)} at an epoch boundary; "
+            f"{sum(r['fallbacks'] for r in records)} fallbacks; "
+            f"{sum(r['kept_published'] for r in records)} kept checkpoints published by a later claim."
+        ),
+        "",
+        "Kills landed, by phase: " + ", ".join(f"{phase} {count}" for phase, count in sorted(by_phase.items())) + ".",
+        "",
+        "| test | sessions | kills landed (phase) | missed | resumes mid-epoch | at a boundary | fallbacks | gen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['test']} | {r['sessions']} | {', '.join(r['landed']) or '-'} | {', '.join(r['missed']) or '-'} "
+            f"| {r['mid_epoch_resumes']} | {r['boundary_resumes']} | {r['fallbacks']} | {r['generation']} |"
+        )
+    lines += [
+        "",
+        "Each kill test asserts, from the job's events and its folder: every kill after a commit is followed by a",
+        "claim that resumes from the newest checkpoint that verifies (read from the folder right after the kill),",
+        "whose first new checkpoint lies beyond that point; no checkpoint ever fails to verify; the kills landed in",
+        "the phases meant (a minimum count, from the kill log and the commit events); and the end equals an",
+        "uninterrupted run: variables bit for bit, the training state of the last checkpoint (position, sums, history,",
+        "best, batch size), history.csv, TensorBoard's scalars and `runner status --json`'s metrics after every kill.",
+        "",
+    ]
+    return lines
+
+
+def kept_blocks(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    found = []
+    for begin, end in KEPT_BLOCKS:
+        if match := re.search(re.escape(begin) + ".*?" + re.escape(end), text, flags=re.DOTALL):
+            heading = "## Mutations" if "mutation" in begin else "## Two VMs on one Drive"
+            found += [heading, "", match.group(0), ""]
+    return found
+
+
+def render(
+    results: list[ChaosResult],
+    *,
+    soak: bool,
+    seconds: float,
+    commit: str,
+    kills: list[str] = (),
+    kept: list[str] = (),
+) -> str:
     ok = sum(result.ok for result in results)
     total_faults = sum(result.faults_total for result in results)
     lines = [
@@ -160,7 +250,9 @@ def render(results: list[ChaosResult], *, soak: bool, seconds: float, commit: st
             f"{sum(r.publish_retries for r in results)} checkpoints kept locally past the retry budget."
         ),
         "",
-        "## Measured results",
+        *kills,
+        *kept,
+        "## Chaos: kills, VM deaths and faults on a simulated Drive",
         "",
         (
             "| scenario | seed | sessions | kills | VM deaths | faults | retries | kept locally | fallbacks | gen "
@@ -195,6 +287,7 @@ def render(results: list[ChaosResult], *, soak: bool, seconds: float, commit: st
         "python scripts/reliability_report.py          # this table (CI-sized set)",
         "python scripts/reliability_report.py --soak   # a longer soak (more seeds, kills, higher fault rates)",
         "python -m pytest tests/test_chaos.py -q       # the CI chaos tests",
+        "python scripts/mutation_check.py --write-docs # the mutation table (about 20 minutes)",
         "```",
         "",
     ]
@@ -219,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chosen = [s for s in scenarios(args.soak) if args.only is None or args.only in s.name]
     started = time.monotonic()
+    print(f"kill tests ({KILL_TESTS}) ...", flush=True)
+    kill_records, kill_exit = run_kill_tests()
     results: list[ChaosResult] = []
     with tempfile.TemporaryDirectory(prefix="runner-chaos-") as scratch:
         root = Path(scratch)
@@ -231,11 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
     seconds = time.monotonic() - started
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(results, soak=args.soak, seconds=seconds, commit=_commit()))
+    kept = kept_blocks(args.output)
+    page = render(
+        results, soak=args.soak, seconds=seconds, commit=_commit(), kills=render_kills(kill_records, kill_exit), kept=kept
+    )
+    args.output.write_text(page)
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in results], indent=2))
     print(f"wrote {args.output} ({sum(r.ok for r in results)}/{len(results)} ok, {seconds:.0f} s)")
-    return 0 if all(r.ok for r in results) else 1
+    return 0 if all(r.ok for r in results) and kill_exit == 0 else 1
 
 
 if __name__ == "__main__":

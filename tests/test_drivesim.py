@@ -327,3 +327,50 @@ def test_fault_plans_are_checked_up_front() -> None:
     single = FaultPlan(ops="fsync")  # type: ignore[arg-type]  # one op name alone is accepted too
     assert single.ops == ("fsync",)
     assert FaultPlan.from_dict(FaultPlan(rate=0.5, seed=None).to_dict()) == FaultPlan(rate=0.5, seed=None)
+
+
+# -- two VMs on one Drive ---------------------------------------------------------------------------------------
+
+
+def test_two_vms_see_each_others_changes_only_after_both_lags(drive_sim: MakeSim, tmp_path: Path) -> None:
+    remote = tmp_path / "drive"
+    a = drive_sim(remote, tmp_path / "vm-a", durability_lag_s=0.5, pull_lag_s=1.0, cache_s=0.0)
+    b = drive_sim(remote, tmp_path / "vm-b", durability_lag_s=0.5, pull_lag_s=1.0, cache_s=0.0)
+    (a.mountpoint / "jobs").mkdir()
+    (a.mountpoint / "jobs" / "state.json").write_text("from a")
+    written = time.monotonic()
+    assert not (b.mountpoint / "jobs").exists()  # not yet on Drive, let alone on the other VM
+    assert _wait_for(lambda: (b.mountpoint / "jobs" / "state.json").is_file())
+    assert time.monotonic() - written >= 1.4, "the change reached the other VM before both lags had passed"
+    assert (b.mountpoint / "jobs" / "state.json").read_text() == "from a"
+    (b.mountpoint / "jobs" / "state.json").unlink()
+    assert _wait_for(lambda: not (a.mountpoint / "jobs" / "state.json").exists())
+
+
+def test_a_change_not_yet_uploaded_wins_until_then_and_the_last_upload_wins_after(
+    drive_sim: MakeSim, tmp_path: Path
+) -> None:
+    remote = tmp_path / "drive"
+    a = drive_sim(remote, tmp_path / "vm-a", durability_lag_s=0.2, pull_lag_s=0.2, cache_s=0.0)
+    b = drive_sim(remote, tmp_path / "vm-b", durability_lag_s=3.0, pull_lag_s=0.2, cache_s=0.0)
+    (a.mountpoint / "marker").write_text("a")
+    (b.mountpoint / "marker").write_text("b")  # b's upload is slow: a's version reaches Drive first
+    assert _wait_for(lambda: (remote / "marker").is_file() and (remote / "marker").read_text() == "a")
+    time.sleep(0.6)
+    assert (b.mountpoint / "marker").read_text() == "b", "a pending local change was overwritten by the pull"
+    assert _wait_for(lambda: (a.mountpoint / "marker").read_text() == "b", timeout=15)  # b uploaded last
+    assert (remote / "marker").read_text() == "b"
+
+
+def test_exclusive_creates_on_two_vms_both_succeed(drive_sim: MakeSim, tmp_path: Path) -> None:
+    """Drive has no cross-VM locks: O_EXCL is decided by each VM's own view. Claims rely on it only within one
+    VM; across VMs the lease duration must outlast the propagation lag (docs/reliability.md)."""
+    remote = tmp_path / "drive"
+    a = drive_sim(remote, tmp_path / "vm-a", durability_lag_s=0.3, pull_lag_s=0.3, cache_s=0.0)
+    b = drive_sim(remote, tmp_path / "vm-b", durability_lag_s=0.3, pull_lag_s=0.3, cache_s=0.0)
+    created = []
+    for sim in (a, b):
+        descriptor = os.open(sim.mountpoint / "claim-g1", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(descriptor)
+        created.append(sim.mountpoint.name)
+    assert created == ["vm-a", "vm-b"]

@@ -87,6 +87,7 @@ def test_kills_inside_every_step_of_publishing_resume_from_the_newest_verified_c
     assert run.mid_epoch_resumes() >= 4, run.summary()
     check_resumes(run)
     assert_same_result(run, reference)
+    run.report()
 
 
 @pytest.mark.parametrize("cadence", ["epoch", "every-step"])
@@ -106,6 +107,7 @@ def test_kills_at_random_moments_in_training_after_commits_resume_exactly(
         assert run.boundary_resumes() >= 2, run.summary()
     check_resumes(run)
     assert_same_result(run, reference)
+    run.report()
 
 
 def test_a_kill_during_the_export_finishes_the_job_without_training_again(
@@ -123,6 +125,7 @@ def test_a_kill_during_the_export_finishes_the_job_without_training_again(
     assert (run.job.paths.final / "model.keras").is_file()
     check_resumes(run)
     assert_same_result(run, reference)
+    run.report()
 
 
 @pytest.fixture
@@ -159,6 +162,7 @@ def test_kills_in_publishing_and_training_on_the_drive_simulator_resume_exactly(
     assert run.job.read_state().status is JobStatus.DONE
     check_resumes(run)
     assert_same_result(run, reference)
+    run.report()
 
 
 # --- the last publish of a claim cannot finish ------------------------------------------------------------------
@@ -211,6 +215,7 @@ def test_an_outage_that_outlasts_the_final_flush_keeps_the_checkpoint_and_the_ne
 
     assert_finished_from_the_kept_checkpoint(run, "g000001-e000004-s000000000")
     assert_same_result(run, reference)
+    run.report()
 
 
 def test_a_claim_taken_over_during_its_final_publish_keeps_the_checkpoint_for_the_next_claim_here(
@@ -235,3 +240,4 @@ def test_a_claim_taken_over_during_its_final_publish_keeps_the_checkpoint_for_th
     assert run.job.read_state().generation == 3
     assert_finished_from_the_kept_checkpoint(run, "g000001-e000004-s000000000")
     assert_same_result(run, reference)
+    run.report()

@@ -60,6 +60,14 @@ class Journal:
         shutil.copyfile(source, blob)
         self.record("content", rel, str(blob), mode)
 
+    def touches(self, rel: str) -> bool:
+        """Whether a pending entry concerns ``rel``, something inside it, or a folder it is in (caller holds the lock)."""
+        for entry in self._entries:
+            for arg in entry.args:
+                if isinstance(arg, str) and (arg == rel or arg.startswith(rel + "/") or rel.startswith(arg + "/")):
+                    return True
+        return False
+
     def pending(self) -> int:
         """Entries not yet durable."""
         return len(self._entries)

@@ -23,6 +23,7 @@ from tests.drivesim.filesystem import DriveFS
 from tests.drivesim.journal import Journal
 from tests.drivesim.link import Link
 from tests.drivesim.mounts import detach
+from tests.drivesim.puller import Puller
 
 log = logging.getLogger("drivesim")
 
@@ -99,6 +100,13 @@ def main() -> None:
     if config["durability_lag_s"] is not None:
         journal = Journal(Path(config["remote"]), Path(config["state"]) / "blobs", config["durability_lag_s"])
         journal.start()
+    puller = None
+    if journal is not None and config.get("pull_lag_s") is not None:
+        puller = Puller(
+            Path(config["remote"]), Path(config["root"]), journal, config["pull_lag_s"],
+            scratch=Path(config["state"]) / "pull",
+        )  # fmt: skip
+        puller.start()
     control = Control(config, link, injector, journal)
     threading.Thread(target=control.serve, args=(sys.stdin, replies), name="drivesim-control", daemon=True).start()
 
@@ -117,6 +125,8 @@ def main() -> None:
         entry_timeout=config["cache_s"],
     )
     # Unmounted cleanly: a clean shutdown uploads what is still pending, as Colab's flush_and_unmount does.
+    if puller is not None:
+        puller.stop()
     if journal is not None:
         journal.stop()
         journal.sync_now()

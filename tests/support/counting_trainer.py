@@ -86,6 +86,7 @@ class CountingTrainer:
             if (Path(scratch) / "weights.bin").read_bytes() != weights_bytes(state["value"]):
                 raise RuntimeError("restored weights do not match the restored state")
             context.job.events.append("resumed", checkpoint=info.id, epoch=info.epoch, step=info.step)
+            context.console.print(f"resumed {context.job.name!r} from {info.id}", markup=False)
             return state["epoch"], state["step"], state["value"]
 
     def _checkpoint(

@@ -45,6 +45,9 @@ PUBLISH_POINTS = ("commit-copied", "commit-manifest", "commit-renamed", "state-w
 
 SESSION_TIMEOUT_S = 240.0
 
+REPORT_ENV = "RUNNER_KILL_REPORT"
+"""A file that gets one JSON line per kill test (what landed where, the resumes): scripts/reliability_report.py."""
+
 
 @dataclass(frozen=True)
 class Kill:
@@ -192,6 +195,25 @@ class KillRun:
 
     def boundary_resumes(self) -> int:
         return sum(1 for event in self.resumes() if event["step"] == 0 and event["epoch"] > 0)
+
+    def report(self) -> None:
+        """Append what this run did to ``$RUNNER_KILL_REPORT``, when set, for the reliability report."""
+        if not (path := os.environ.get(REPORT_ENV)):
+            return
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].removesuffix(" (call)")
+        record = {
+            "test": test,
+            "sessions": len(self.sessions) + 1,
+            "landed": [s.phase for s in self.sessions if s.landed],
+            "missed": [s.kill.meant_phase for s in self.sessions if not s.landed],
+            "mid_epoch_resumes": self.mid_epoch_resumes(),
+            "boundary_resumes": self.boundary_resumes(),
+            "fallbacks": len(self.events("fallback")),
+            "kept_published": len(self.events("kept-snapshot-published")),
+            "generation": self.job.read_state().generation,
+        }
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def summary(self) -> str:
         phases = [f"{s.phase}{'' if s.landed else ' (missed)'}" for s in self.sessions]
