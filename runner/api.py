@@ -40,7 +40,7 @@ def open_queue(queue: QueueLike = None) -> Queue:
     storage.check_retry_budget_environment()  # a bad value is one line, not silently the default
     root = Path(queue).expanduser() if queue is not None else default_queue_dir()
     colab.ensure_drive(root, can_prompt=colab.in_notebook_kernel())
-    return Queue(root, lease_duration=lease_duration_from())
+    return Queue(root, lease_duration=lease_duration_from(queue_root=root))
 
 
 def submit(spec: str | Path | Mapping[str, Any] | JobSpec, *, queue: QueueLike = None) -> str:

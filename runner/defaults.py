@@ -9,6 +9,16 @@ Long enough to ride out a slow Drive refresh (heartbeats come every third of it)
 Colab session does not wait long for the job of a session that died. Every worker of a queue must agree on it.
 """
 
+LEASE_DURATION_DRIVE_S = 300.0
+""":data:`LEASE_DURATION_S` for a queue on Google Drive (under ``/content/drive``).
+
+Drive shows one VM's changes to another minutes later, and not as a steady stream: a live worker's heartbeats can
+reach a second VM in bursts. A second VM takes a job over only after seeing its marker unchanged this long, so
+the lease must outlast the longest stall of that stream (heartbeats come every third of it: stalls up to about 200 s
+are ridden out). The price: a new VM waits up to 5 minutes for the job of a VM that died (a restarted session on
+the same VM takes over at once). Measured with two simulated VMs in docs/reliability.md.
+"""
+
 RETRY_BUDGET_S = 300.0
 """Seconds one file operation keeps retrying transient errors (errno 107, EIO, timeouts) before giving up."""
 

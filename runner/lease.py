@@ -19,7 +19,7 @@ from filelock import LeaseCompromise, LeaseSettingsMismatch, SoftFileLease, Time
 
 from runner import defaults, storage
 from runner.errors import UsageError
-from runner.paths import JobPaths
+from runner.paths import JobPaths, on_drive
 from runner.settings import seconds_from_environment
 
 _PID_NAMESPACE_MARK = "?pidns-"
@@ -110,11 +110,10 @@ def read_holder(paths: JobPaths) -> LeaseHolder | None:
     )
 
 
-def lease_duration_from(environ: Mapping[str, str] = os.environ) -> float:
-    """The lease duration: ``$RUNNER_LEASE_DURATION`` seconds, or the default."""
-    return seconds_from_environment(
-        defaults.LEASE_DURATION_ENV, defaults.LEASE_DURATION_S, allow_zero=False, environ=environ
-    )
+def lease_duration_from(environ: Mapping[str, str] = os.environ, *, queue_root: Path | None = None) -> float:
+    """The lease duration: ``$RUNNER_LEASE_DURATION`` seconds, or the default (a longer one for a queue on Drive)."""
+    default = defaults.LEASE_DURATION_DRIVE_S if queue_root and on_drive(queue_root) else defaults.LEASE_DURATION_S
+    return seconds_from_environment(defaults.LEASE_DURATION_ENV, default, allow_zero=False, environ=environ)
 
 
 class JobLease:

@@ -189,6 +189,11 @@ def default_queue_dir(environ: Mapping[str, str] = os.environ) -> Path:
     return Path(defaults.QUEUE_DIR_LOCAL)
 
 
+def on_drive(path: Path) -> bool:
+    """Whether ``path`` is on Colab's Google Drive mount."""
+    return Path(path).absolute().is_relative_to(defaults.DRIVE_MOUNT_POINT)
+
+
 def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """The local cache folder: ``$RUNNER_CACHE``, then the VM's disk on Colab, then the user's cache folder."""
     if value := environ.get(defaults.CACHE_ENV):

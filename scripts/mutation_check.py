@@ -131,7 +131,7 @@ MUTATIONS = (
         "fencing", "claim generation not bumped", "runner/queue.py",
         (
             ("        generation = max(state.generation, job.newest_claim_marker()) + 1\n", "        generation = max(state.generation, 1)\n"),
-            ("        if not storage.create_exclusive(job.paths.claim_marker(generation)):\n", "        if not (storage.create_exclusive(job.paths.claim_marker(generation)) or True):\n"),
+            ("        if not storage.create_exclusive(job.paths.claim_marker(generation), token.encode()):\n", "        if not (storage.create_exclusive(job.paths.claim_marker(generation), token.encode()) or True):\n"),
         ),
         (PUBLISHING_KILLS,),
     ),

@@ -128,9 +128,9 @@ HARNESS_SECTION = """\
 `deterministic: true`) in a queue on a simulated Drive (`DriveSim`, 2 ms latency per metadata call), its
 dataset kept as one zip on that Drive. Each session is a new Colab VM: a new mount of the same remote at the same
 mount point (under /content/drive, so runner copies the zip to local disk), an empty `RUNNER_CACHE`, and a real
-`python -m runner work`. A disturbed session ends at a random moment after the dataset is being prepared
-(TensorFlow loaded), either by SIGKILL of the worker (the mount then stops cleanly) or by `vm_dies` (worker and
-mount SIGKILLed; writes younger than the durability lag are lost). Then plain sessions (still with faults) run
+`python -m runner work`. A disturbed session ends at a random moment (up to 1 s) after its first or second
+commit, as seen through its own mount, so in training or publishing: either by SIGKILL of the worker (the mount
+then stops cleanly) or by `vm_dies` (worker and mount SIGKILLed; writes younger than the durability lag are lost). Then plain sessions (still with faults) run
 until the job is done. Faults: EIO and errno 107 on `write`, `fsync`, `rename`, `open` at the given rate, with
 the default retry policy. The outage scenario makes every call fail with errno 107 for the given seconds once the
 first checkpoint is on Drive, with `RUNNER_RETRY_BUDGET=2`.

@@ -8,7 +8,7 @@ remote ("Drive"). Each session is a new VM:
   dataset archive, kept as one zip on the simulated Drive, is copied to local disk again every session;
 * a real ``python -m runner work`` process with the default Keras trainer, on tiny real data, deterministic.
 
-A disturbed session ends at a random moment, either by SIGKILL of the worker (the mount then stops cleanly:
+A disturbed session ends at a random moment after its first or second commit, either by SIGKILL of the worker (the mount then stops cleanly:
 pending writes reach Drive) or by :meth:`DriveSim.vm_dies` (worker and mount SIGKILLed: writes younger than the
 durability lag are lost). Transient faults (EIO, errno 107) are injected on the chosen operations all along; an
 outage longer than the retry budget can be put in the middle of training. After the disturbed sessions, plain
@@ -85,8 +85,9 @@ class Scenario:
     latency_s: float = 0.002
     vm_death_share: float = 0.5
     """Chance that a disturbed session ends by VM death rather than a SIGKILL of the worker."""
-    kill_window_s: tuple[float, float] = (0.2, 2.0)  # the tiny job trains for a few seconds after "dataset:"
-    """Random delay of a kill, after the worker said it is preparing the dataset (TensorFlow is loaded)."""
+    kill_window_s: tuple[float, float] = (0.0, 1.0)
+    """Random delay of a kill after the session's first or second commit (a ``checkpoint`` event): in training or
+    publishing, never before the model is built."""
     outage_s: float | None = None
     """An outage (errno 107 on everything) this long, once the first checkpoint is published, in session 0."""
     retry_budget_s: float | None = None
@@ -251,18 +252,6 @@ def _kill_group(process: subprocess.Popen[Any]) -> None:
     process.wait()
 
 
-def _wait_for_text(log: Path, needle: str, process: subprocess.Popen[Any], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if needle in log.read_text(errors="replace"):
-                return True
-        if process.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
-
-
 def _remote_state(remote_queue: Path) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
         return json.loads((remote_queue / "jobs" / JOB / "state.json").read_text())
@@ -339,7 +328,7 @@ def run_scenario(scenario: Scenario, folder: Path, archive: Path, reference: Ref
                 if session == 0 and scenario.outage_s:
                     _outage_session(scenario, sim, worker, queue, remote_queue, env, result)
                 elif disturbed:
-                    _disturbed_session(scenario, sim, worker, log, remote_queue, rng, result)
+                    _disturbed_session(scenario, sim, worker, queue, remote_queue, rng, result)
                 if worker.poll() is None:
                     try:
                         worker.wait(timeout=600)
@@ -373,14 +362,16 @@ def _disturbed_session(
     scenario: Scenario,
     sim: DriveSim,
     worker: subprocess.Popen[bytes],
-    log: Path,
+    queue: Path,
     remote_queue: Path,
     rng: random.Random,
     result: ChaosResult,
 ) -> None:
-    """Let the worker get going, then end the session at a random moment: SIGKILL, or the VM dies."""
-    # "dataset:" is printed once TensorFlow is loaded and the job is claimed: kills land in training or publishing.
-    _wait_for_text(log, "dataset:", worker, timeout=180)
+    """Let the worker commit once or twice, then end the session at a random moment: SIGKILL, or the VM dies."""
+    commits = _commits(queue) + rng.choice((1, 2))  # read through this VM's mount: Drive itself lags behind
+    deadline = time.monotonic() + 240
+    while _commits(queue) < commits and worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     delay = rng.uniform(*scenario.kill_window_s)
     deadline = time.monotonic() + delay
     while time.monotonic() < deadline and worker.poll() is None:
@@ -442,6 +433,11 @@ def _outage_session(
         and state.get("status") == "done"
         and any(e.get("epoch", 0) > before.get("epoch", 0) + 1 for e in after_outage)
     )
+
+
+def _commits(queue: Path) -> int:
+    """Checkpoint events in the job's log as this VM sees it (0 while the mount fails a read)."""
+    return sum(1 for event in _events(queue) if event.get("event") == "checkpoint")
 
 
 def _events(remote_queue: Path) -> list[dict[str, Any]]:

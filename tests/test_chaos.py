@@ -27,7 +27,7 @@ from tests.drivesim.fixtures import requires_fuse
 pytestmark = [pytest.mark.slow, requires_fuse]
 
 EPOCHS = 20
-"""Long enough that kills land in training and publishing, and that training goes on through an outage."""
+"""Long enough that kills after the first commits land before the end, and that training goes on through an outage."""
 
 KILLS_UNDER_FAULTS = Scenario(
     "kills+faults/epoch", seed=1, disturbed_sessions=3, fault_rate=0.02, durability_lag_s=1.5, epochs=EPOCHS

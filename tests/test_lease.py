@@ -521,3 +521,13 @@ def test_a_contender_with_another_lease_duration_gets_a_usage_error(
     with pytest.raises(UsageError, match=defaults.LEASE_DURATION_ENV):
         contender.try_acquire()
     assert holder.held
+
+
+def test_a_queue_on_drive_gets_the_longer_lease_unless_the_environment_says_otherwise() -> None:
+    from runner import defaults
+    from runner.lease import lease_duration_from
+
+    drive, local = Path("/content/drive/MyDrive/runner"), Path("/tmp/runner-queue")
+    assert lease_duration_from({}, queue_root=drive) == defaults.LEASE_DURATION_DRIVE_S > defaults.LEASE_DURATION_S
+    assert lease_duration_from({}, queue_root=local) == defaults.LEASE_DURATION_S
+    assert lease_duration_from({"RUNNER_LEASE_DURATION": "12"}, queue_root=drive) == 12.0

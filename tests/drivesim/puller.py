@@ -48,8 +48,11 @@ def scan(root: Path) -> dict[str, Signature]:
 class Puller:
     """Brings remote changes into ``local`` ``lag_s`` after they appear, unless this VM has the path pending."""
 
-    def __init__(self, remote: Path, local: Path, journal: Journal, lag_s: float, *, scratch: Path) -> None:
+    def __init__(
+        self, remote: Path, local: Path, journal: Journal, lag_s: float, *, scratch: Path, every_s: float = 0.0
+    ) -> None:
         self.remote, self.local, self.journal, self.lag_s = remote, local, journal, lag_s
+        self.every_s = every_s  # > 0: the view is brought up to date in bursts this far apart (a stalling client)
         self.scratch = scratch  # beside the local copy (one file system), outside what the mount shows
         scratch.mkdir(parents=True, exist_ok=True)
         self.known = scan(remote)  # the VM's copy was taken from this
@@ -64,19 +67,26 @@ class Puller:
         self._stop.set()
 
     def _run(self) -> None:
+        next_burst = time.monotonic()
         while not self._stop.wait(SCAN_INTERVAL_S):
+            now = time.monotonic()
+            burst = now >= next_burst
+            if burst:
+                next_burst = now + self.every_s
             try:
-                self._step(time.monotonic())
+                self._step(now, apply=burst)
             except OSError as error:  # the remote is changing under the scan: look again next time
                 log.debug("drivesim: pull scan: %s", error)
 
-    def _step(self, now: float) -> None:
+    def _step(self, now: float, *, apply: bool = True) -> None:
         current = scan(self.remote)
         for rel in set(current) | set(self.known):
             if current.get(rel) != self.known.get(rel):
                 self.seen_at.setdefault(rel, now)
             else:
                 self.seen_at.pop(rel, None)
+        if not apply:
+            return
         # Parents before children when they appear, children before parents when they go.
         due = sorted((rel for rel, at in self.seen_at.items() if now - at >= self.lag_s), key=lambda r: r.count(os.sep))
         for rel in due + [rel for rel in reversed(due) if rel not in current]:

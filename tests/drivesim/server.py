@@ -104,7 +104,7 @@ def main() -> None:
     if journal is not None and config.get("pull_lag_s") is not None:
         puller = Puller(
             Path(config["remote"]), Path(config["root"]), journal, config["pull_lag_s"],
-            scratch=Path(config["state"]) / "pull",
+            scratch=Path(config["state"]) / "pull", every_s=config.get("pull_every_s") or 0.0,
         )  # fmt: skip
         puller.start()
     control = Control(config, link, injector, journal)

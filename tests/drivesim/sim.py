@@ -43,6 +43,7 @@ class DriveSim:
     it, the mount is a passthrough to ``remote``. ``cache_s`` is how long the kernel caches names and attributes.
     ``pull_lag_s`` (with write-back only) makes other VMs' changes to ``remote`` show up in this mount that many
     seconds after they reach it (tests/drivesim/puller.py): two such mounts of one remote are two VMs on one Drive.
+    ``pull_every_s`` makes that view stall: it is brought up to date only in bursts this many seconds apart.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class DriveSim:
         latency_ops: tuple[str, ...] = DEFAULT_LATENCY_OPS,
         cache_s: float = 1.0,
         pull_lag_s: float | None = None,
+        pull_every_s: float = 0.0,
     ) -> None:
         _check_link(latency_s, bandwidth_bps)
         if durability_lag_s is not None and durability_lag_s < 0:
@@ -65,7 +67,7 @@ class DriveSim:
             raise ValueError(f"cache_s must be >= 0, got {cache_s!r}")
         if pull_lag_s is not None and (durability_lag_s is None or pull_lag_s < 0):
             raise ValueError(f"pull_lag_s needs a durability_lag_s and must be >= 0, got {pull_lag_s!r}")
-        self.pull_lag_s = pull_lag_s
+        self.pull_lag_s, self.pull_every_s = pull_lag_s, pull_every_s
         self.remote, self.mountpoint = Path(remote).resolve(), Path(mountpoint).resolve()
         self.latency_s, self.bandwidth_bps, self.latency_ops = latency_s, bandwidth_bps, tuple(latency_ops)
         self.faults = faults or FaultPlan()
@@ -103,6 +105,7 @@ class DriveSim:
             "state": str(self._state), "latency_s": self.latency_s, "bandwidth_bps": self.bandwidth_bps,
             "latency_ops": list(self.latency_ops), "faults": self.faults.to_dict(),
             "durability_lag_s": self.durability_lag_s, "cache_s": self.cache_s, "pull_lag_s": self.pull_lag_s,
+            "pull_every_s": self.pull_every_s,
         }  # fmt: skip
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH", "")]))
