@@ -43,6 +43,7 @@ HALVING = "tests/test_oom.py::test_a_halving_survives_a_kill_before_the_next_che
 DURABLE = "tests/test_checkpoints.py::test_every_file_of_a_checkpoint_is_made_durable_before_the_rename_that_commits_it"
 PUBLISHER = "tests/test_publisher.py"
 KEPT = "tests/test_kept_snapshot.py"
+TWO_VMS = "tests/test_two_vms.py"
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,11 @@ MUTATIONS = (
             ("        if not storage.create_exclusive(job.paths.claim_marker(generation), token.encode()):\n", "        if not (storage.create_exclusive(job.paths.claim_marker(generation), token.encode()) or True):\n"),
         ),
         (PUBLISHING_KILLS,),
+    ),
+    Mutation(
+        "fencing", "claim marker's token not checked (two VMs, one generation)", "runner/queue.py",
+        (("        if self.token:\n            self.job.check_claim(", "        if False:\n            self.job.check_claim("),),
+        (TWO_VMS,),
     ),
     Mutation(
         "publisher", "an older pending snapshot uploaded after a newer one", "runner/train/publisher.py",
