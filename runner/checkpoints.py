@@ -101,9 +101,19 @@ class CheckpointStore:
         return committed[0] if committed else None
 
     def commit(
-        self, source: Path, *, generation: int, epoch: int, step: int, meta: dict[str, Any] | None = None
+        self,
+        source: Path,
+        *,
+        generation: int,
+        epoch: int,
+        step: int,
+        meta: dict[str, Any] | None = None,
+        claim: str | None = None,
     ) -> CheckpointInfo:
-        """Publish the files under ``source`` as a checkpoint; fenced, verified, then older ones pruned."""
+        """Publish the files under ``source`` as a checkpoint; fenced, verified, then older ones pruned.
+
+        ``claim``: the token of the claim that trained it, when not this store's (a kept snapshot of an earlier one).
+        """
         ident = checkpoint_id(generation, epoch, step)
         target = self.job.paths.checkpoint(ident)
         storage.make_dirs(self.folder)
@@ -130,8 +140,8 @@ class CheckpointStore:
                 "files": files,
                 "meta": meta or {},
             }
-            if self.claim_token:
-                manifest["claim"] = self.claim_token
+            if claim := claim or self.claim_token:
+                manifest["claim"] = claim
             storage.atomic_write_json(temp / MANIFEST_NAME, manifest)
             killpoints.reached("commit-manifest")
             self.fence()

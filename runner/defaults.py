@@ -54,7 +54,8 @@ QUEUE_ENV = "RUNNER_QUEUE"
 """Environment variable naming the queue folder."""
 
 LEASE_DURATION_ENV = "RUNNER_LEASE_DURATION"
-"""Environment variable overriding :data:`LEASE_DURATION_S` (seconds)."""
+"""Environment variable overriding :data:`LEASE_DURATION_S` (seconds), and :data:`LEASE_DURATION_DRIVE_S` (seconds)
+for a queue on Drive."""
 
 TRAINER_ENV = "RUNNER_TRAINER"
 """Environment variable naming the trainer factory as ``package.module:attribute``."""

@@ -33,6 +33,8 @@ class KeptSnapshot:
     files: Path
     job_folder: str
     generation: int
+    claim_token: str | None
+    """The token of the claim that trained it, written into its manifest as that claim's own commits were."""
     epoch: int
     step: int
     meta: dict[str, Any] = field(default_factory=dict)
@@ -49,6 +51,7 @@ def keep_snapshot(
     cache_dir: Path,
     job: Job,
     generation: int,
+    claim_token: str | None,
     epoch: int,
     step: int,
     meta: dict[str, Any],
@@ -62,6 +65,7 @@ def keep_snapshot(
     note = {
         "job_folder": str(job.paths.folder.absolute()),
         "generation": generation,
+        "claim_token": claim_token,
         "epoch": epoch,
         "step": step,
         "meta": meta,
@@ -84,6 +88,7 @@ def _read(paths: KeptSnapshotPaths) -> KeptSnapshot | None:
             files=paths.files,
             job_folder=note["job_folder"],
             generation=int(note["generation"]),
+            claim_token=note.get("claim_token"),
             epoch=int(note["epoch"]),
             step=int(note["step"]),
             meta=dict(note.get("meta") or {}),
@@ -123,7 +128,9 @@ def publish_kept(cache_dir: Path, store: CheckpointStore) -> CheckpointInfo | No
     if any(info.id == kept.id for info in committed):  # its publish went through after all
         discard_kept(cache_dir, job)
         return None
-    info = store.commit(kept.files, generation=kept.generation, epoch=kept.epoch, step=kept.step, meta=kept.meta)
+    info = store.commit(
+        kept.files, generation=kept.generation, epoch=kept.epoch, step=kept.step, meta=kept.meta, claim=kept.claim_token
+    )
     job.events.append("kept-snapshot-published", checkpoint=info.id)
     log.info("published the checkpoint kept on this machine: %s", info.id)
     discard_kept(cache_dir, job)

@@ -81,7 +81,10 @@ QUOTED = [
     "kept locally (below)",
     "publishing checkpoint failed, will retry: ",
     "published again after %.0fs of storage errors",
-    "the last checkpoint is still not published; it stays on local disk",
+    "did not reach the job folder; it is kept on this machine's disk, and the next `runner work` here publishes it",
+    "; the job stays resumable, and the next `runner work` on this machine publishes it and finishes the job",
+    ", kept on this machine's disk by an earlier session",
+    "kept-snapshot-dropped",
 ]
 
 

@@ -33,7 +33,9 @@ def snapshot(folder: Path, value: bytes) -> Path:
 def kept_of(job: Job, cache: Path, tmp_path: Path, *, generation: int, epoch: int, step: int = 0) -> None:
     folder = snapshot(tmp_path / f"snap-{generation}-{epoch}-{step}", b"k")
     meta = {"metrics": {"epoch": epoch - 1, "loss": 0.5}}
-    keep_snapshot(folder, cache_dir=cache, job=job, generation=generation, epoch=epoch, step=step, meta=meta)
+    keep_snapshot(
+        folder, cache_dir=cache, job=job, generation=generation, claim_token=None, epoch=epoch, step=step, meta=meta
+    )
     assert not folder.exists(), "the snapshot was copied, not moved"
 
 

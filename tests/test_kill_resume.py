@@ -101,8 +101,8 @@ def test_kills_at_random_moments_in_training_after_commits_resume_exactly(
     run.finish()
 
     assert len(run.landed("training")) >= 2, run.summary()
-    if cadence == "every-step":
-        assert run.mid_epoch_resumes() >= 2, run.summary()
+    if cadence == "every-step":  # the exact-point test has the mid-epoch resumes; here kills come at random
+        assert run.mid_epoch_resumes() >= 1, run.summary()
     else:
         assert run.boundary_resumes() >= 2, run.summary()
     check_resumes(run)
@@ -174,6 +174,7 @@ def kept_on_this_machine(run: KillRun) -> tuple[int, int, int] | None:
 
 
 def assert_finished_from_the_kept_checkpoint(run: KillRun, kept_id: str) -> None:
+    assert not run.events("fallback"), "the published kept checkpoint did not verify as its claim's"
     (published,) = run.events("kept-snapshot-published")
     assert published["checkpoint"] == kept_id
     resumed = run.resumes()[-1]

@@ -117,7 +117,7 @@ class _Session:
             restored_history=state.history,  # replayed into this claim's TensorBoard files before any snapshot
         )
         try:
-            outcome = self._train(state, publisher)
+            outcome, state = self._train(state, publisher)
             if outcome is Outcome.DONE:
                 self._finish(publisher, state)
             elif not publisher.close(flush_timeout()):
@@ -128,12 +128,13 @@ class _Session:
             publisher.shutdown()
             self._keep_unpublished(publisher)
 
-    def _train(self, state: TrainingState, publisher: Publisher) -> Outcome:
+    def _train(self, state: TrainingState, publisher: Publisher) -> tuple[Outcome, TrainingState]:
+        """Train to the end or a stop; the outcome and the state it ended in (another after running out of memory)."""
         if self.spec.training.on_oom == "halve_batch" and state.global_step == 0:
             self._save_initial(state)
         while True:
             try:
-                return self._train_epochs(state, publisher)
+                return self._train_epochs(state, publisher), state
             except tf.errors.OpError as error:
                 if not is_out_of_memory(error):
                     raise
@@ -341,6 +342,7 @@ class _Session:
                 cache_dir=self.cache_dir,
                 job=self.context.job,
                 generation=self.context.generation,
+                claim_token=self.context.claim.token,
                 epoch=snapshot.epoch,
                 step=snapshot.step,
                 meta=snapshot.meta,
