@@ -201,9 +201,10 @@ class Job:
     def claim_token(self, generation: int) -> str | None:
         """The token in the marker of ``generation`` (``None`` when missing, empty or unreadable)."""
         try:
-            return storage.read_bytes(self.paths.claim_marker(generation)).decode("utf-8", errors="replace").strip() or None
+            marker = storage.read_bytes(self.paths.claim_marker(generation))
         except StorageError:
             return None
+        return marker.decode("utf-8", errors="replace").strip() or None
 
     def newest_claim_marker(self) -> int:
         """The highest claim generation with a marker (0 when none)."""

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from filelock import LeaseCompromise, LeaseSettingsMismatch, SoftFileLease, Timeout
 

@@ -59,7 +59,8 @@ class Mutation:
 
 def _state_field(field: str, value: str) -> tuple[tuple[str, str], ...]:
     """Load a snapshot with one field of its training state forgotten or mangled."""
-    return (("        state = TrainingState(**document)\n", f"        state = TrainingState(**{{**document, {field!r}: {value}}})\n"),)
+    mangled = f"        state = TrainingState(**{{**document, {field!r}: {value}}})\n"
+    return (("        state = TrainingState(**document)\n", mangled),)
 
 
 SNAPSHOT = "runner/train/snapshot.py"
