@@ -8,6 +8,7 @@ state.json (see :mod:`runner.queue`) fences out a holder that lost the lease wit
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -28,6 +29,8 @@ _PID_NAMESPACE_MARK = "?pidns-"
 
 _INITIAL_PID_NAMESPACE = 0xEFFFFFFC
 """Inode Linux reserves for the host's own PID namespace, for which filelock adds no mark."""
+
+log = logging.getLogger(__name__)
 
 
 def _this_pid_namespace() -> str:
@@ -216,6 +219,13 @@ class JobLease:
         return True
 
     def release(self) -> None:
-        """Give the lease up (a no-op when not held)."""
+        """Give the lease up (a no-op when not held); never raises for a failing job folder.
+
+        filelock stops the heartbeat before it removes the marker, so when the removal fails (Drive down) the
+        marker stays without heartbeats: the next worker takes it over as a dead worker's.
+        """
         if self._lease.is_locked or self.lost is not None:
-            self._lease.release(force=True)
+            try:
+                self._lease.release(force=True)
+            except OSError as error:
+                log.warning("could not remove the lease marker %s (%s): it goes stale instead", self.paths.lease, error)

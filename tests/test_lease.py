@@ -29,6 +29,8 @@ from runner.job import JobStatus, worker_identity
 from runner.lease import JobLease, LeaseHolder, lease_duration_from, read_holder
 from runner.queue import Queue
 
+from tests.drivesim.fixtures import SimFactory, requires_fuse
+
 from .conftest import REPO, make_spec, runner_env
 
 SUPPORT = Path(__file__).resolve().parent / "support"
@@ -524,10 +526,28 @@ def test_a_contender_with_another_lease_duration_gets_a_usage_error(
 
 
 def test_a_queue_on_drive_gets_the_longer_lease_unless_the_environment_says_otherwise() -> None:
-    from runner import defaults
-    from runner.lease import lease_duration_from
-
     drive, local = Path("/content/drive/MyDrive/runner"), Path("/tmp/runner-queue")
     assert lease_duration_from({}, queue_root=drive) == defaults.LEASE_DURATION_DRIVE_S > defaults.LEASE_DURATION_S
     assert lease_duration_from({}, queue_root=local) == defaults.LEASE_DURATION_S
     assert lease_duration_from({"RUNNER_LEASE_DURATION": "12"}, queue_root=drive) == 12.0
+
+
+@requires_fuse
+def test_releasing_a_lease_while_drive_is_down_leaves_a_stale_marker_instead_of_raising(tmp_path: Path) -> None:
+    with SimFactory(tmp_path) as mounts:
+        sim = mounts()
+        queue = Queue(sim.mountpoint / "queue", lease_duration=2.0)
+        queue.submit(make_spec("job-a"))
+        holder = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "support" / "worker_hold_lease.py"), str(queue.root), "job-a", "2"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runner_env(),
+        )  # fmt: skip
+        assert holder.stdout.readline().strip() == "held"
+        sim.outage(3.0)
+        _, err = holder.communicate("", timeout=60)  # stdin closed: it releases during the outage, then exits
+        assert holder.returncode == 0, err
+        assert "could not remove the lease marker" in err and "it goes stale instead" in err
+        time.sleep(3.5)  # the outage we set is over
+        marker = sim.remote / "queue" / "jobs" / "job-a" / "lease"
+        assert marker.exists(), "the outage did not keep the marker in place: the test proved nothing"
+        assert queue.lease("job-a").try_acquire(), "a dead holder's stale marker on this host was not taken over"

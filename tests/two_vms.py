@@ -316,8 +316,8 @@ What holds, and what Drive makes impossible:
 def table(results: list[Result]) -> str:
     lines = [
         "| lag (push+pull) | B's view stalls | lease | B starts after | jobs | claims | takeovers | fenced "
-        "| same generation on both VMs | longest overlap | finished twice | fenced checkpoint restored | all done, right "
-        "result |",
+        "| same generation on both VMs | longest overlap | finished twice | fenced checkpoint restored "
+        "| all done, right result |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -325,7 +325,8 @@ def table(results: list[Result]) -> str:
         stall = f"{row['pull_every_s']:g} s" if row["pull_every_s"] else "no"
         lines.append(
             f"| {row['lag_s']:g} s | {stall} | {row['lease_s']:g} s | {row['stagger_s']:g} s | {r.setup.jobs} "
-            f"| {row['claims']} | {row['takeovers']} | {row['fenced']} | {row['collisions']} | {row['max_overlap_s']:g} s "
+            f"| {row['claims']} | {row['takeovers']} | {row['fenced']} | {row['collisions']} "
+            f"| {row['max_overlap_s']:g} s "
             f"| {', '.join(row['finished_twice']) or 'none'} | {len(row['fenced_restores']) or 'none'} "
             f"| {'yes' if row['all_done'] and row['results_ok'] else 'NO'} |"
         )
