@@ -298,7 +298,8 @@ What holds, and what Drive makes impossible:
   `Claim.fence()` fences the claim it does not name, at its next checkpoint or state write. The overlap is thus
   about the lag plus the time to the next checkpoint (*longest overlap*: 2 to 3 s here with lags of 2 to 5 s).
 - **A job shorter than the lag can finish on both VMs** (*finished twice* with the 5 s lag and 3 s jobs): neither
-  sees the other before it is done. Both trained the same deterministic run, so the result is right either way;
+  sees the other before it is done, or one VM claims a job the other has already finished, because its view still
+  shows it queued (row 4: no overlap at all, the second run came after the first). Both trained the same deterministic run, so the result is right either way;
   with a non-deterministic GPU the two final models differ and the one uploaded last is the one kept. Nothing
   short of waiting out the lag before finishing can prevent this, and Drive gives no bound on its lag.
 - **No checkpoint of a fenced claim is restored**: restore orders by generation, passes over checkpoints whose
