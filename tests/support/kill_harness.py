@@ -86,6 +86,8 @@ class Session:
     """The newest committed checkpoint that verified right after the kill."""
     status: dict[str, Any] = field(default_factory=dict)
     """`runner status --json`'s record of the job right after the kill."""
+    finished_job: bool = False
+    """The kill came too late: this session finished the job, so no later claim restores anything."""
 
 
 class KillRun:
@@ -129,6 +131,7 @@ class KillRun:
         claims = self.events("claimed")[claims_before:]
         record.generation = claims[-1]["generation"] if claims else None
         done = self.job.read_state().status is JobStatus.DONE
+        record.finished_job = done
         if worker.returncode == -signal.SIGKILL and not done:
             logged = [entry for entry in self.kills_logged()[logged_before:] if entry["action"] == "kill"]
             if kill.point:
@@ -259,7 +262,7 @@ def check_resumes(run: KillRun) -> None:
     events = run.job.events.read()
     assert not [e for e in events if e["event"] == "fallback"], "a kill left a checkpoint that does not verify"
     for session in run.sessions:
-        if session.must_restore is None or session.generation is None:
+        if session.must_restore is None or session.generation is None or session.finished_job:
             continue
         restores = [e for e in events if e["event"] in ("resumed", "started") and e["generation"] > session.generation]
         assert restores, f"nothing restored after the kill in {session.phase}"
