@@ -117,6 +117,9 @@ class ModelSpec(_Section):
         return self
 
 
+MAX_STEPS_PER_EXECUTION = 10_000
+
+
 class TrainingSpec(_Section):
     """How long and how to train."""
 
@@ -135,12 +138,51 @@ class TrainingSpec(_Section):
         "with half the batch size, halving again on each new error down to 1 (this changes the training trajectory: "
         "more optimizer steps, each on fewer images)",
     )
+    steps_per_execution: Literal["auto"] | int = Field(
+        default="auto",
+        description="training steps per compiled call, with no host sync inside it: 'auto' (32, at most an epoch) "
+        "or a number; mid-epoch checkpoints land between calls",
+    )
+    jit_compile: Literal["auto"] | bool = Field(
+        default="auto",
+        description="XLA-compile the training step: 'auto' (on a GPU, when every layer supports it), true or false",
+    )
+    mixed_precision: bool = Field(
+        default=False,
+        strict=True,
+        description="mixed_float16: float16 compute, float32 weights, dynamic loss scaling (needs a GPU; the loss "
+        "scale is in every checkpoint)",
+    )
+
+    @model_validator(mode="after")
+    def _xla_without_op_determinism(self) -> TrainingSpec:
+        if self.jit_compile is True and self.deterministic:
+            raise ValueError(
+                "jit_compile: true cannot go with deterministic: true (TensorFlow's op determinism has no XLA "
+                "version of several ops, the gradient of MaxPooling among them): set one of them to false"
+            )
+        return self
 
     @field_validator("learning_rate", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"must be a finite number, got {value!r}")
+        return value
+
+    @field_validator("steps_per_execution", mode="before")
+    @classmethod
+    def _steps_per_execution(cls, value: Any) -> Any:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if value != "auto" and not (whole and 1 <= value <= MAX_STEPS_PER_EXECUTION):
+            raise ValueError(f"must be 'auto' or a whole number from 1 to {MAX_STEPS_PER_EXECUTION}, got {value!r}")
+        return value
+
+    @field_validator("jit_compile", mode="before")
+    @classmethod
+    def _jit_compile(cls, value: Any) -> Any:
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError(f"must be 'auto', true or false, got {value!r}")
         return value
 
     @field_validator("metrics")

@@ -245,24 +245,36 @@ def exists(path: Path) -> bool:
     return True
 
 
-@retry_io
 def create_exclusive(path: Path, content: bytes = b"") -> bool:
     """Create a file holding ``content``; ``False`` if it already exists (someone else created it first).
 
     Exclusive on one machine only: on Drive each VM decides against its own view, so two VMs can both create it
-    (see :meth:`runner.job.Job.check_claim`)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        if content:
-            os.write(fd, content)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
-    return True
+    (see :meth:`runner.job.Job.check_claim`). A mount can do the work and then fail to answer (Drive's errno 107
+    after the file was made): the retry then finds the file of its own earlier try, holding ``content`` or, when
+    the error came before the write, nothing yet; either is ours, and is completed and made durable."""
+    tried = False
+
+    @retry_io
+    def attempt() -> bool:
+        nonlocal tried
+        earlier, tried = tried, True
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            existing = Path(path).read_bytes()
+            if not (earlier and content and existing in (b"", content)):
+                return False
+            fd = os.open(path, os.O_WRONLY)
+        try:
+            if content and os.fstat(fd).st_size != len(content):
+                os.write(fd, content)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
+        return True
+
+    return attempt()
 
 
 @retry_io

@@ -136,6 +136,9 @@ EXAMPLES: dict[str, tuple[Any, dict[str, Any]]] = {
     "training.seed": (42, {}),
     "training.deterministic": (True, {}),
     "training.on_oom": ("halve_batch", {}),
+    "training.steps_per_execution": (64, {}),
+    "training.jit_compile": (True, {}),
+    "training.mixed_precision": (True, {}),
     "checkpoint.every_epochs": (3, {}),
     "checkpoint.every_minutes": (10, {}),
     "checkpoint.keep": (3, {}),
@@ -163,6 +166,15 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {
         {"model.factory": "my_models:build"},
     ),
     "TrainingSpec._finite": ("a finite number", {"training.learning_rate": float("inf")}),
+    "TrainingSpec._steps_per_execution": (
+        "`auto` or a whole number from 1 to 10000",
+        {"training.steps_per_execution": 0},
+    ),
+    "TrainingSpec._jit_compile": ("`auto`, `true` or `false`", {"training.jit_compile": "yes"}),
+    "TrainingSpec._xla_without_op_determinism": (
+        "`jit_compile: true` not with `deterministic: true`",
+        {"training.jit_compile": True, "training.deterministic": True},
+    ),
     "TrainingSpec._metric_names": (
         "lower-case Keras metric names (`accuracy`, `auc`, `precision`, ...)",
         {"training.metrics": ["Accuracy"]},

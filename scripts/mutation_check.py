@@ -44,6 +44,7 @@ DURABLE = "tests/test_checkpoints.py::test_every_file_of_a_checkpoint_is_made_du
 PUBLISHER = "tests/test_publisher.py"
 KEPT = "tests/test_kept_snapshot.py"
 TWO_VMS = "tests/test_two_vms.py"
+FIT = "tests/test_metrics_match_fit.py::test_epoch_metrics_and_weights_equal_model_fit_on_the_same_batches"
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def _state_field(field: str, value: str) -> tuple[tuple[str, str], ...]:
 
 SNAPSHOT = "runner/train/snapshot.py"
 TRAINER = "runner/train/trainer.py"
+ENGINE = "runner/train/engine.py"
 CHECKPOINTS = "runner/checkpoints.py"
 
 MUTATIONS = (
@@ -76,7 +78,11 @@ MUTATIONS = (
     Mutation("resume", "completed epochs forgotten", SNAPSHOT, _state_field("epoch", "0"), (PUBLISHING_KILLS,)),
     Mutation("resume", "step counter forgotten", SNAPSHOT, _state_field("step", "0"), (PUBLISHING_KILLS,)),
     Mutation("resume", "global step forgotten", SNAPSHOT, _state_field("global_step", "0"), (PUBLISHING_KILLS,)),
-    Mutation("resume", "metric sums forgotten", SNAPSHOT, _state_field("sums", "{}"), (PUBLISHING_KILLS,)),
+    Mutation(
+        "resume", "running metrics (Keras' metric state) forgotten", SNAPSHOT,
+        (('                _assign(_metric_variables(model), arrays, "metrics", checkpoint)\n', "                pass\n"),),
+        (PUBLISHING_KILLS,),
+    ),
     Mutation("resume", "samples seen mangled", SNAPSHOT, _state_field("seen", "document['seen'] + 8"), (PUBLISHING_KILLS,)),
     Mutation(
         "resume", "best value mangled", SNAPSHOT,
@@ -105,6 +111,16 @@ MUTATIONS = (
         "resume", "restore takes the oldest checkpoint, not the newest", CHECKPOINTS,
         (("        for info in self.committed():\n            scratch", "        for info in self.committed()[::-1]:\n            scratch"),),
         (PUBLISHING_KILLS,),
+    ),
+    Mutation(
+        "metrics", "metrics not reset at the start of an epoch (validation leaks into training)", TRAINER,
+        (("                self.model.reset_metrics()  # where fit", "                pass  # where fit"),),
+        (FIT,),
+    ),
+    Mutation(
+        "engine", "a compiled call trains one step, whatever it is asked", ENGINE,
+        (("            for _ in tf.range(steps):\n", "            for _ in tf.range(1):\n"),),
+        (FIT,),
     ),
     Mutation(
         "commit", "no temporary folder (files copied under the committed name)", CHECKPOINTS,

@@ -95,11 +95,12 @@ class Scenario:
     lease_duration_s: float = 20.0
     epochs: int = 8
     mid_epoch: bool = False
-    """Snapshot after every step (``every_minutes`` tiny) instead of once per epoch."""
+    """Snapshot after every compiled call of 2 steps (``every_minutes`` tiny) instead of once per epoch."""
 
     def spec_overrides(self) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {"every_minutes": 0.0005} if self.mid_epoch else {}
-        return {"training": {"epochs": self.epochs}, "checkpoint": checkpoint}
+        training: dict[str, Any] = {"epochs": self.epochs, "steps_per_execution": 2 if self.mid_epoch else "auto"}
+        return {"training": training, "checkpoint": checkpoint}
 
 
 @dataclass

@@ -22,6 +22,7 @@ import pytest
 from runner import storage
 from runner.job import JobStatus
 from runner.kept import find_kept
+from runner.train.acceleration import MIXED_PRECISION_ON_CPU_ENV
 from tests.conftest import run_cli
 from tests.drivesim.fixtures import SimFactory, requires_fuse
 from tests.support.keras_jobs import keras_env, make_digit_folders, submit_keras_spec
@@ -38,7 +39,9 @@ pytestmark = pytest.mark.slow
 
 NAME = "tiny"
 EVERY_STEP = {"every_minutes": 0.000001}
-"""A snapshot after every step: resumes land mid-epoch, and kills can be put inside any publish."""
+"""A snapshot after every compiled call: resumes land mid-epoch, and kills can be put inside any publish."""
+ONE_STEP_PER_CALL = {"steps_per_execution": 1}
+"""With EVERY_STEP, a snapshot after every step (the default, auto, runs this tiny job's epoch in one call)."""
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +60,11 @@ def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Referen
     return Reference.of(tmp / "queue", NAME, env)
 
 
-def new_run(tmp_path: Path, digits: Path, *, seed: int, queue: Path | None = None, **overrides) -> KillRun:
-    env = keras_env(tmp_path / "cache")
+def new_run(
+    tmp_path: Path, digits: Path, *, seed: int, queue: Path | None = None, env: dict[str, str] | None = None, **overrides
+) -> KillRun:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = {**keras_env(tmp_path / "cache"), **(env or {})}
     queue = queue or tmp_path / "queue"
     submit_keras_spec(tmp_path, queue, digits, NAME, env, **overrides)
     return KillRun(queue, NAME, env, rng=random.Random(seed), folder=tmp_path)
@@ -67,7 +73,7 @@ def new_run(tmp_path: Path, digits: Path, *, seed: int, queue: Path | None = Non
 def test_kills_inside_every_step_of_publishing_resume_from_the_newest_verified_checkpoint(
     digits: Path, reference: Reference, tmp_path: Path
 ) -> None:
-    run = new_run(tmp_path, digits, seed=1, checkpoint=EVERY_STEP)
+    run = new_run(tmp_path, digits, seed=1, checkpoint=EVERY_STEP, training=ONE_STEP_PER_CALL)
     plan = [
         Kill.at("commit-copied", 3),
         Kill.at("commit-manifest", 2),
@@ -94,7 +100,14 @@ def test_kills_inside_every_step_of_publishing_resume_from_the_newest_verified_c
 def test_kills_at_random_moments_in_training_after_commits_resume_exactly(
     digits: Path, reference: Reference, tmp_path: Path, cadence: str
 ) -> None:
-    run = new_run(tmp_path, digits, seed=2, checkpoint=EVERY_STEP if cadence == "every-step" else {})
+    every_step = cadence == "every-step"  # then 3 steps per call: snapshots at steps 3 and 6 of 9
+    run = new_run(
+        tmp_path,
+        digits,
+        seed=2,
+        checkpoint=EVERY_STEP if every_step else {},
+        training={"steps_per_execution": 3 if every_step else 1},
+    )
     # An epoch of this job (9 steps) trains in a fraction of a second: a kill soon after the session's first
     # commits lands in the steps that follow, and three such kills nearly always land before the job ends. A kill
     # that comes too late lets that session finish the job; two of three must land.
@@ -146,7 +159,7 @@ def test_kills_in_publishing_and_training_on_the_drive_simulator_resume_exactly(
     remote.mkdir()
     mountpoint.mkdir()
     sim = drive(remote, mountpoint, latency_s=0.002, durability_lag_s=0.5)
-    run = new_run(tmp_path, digits, seed=4, queue=mountpoint / "runner", checkpoint=EVERY_STEP)
+    run = new_run(tmp_path, digits, seed=4, queue=mountpoint / "runner", checkpoint=EVERY_STEP, training={"steps_per_execution": 2})
     # Training runs ahead of a slow mount (the publisher keeps only the newest snapshot), so the points come early.
     plan = [
         Kill.at("commit-manifest", 2),
@@ -243,5 +256,44 @@ def test_a_claim_taken_over_during_its_final_publish_keeps_the_checkpoint_for_th
 
     assert run.job.read_state().generation == 3
     assert_finished_from_the_kept_checkpoint(run, "g000001-e000004-s000000000")
+    assert_same_result(run, reference)
+    run.report()
+
+
+SPEED_OPTIONS = {
+    "mixed_precision": {"mixed_precision": True, "steps_per_execution": 4, "epochs": 2},
+    # Without op determinism, which has no XLA version of MaxPooling's gradient; the CPU's XLA is deterministic.
+    "jit_compile": {"jit_compile": True, "deterministic": False, "steps_per_execution": 3, "epochs": 2},
+}
+"""Each with several steps per call (the random kills above run 3, the Drive simulator's 2), and 2 epochs."""
+
+
+@pytest.mark.parametrize("option", list(SPEED_OPTIONS))
+def test_each_speed_option_survives_kills_mid_epoch_and_ends_as_an_uninterrupted_run_with_it(
+    digits: Path, tmp_path: Path, option: str
+) -> None:
+    """Mid-epoch checkpoints land between compiled calls; the loss scale (mixed precision) is in each of them."""
+    overrides = {"training": SPEED_OPTIONS[option], "checkpoint": EVERY_STEP}
+    if option == "jit_compile":  # Keras' RandomRotation does not XLA-compile; Dropout's RNG does
+        overrides["model"] = {"params": {"filters": 4, "dense": 16, "dropout": 0.25, "augment": False}}
+    env = {MIXED_PRECISION_ON_CPU_ENV: "1"}  # float16 on the CPU: slow, but the same code path as on a GPU
+    uninterrupted = new_run(tmp_path / "reference", digits, seed=0, env=env, **overrides)
+    uninterrupted.finish()
+    reference = Reference.of(uninterrupted.queue, NAME, uninterrupted.env)
+
+    run = new_run(tmp_path / "killed", digits, seed=5, env=env, **overrides)
+    run.session(Kill.at("snapshot-written", 3))
+    run.session(Kill.after_commit(2, delay_s=(0.0, 0.05)))
+    run.finish()
+
+    assert run.sessions[0].landed, run.summary()
+    per_call = SPEED_OPTIONS[option]["steps_per_execution"]
+    resumed_steps = [event["step"] for event in run.resumes()]
+    assert any(step > 0 for step in resumed_steps), run.summary()
+    assert all(step % per_call == 0 for step in resumed_steps), f"a resume off a call boundary: {resumed_steps}"
+    if option == "mixed_precision":
+        scale = [key for key, value in reference.variables.items() if key.startswith("optimizer/") and value.shape == ()]
+        assert len(scale) >= 4, "no loss-scale state in the checkpoint"
+    check_resumes(run)
     assert_same_result(run, reference)
     run.report()

@@ -32,7 +32,9 @@ TRAIN_IMAGES = 3 * 16
 
 
 def oom_spec(name: str, data: Path, *, batch_size: int, params: dict[str, Any], **training: Any) -> dict[str, Any]:
-    """A tiny job whose model runs out of "memory" above ``params["max_batch"]`` images a batch."""
+    """A tiny job whose model runs out of "memory" above ``params["max_batch"]`` images a batch; one step per
+    compiled call, so that an error strikes at a known step and mid-epoch checkpoints follow every step."""
+    training = {"steps_per_execution": 1, **training}
     spec = keras_spec(name, data, dataset={"batch_size": batch_size}, training=training)
     spec["model"] = {"factory": FACTORY, "params": params}
     return spec

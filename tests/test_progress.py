@@ -36,7 +36,7 @@ def test_a_log_file_gets_a_line_at_most_every_interval_not_one_per_step() -> Non
     display.start(2, total=1000, completed=0)
     for _ in range(1000):  # 1,000 steps of 0.1 s: 100 s in all
         clock.now += 0.1
-        display.advance({"loss": 0.5})
+        display.advance(1, lambda: {"loss": 0.5})
     display.stop()
     lines = out.getvalue().splitlines()
     expected = int(100 // progress_module.PLAIN_PROGRESS_INTERVAL_S)
@@ -52,10 +52,37 @@ def test_a_short_epoch_prints_only_its_summary() -> None:
     display.start(0, total=20, completed=0)
     for _ in range(20):
         clock.now += 0.1
-        display.advance({"loss": 0.25})
+        display.advance(1, lambda: {"loss": 0.25})
     display.stop()
     display.summary(0, {"loss": 0.25, "accuracy": 0.9}, 2.0)
     assert out.getvalue().splitlines() == ["digits epoch 1/2 loss=0.2500 accuracy=0.9000 (2.0s)"]
+
+
+@pytest.mark.parametrize("mode", ["terminal", "notebook", "plain"])
+def test_the_live_metrics_are_read_from_the_device_at_most_once_a_second(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    console = Console(file=io.StringIO(), force_terminal=mode == "terminal", force_jupyter=False, width=200)
+    shown: list[str] = []
+    monkeypatch.setattr(EpochProgress, "_show_in_notebook", lambda self, line: shown.append(line))
+    clock = Clock()
+    reads = 0
+
+    def read_metrics() -> dict[str, float]:
+        nonlocal reads
+        reads += 1
+        return {"loss": 0.5}
+
+    display = EpochProgress(console, job="digits", epochs=1, mode=mode, clock=clock)
+    display.start(0, total=4000, completed=0)
+    for _ in range(1000):  # 1,000 calls of 4 steps, 0.02 s each: 20 s in all
+        clock.now += 0.02
+        display.advance(4, read_metrics)
+    display.stop()
+    assert reads <= 20
+    if mode != "plain":
+        assert reads >= 19  # and the display does show them that often
+    assert display._completed == 4000
 
 
 def test_the_line_counts_steps_from_the_resume_point_and_estimates_what_is_left() -> None:

@@ -349,3 +349,50 @@ def test_atomic_write_rides_out_a_flaky_mount(
     assert len(calls) >= 3
     assert len(retry_warnings(caplog)) == 2
     assert os.listdir(tmp_path) == ["state.json"], "a failed try left its temporary file behind"
+
+
+def test_an_exclusive_create_whose_error_came_after_the_work_is_ours_on_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount that wrote the claim marker and then failed to answer: the retry finds our own marker there."""
+    marker = tmp_path / "g000003"
+    calls = flaky_os(monkeypatch, "fsync", errno.ENOTCONN, failures=1)  # the file is made and written, then this
+
+    assert storage.create_exclusive(marker, b"host-a 1234 token-a")
+    monkeypatch.undo()
+
+    assert len(calls) >= 3, "the fault was not injected"  # the failed fsync, then the file's and the folder's
+    assert marker.read_bytes() == b"host-a 1234 token-a"
+    assert not storage.create_exclusive(marker, b"host-b 99 token-b"), "another worker's create must lose"
+    assert not storage.create_exclusive(marker), "a marker with no content to compare is never ours"
+
+
+def test_an_exclusive_create_whose_error_came_right_after_making_the_file_is_ours_on_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error came after the file was made, before anything was written: the retry completes it."""
+    marker = tmp_path / "g000004"
+    real_open = os.open
+    failed: list[str] = []
+
+    def open_then_fail(path: object, flags: int, *args: object) -> int:
+        fd = real_open(path, flags, *args)
+        if flags & os.O_EXCL and not failed:
+            failed.append(str(path))
+            os.close(fd)
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_fail)
+    assert storage.create_exclusive(marker, b"host-a 1234 token-a")
+    monkeypatch.undo()
+
+    assert failed == [str(marker)], "the fault was not injected"
+    assert marker.read_bytes() == b"host-a 1234 token-a"
+
+
+def test_an_empty_file_found_on_a_first_try_belongs_to_another_worker(tmp_path: Path) -> None:
+    marker = tmp_path / "g000005"
+    marker.write_bytes(b"")  # another worker between its create and its write
+    assert not storage.create_exclusive(marker, b"host-a 1234 token-a")
+    assert marker.read_bytes() == b""

@@ -73,13 +73,20 @@ def build_model(spec: JobSpec, *, input_shape: InputShape, num_classes: int) -> 
     return _simple_cnn(spec.model.params, input_shape=input_shape, head=head, seed=seed)
 
 
-def compile_model(model: keras.Model, spec: JobSpec) -> None:
-    """Compile with ``training``'s optimizer, learning rate, loss and metrics."""
+def compile_model(model: keras.Model, spec: JobSpec, *, jit_compile: bool = False, steps_per_execution: int = 1) -> None:
+    """Compile with ``training``'s optimizer, learning rate, loss and metrics (under the mixed_float16 policy
+    Keras wraps the optimizer in a ``LossScaleOptimizer``)."""
     training = spec.training
     for metric in training.metrics:
         _check_metric(metric)
     optimizer = OPTIMIZERS[training.optimizer](learning_rate=training.learning_rate)
-    model.compile(optimizer=optimizer, loss=training.loss, metrics=list(training.metrics))
+    model.compile(
+        optimizer=optimizer,
+        loss=training.loss,
+        metrics=list(training.metrics),
+        jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
+    )
 
 
 # --- built-in networks ---------------------------------------------------------------------------------------
@@ -173,10 +180,14 @@ def _load_weights(base: keras.Model, path: str, *, alpha: float, input_shape: In
 
 
 def _head(label_mode: str, num_classes: int) -> keras.layers.Layer:
-    """One sigmoid unit for binary labels (as the tutorial), else a softmax over the classes."""
+    """One sigmoid unit for binary labels (as the tutorial), else a softmax over the classes.
+
+    In float32 whatever the dtype policy: a float16 softmax or sigmoid loses the small probabilities the loss
+    needs (Keras' mixed-precision guide does the same).
+    """
     if label_mode == "binary":
-        return keras.layers.Dense(1, activation="sigmoid", name="head")
-    return keras.layers.Dense(num_classes, activation="softmax", name="head")
+        return keras.layers.Dense(1, activation="sigmoid", name="head", dtype="float32")
+    return keras.layers.Dense(num_classes, activation="softmax", name="head", dtype="float32")
 
 
 def _check_classes(spec: JobSpec, num_classes: int) -> None:

@@ -26,6 +26,9 @@ PLAIN_PROGRESS_INTERVAL_S = 30.0
 NOTEBOOK_REFRESH_S = 1.0
 """Seconds between two updates of a notebook's progress line (each update is a message to the browser)."""
 
+METRICS_REFRESH_S = 1.0
+"""Seconds between two reads of the live metrics for a terminal's bar (each read waits for the device)."""
+
 _BAR_WIDTH = 24
 
 
@@ -98,22 +101,25 @@ class EpochProgress:
         elif self.mode == "notebook":
             self._show_in_notebook(self._line({}))
 
-    def advance(self, metrics: dict[str, float]) -> None:
-        """One more step done."""
+    def advance(self, steps: int, read_metrics: Callable[[], dict[str, float]]) -> None:
+        """``steps`` more steps done; ``read_metrics`` (a device-to-host read) is called at most once a second."""
         if not self._active:
             return
-        self._steps += 1
-        self._completed += 1
+        self._steps += steps
+        self._completed += steps
         now = self.clock()
         if self._progress is not None and self._task is not None:
-            rate = f"{self._rate(now):.1f} it/s"
-            self._progress.update(self._task, advance=1, metrics=format_metrics(metrics), rate=rate)
+            fields = {"rate": f"{self._rate(now):.1f} it/s"}
+            if now - self._shown_at >= METRICS_REFRESH_S:
+                self._shown_at = now
+                fields["metrics"] = format_metrics(read_metrics())
+            self._progress.update(self._task, advance=steps, **fields)
         elif self.mode == "notebook" and now - self._shown_at >= NOTEBOOK_REFRESH_S:
             self._shown_at = now
-            self._show_in_notebook(self._line(metrics, now))
+            self._show_in_notebook(self._line(read_metrics(), now))
         elif self.mode == "plain" and now - self._shown_at >= PLAIN_PROGRESS_INTERVAL_S:
             self._shown_at = now
-            self.console.print(self._line(metrics, now, bar=False), markup=False, highlight=False, soft_wrap=True)
+            self.console.print(self._line(read_metrics(), now, bar=False), markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         """Remove the display (the epoch's summary line replaces it)."""

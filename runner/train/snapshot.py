@@ -2,9 +2,14 @@
 
 ``variables.npz`` holds the model's variables (weights, batch-norm statistics, and the state of every Keras
 ``SeedGenerator``: Dropout and augmentation layers) and the optimizer's (iteration count, learning rate,
-moments). ``state.json`` holds the position (epoch, step, global step, samples of the epoch seen), this epoch's
-running metric sums, the metrics history, the best value so far, the claim generation and the batch size in effect.
-The data order is a pure function of (seed, epoch), so the position is the whole data state.
+moments; with mixed precision, the loss scale) and of every metric (the loss tracker's total and count, each
+metric's state: this epoch's running metrics, exactly as Keras holds them). ``state.json`` holds the position
+(epoch, step, global step, samples of the epoch seen), the metrics history, the best value so far, the claim
+generation and the batch size in effect. The data order is a pure function of (seed, epoch), so the position is
+the whole data state.
+
+Format 1 (before the metric variables were saved) held the epoch's metrics as sums in ``state.json``; such a
+snapshot still loads, with the epoch's running metrics starting again from the resume point.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from runner.errors import CheckpointCorrupt
 
 STATE_FILE = "state.json"
 VARIABLES_FILE = "variables.npz"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 
 
 @dataclass
@@ -34,8 +39,6 @@ class TrainingState:
     step: int = 0
     """Batches done in the current epoch (of two sizes if the batch size was halved in it: ``seen`` is the position)."""
     global_step: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    """Sample-weighted sums of this epoch's per-batch metrics so far."""
     seen: int = 0
     """Samples seen in this epoch so far."""
     history: list[dict[str, float]] = field(default_factory=list)
@@ -50,25 +53,19 @@ class TrainingState:
     """The batch size training goes on with (halved after running out of memory); ``None`` in snapshots written
     before it was recorded, which means the spec's."""
 
-    def epoch_metrics(self) -> dict[str, float]:
-        """This epoch's metrics so far: sample-weighted means of the per-batch values."""
-        return {name: total / self.seen for name, total in self.sums.items()} if self.seen else {}
-
-    def add_batch(self, logs: dict[str, float], samples: int) -> None:
-        """Account for one trained batch."""
-        for name, value in logs.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value) * samples
+    def advance(self, steps: int, samples: int) -> None:
+        """Account for ``steps`` trained batches holding ``samples`` images."""
         self.seen += samples
-        self.step += 1
-        self.global_step += 1
+        self.step += steps
+        self.global_step += steps
 
     def end_epoch(self, metrics: dict[str, float], monitor: str) -> None:
-        """Close the epoch: record its metrics, update the best value, reset the running sums."""
+        """Close the epoch: record its metrics, update the best value, move to the next epoch's start."""
         self.history.append({"epoch": self.epoch, **metrics})
         value = metrics.get(monitor)
         if value is not None and (self.best is None or value < self.best["value"]):
             self.best = {"monitor": monitor, "value": value, "epoch": self.epoch}
-        self.epoch, self.step, self.sums, self.seen = self.epoch + 1, 0, {}, 0
+        self.epoch, self.step, self.seen = self.epoch + 1, 0, 0
 
 
 def _model_variables(model: keras.Model) -> list[Any]:
@@ -79,11 +76,16 @@ def _optimizer_variables(model: keras.Model) -> list[Any]:
     return list(model.optimizer.variables)
 
 
+def _metric_variables(model: keras.Model) -> list[Any]:
+    return [variable for metric in model.metrics for variable in metric.variables]
+
+
 def save_snapshot(model: keras.Model, state: TrainingState, folder: Path) -> None:
     """Write a snapshot into ``folder`` (local disk): the variables, then the state."""
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {f"model/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_model_variables(model))}
     arrays |= {f"optimizer/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_optimizer_variables(model))}
+    arrays |= {f"metrics/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_metric_variables(model))}
     with open(folder / VARIABLES_FILE, "wb") as handle:
         np.savez(handle, **arrays)
         handle.flush()
@@ -97,10 +99,14 @@ def load_snapshot(model: keras.Model, folder: Path, *, checkpoint: str) -> Train
     try:
         document = json.loads((folder / STATE_FILE).read_text())
         document.pop("format", None)
+        document.pop("sums", None)  # format 1: the epoch's metrics were sums here
         state = TrainingState(**document)
         with np.load(folder / VARIABLES_FILE) as arrays:
             _assign(_model_variables(model), arrays, "model", checkpoint)
             _assign(_optimizer_variables(model), arrays, "optimizer", checkpoint)
+            model.reset_metrics()
+            if any(name.startswith("metrics/") for name in arrays.files):
+                _assign(_metric_variables(model), arrays, "metrics", checkpoint)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise CheckpointCorrupt(checkpoint, f"cannot load the training snapshot ({error})") from None
     return state

@@ -1,9 +1,10 @@
-"""The Keras trainer: restore the newest verified checkpoint, train batch by batch, snapshot, publish, export.
+"""The Keras trainer: restore the newest verified checkpoint, train in compiled multi-step calls, snapshot,
+publish, export.
 
-Why a loop of ``train_on_batch`` and not ``model.fit``: a resumed run must continue at the next batch of the
-same epoch with the same running metrics, which ``fit`` cannot do (it restarts the epoch's data and resets its
-metrics). Epoch metrics here are sample-weighted means of the per-batch values, kept as sums in the snapshot,
-so a resumed epoch reports exactly what an uninterrupted one would.
+The loop itself (why not ``train_on_batch`` or ``fit``, and how the metrics stay right on every Keras 3) is in
+:mod:`runner.train.engine`. Here: the session around it. Training runs ``steps_per_execution`` steps per call;
+between calls, and only there, come the checks (stop, publisher errors), the snapshot when one is due, and at
+most once a second a read of the live metrics for the progress display.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from runner.kept import keep_snapshot, publish_kept
 from runner.paths import default_cache_dir, publish_note, work_folder
 from runner.settings import seconds_from_environment
 from runner.spec import JobSpec
+from runner.train.acceleration import configure_precision, resolve_jit_compile
 from runner.train.data import ImageFolderData, prepare_dataset
+from runner.train.engine import StepLoop, build_metrics, resolve_steps_per_execution
 from runner.train.export import publish_exports, write_exports
 from runner.train.gpu import warn_if_gpu_unused
 from runner.train.models import build_model, check_loss_matches_labels, compile_model
@@ -66,14 +69,19 @@ class KerasTrainer:
         warn_if_gpu_unused(context)
         data = prepare_dataset(spec.dataset, seed=spec.training.seed, cache_dir=self.cache_dir, console=context.console)
         configure_determinism(spec)
+        configure_precision(spec)
         model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
-        compile_model(model, spec)
+        jit_compile = resolve_jit_compile(spec.training.jit_compile, model, deterministic=spec.training.deterministic)
+        steps = resolve_steps_per_execution(spec.training.steps_per_execution, data.steps_per_epoch)
+        compile_model(model, spec, jit_compile=jit_compile, steps_per_execution=steps)
         model.optimizer.build(model.trainable_variables)
+        build_metrics(model, data.train_batches(epoch=0).element_spec)
         warn_if_short_of_space(context, model)
         workdir = work_folder(self.cache_dir, context.job.name, context.generation)
         shutil.rmtree(workdir, ignore_errors=True)
         try:
-            return _Session(context, model, data, workdir, self.clock, self.cache_dir).run()
+            loop = StepLoop(model, jit_compile=jit_compile)
+            return _Session(context, loop, data, workdir, self.clock, self.cache_dir).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -84,13 +92,14 @@ class _Session:
     def __init__(
         self,
         context: RunContext,
-        model: keras.Model,
+        loop: StepLoop,
         data: ImageFolderData,
         workdir: Path,
         clock: Callable[[], float],
         cache_dir: Path,
     ) -> None:
-        self.context, self.model, self.data, self.workdir, self.clock = context, model, data, workdir, clock
+        self.context, self.loop, self.data, self.workdir, self.clock = context, loop, data, workdir, clock
+        self.model = loop.model
         self.cache_dir = cache_dir
         self.spec = context.spec
         self.epochs = self.spec.training.epochs
@@ -149,11 +158,17 @@ class _Session:
             epoch_started = self.clock()
             # Counted in samples: after a batch size change mid-epoch, the batches done were of another size.
             left = math.ceil((self.data.num_train - state.seen) / self.data.batch_size)
+            if state.seen == 0:
+                self.model.reset_metrics()  # where fit resets them; mid-epoch, the snapshot brought them back
             self.progress.start(state.epoch, total=state.step + left, completed=state.step)
-            for images, labels in self.data.train_batches(epoch=state.epoch, start_sample=state.seen):
-                logs = self.model.train_on_batch(images, labels, return_dict=True)
-                state.add_batch(logs, int(images.shape[0]))
-                self.progress.advance(state.epoch_metrics())
+            batches = iter(self.data.train_batches(epoch=state.epoch, start_sample=state.seen))
+            per_call = self.steps_per_execution
+            while left:
+                steps = min(per_call, left)
+                self.loop.run(batches, steps)
+                left -= steps
+                state.advance(steps, samples=min(steps * self.data.batch_size, self.data.num_train - state.seen))
+                self.progress.advance(steps, self.loop.metrics)
                 if publisher.error is not None:
                     raise publisher.error
                 if context.should_stop():
@@ -169,8 +184,13 @@ class _Session:
                 self._snapshot(state, publisher)
         return Outcome.DONE
 
+    @property
+    def steps_per_execution(self) -> int:
+        """Steps per compiled call, at most an epoch's (which a halved batch size changes)."""
+        return resolve_steps_per_execution(self.spec.training.steps_per_execution, self.data.steps_per_epoch)
+
     def _end_epoch(self, state: TrainingState, seconds: float) -> None:
-        metrics = state.epoch_metrics()
+        metrics = self.loop.metrics()  # read before evaluate, which resets the same metrics for validation
         validation = self.data.validation_batches()
         if validation is not None:
             results = self.model.evaluate(validation, verbose=0, return_dict=True)
@@ -203,8 +223,8 @@ class _Session:
         back, checkpoint = go_back(
             self.context, self.model, scratch=self.workdir / "oom-restore", initial=self.workdir / "initial"
         )
-        # Fresh step functions: one whose first trace failed cannot create its metrics' variables on the next call.
-        self.model.make_train_function(force=True)
+        # Fresh step functions: one whose trace failed cannot be called again.
+        self.loop.reset()
         self.model.make_test_function(force=True)
         back.generation, back.batch_size = self.context.generation, new
         self._use_batch_size(back)  # recorded in state.json first: a kill right after must not lose it

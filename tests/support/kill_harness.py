@@ -315,7 +315,7 @@ _PER_RUN_FIELDS = ("elapsed_s", "generation")
 
 
 def newest_training_state(job: Job) -> dict[str, Any]:
-    """The newest checkpoint's training state (position, sums, history, best, batch size...)."""
+    """The newest checkpoint's training state (position, history, best, batch size...)."""
     newest = CheckpointStore(job, keep=2).newest()
     assert newest is not None, "no checkpoint"
     state = json.loads((newest.path / "state.json").read_text())

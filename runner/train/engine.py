@@ -1,0 +1,73 @@
+"""The compiled training loop: several steps per call, and metrics read from Keras' own state, only when needed.
+
+Why not ``train_on_batch``: it is one call, one device-to-host copy of every metric, per step, and what it
+returns differs between Keras versions (up to 3.14 its metrics accumulate across calls until reset; from 3.15
+each call resets them). Why not ``model.fit``: a resumed run must go on at the next batch of the same epoch with
+the epoch's running metrics, and ``fit`` restarts the epoch's data and resets its metrics.
+
+So runner calls the model's own ``train_step`` (the function ``fit`` runs; it never resets metrics) from a loop
+of its own: one ``tf.function`` that pulls ``steps`` batches from a ``tf.data`` iterator and runs the step on
+each, inside one graph (``tf.while_loop``), with the step itself XLA-compiled when ``jit_compile`` is on. Nothing
+comes back to the host during the loop. Epoch metrics are read from the metrics' variables, as ``fit`` reads
+them; they are reset where ``fit`` resets them, at the start of each epoch; and their variables (the loss
+tracker's total and count, each metric's state) travel in the snapshot, so a resumed epoch ends with the numbers
+an uninterrupted one has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+AUTO_STEPS_PER_EXECUTION = 32
+"""Steps per call for ``steps_per_execution: auto``, at most an epoch's: enough that the per-call dispatch of a
+small model no longer shows; snapshots land between calls, so at most this many steps late."""
+
+
+def resolve_steps_per_execution(setting: int | str, steps_per_epoch: int) -> int:
+    """Steps per compiled call for the spec's ``training.steps_per_execution``."""
+    wanted = AUTO_STEPS_PER_EXECUTION if setting == "auto" else int(setting)
+    return max(1, min(wanted, steps_per_epoch))
+
+
+def build_metrics(model: keras.Model, element_spec: Any) -> None:
+    """Create the compiled metrics' variables now, as ``fit`` does before its first step (Keras otherwise makes
+    them on the first step), so a snapshot can be loaded into them before any training."""
+    model._symbolic_build(data_batch=element_spec)  # noqa: SLF001 (the build fit runs; in every Keras >= 3.10)
+
+
+class StepLoop:
+    """Runs ``steps`` training steps per call on one model, with no host sync inside."""
+
+    def __init__(self, model: keras.Model, *, jit_compile: bool) -> None:
+        self.model = model
+        self.jit_compile = jit_compile
+        self._function: Any = None
+
+    def reset(self) -> None:
+        """Trace again on the next call (after running out of memory, a failed trace cannot be reused)."""
+        self._function = None
+
+    def run(self, iterator: Iterator[Any], steps: int) -> None:
+        """Train on the next ``steps`` batches of ``iterator``; returns without reading anything back."""
+        if self._function is None:
+            self._function = self._make()
+        self._function(iterator, tf.constant(steps, dtype=tf.int32))
+
+    def metrics(self) -> dict[str, float]:
+        """The epoch's metrics so far, as ``fit`` would log them (one host read)."""
+        return {name: float(value) for name, value in self.model.get_metrics_result().items()}
+
+    def _make(self) -> Any:
+        model = self.model
+        one_step = tf.function(model.train_step, reduce_retracing=True, jit_compile=self.jit_compile)
+
+        @tf.function
+        def run_steps(iterator: Any, steps: tf.Tensor) -> None:
+            for _ in tf.range(steps):
+                one_step(next(iterator))
+
+        return run_steps
