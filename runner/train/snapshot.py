@@ -14,8 +14,10 @@ snapshot still loads, with the epoch's running metrics starting again from the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +89,28 @@ def save_snapshot(model: keras.Model, state: TrainingState, folder: Path) -> Non
     arrays |= {f"optimizer/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_optimizer_variables(model))}
     arrays |= {f"metrics/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_metric_variables(model))}
     with open(folder / VARIABLES_FILE, "wb") as handle:
-        np.savez(handle, **arrays)
+        _write_npz(handle, arrays)
         handle.flush()
         os.fsync(handle.fileno())
     document = {"format": SNAPSHOT_FORMAT, **asdict(state)}
     (folder / STATE_FILE).write_text(json.dumps(document, indent=1))
+
+
+def _write_npz(handle: Any, arrays: dict[str, np.ndarray]) -> None:
+    """What ``np.savez`` writes (one ``.npy`` per array in an uncompressed zip), but a write that fails (a full
+    disk) leaves no half-closed zip for the garbage collector: numpy 2.1's would print a traceback from
+    ``ZipFile.__del__`` ("seek of closed file") after the one-line error."""
+    archive = zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True)
+    try:
+        for name, value in arrays.items():
+            with archive.open(f"{name}.npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+        archive.close()
+    except BaseException:
+        with contextlib.suppress(OSError, ValueError):
+            archive.close()
+        archive.fp = None  # closed or not, it must not be closed again once the file is
+        raise
 
 
 def load_snapshot(model: keras.Model, folder: Path, *, checkpoint: str) -> TrainingState:
