@@ -288,6 +288,8 @@ def test_each_speed_option_survives_kills_mid_epoch_and_ends_as_an_uninterrupted
 
     assert run.sessions[0].landed, run.summary()
     per_call = SPEED_OPTIONS[option]["steps_per_execution"]
+    engine = "XLA on, float32" if option == "jit_compile" else "XLA off, mixed_float16"
+    assert f"engine: up to {per_call} steps per compiled call, {engine}" in run.job.paths.log.read_text()
     resumed_steps = [event["step"] for event in run.resumes()]
     assert any(step > 0 for step in resumed_steps), run.summary()
     assert all(step % per_call == 0 for step in resumed_steps), f"a resume off a call boundary: {resumed_steps}"

@@ -73,7 +73,9 @@ def build_model(spec: JobSpec, *, input_shape: InputShape, num_classes: int) -> 
     return _simple_cnn(spec.model.params, input_shape=input_shape, head=head, seed=seed)
 
 
-def compile_model(model: keras.Model, spec: JobSpec, *, jit_compile: bool = False, steps_per_execution: int = 1) -> None:
+def compile_model(
+    model: keras.Model, spec: JobSpec, *, jit_compile: bool = False, steps_per_execution: int = 1
+) -> None:
     """Compile with ``training``'s optimizer, learning rate, loss and metrics (under the mixed_float16 policy
     Keras wraps the optimizer in a ``LossScaleOptimizer``)."""
     training = spec.training
