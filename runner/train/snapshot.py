@@ -82,12 +82,17 @@ def _metric_variables(model: keras.Model) -> list[Any]:
     return [variable for metric in model.metrics for variable in metric.variables]
 
 
+def _named_arrays(prefix: str, variables: list[Any]) -> dict[str, np.ndarray]:
+    """``{"<prefix>/00000": value, ...}``: the names :func:`_assign` reads back, in the variables' order."""
+    return {f"{prefix}/{index:05d}": np.asarray(variable.numpy()) for index, variable in enumerate(variables)}
+
+
 def save_snapshot(model: keras.Model, state: TrainingState, folder: Path) -> None:
     """Write a snapshot into ``folder`` (local disk): the variables, then the state."""
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {f"model/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_model_variables(model))}
-    arrays |= {f"optimizer/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_optimizer_variables(model))}
-    arrays |= {f"metrics/{index:05d}": np.asarray(var.numpy()) for index, var in enumerate(_metric_variables(model))}
+    arrays = _named_arrays("model", _model_variables(model))
+    arrays |= _named_arrays("optimizer", _optimizer_variables(model))
+    arrays |= _named_arrays("metrics", _metric_variables(model))
     with open(folder / VARIABLES_FILE, "wb") as handle:
         _write_npz(handle, arrays)
         handle.flush()
