@@ -30,6 +30,9 @@ _PID_NAMESPACE_MARK = "?pidns-"
 _INITIAL_PID_NAMESPACE = 0xEFFFFFFC
 """Inode Linux reserves for the host's own PID namespace, for which filelock adds no mark."""
 
+_RELEASE_RETRY_BUDGET_S = 10.0
+"""Seconds a release retries removing its marker: long enough for a blip, short enough not to hold up an exit."""
+
 log = logging.getLogger(__name__)
 
 
@@ -93,10 +96,18 @@ def read_holder(paths: JobPaths) -> LeaseHolder | None:
     unknown holder, pid -1.
     """
     try:
-        marker = os.stat(paths.lease)
-        with open(paths.lease, encoding="utf-8", errors="replace") as handle:
-            content = handle.read(4096)
+        return _read_marker(paths.lease)
     except OSError:
+        return None
+
+
+def _read_marker(path: Path) -> LeaseHolder | None:
+    """:func:`read_holder` that lets the mount's errors through: ``None`` only when there is no marker."""
+    try:
+        marker = os.stat(path)
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            content = handle.read(4096)
+    except FileNotFoundError:
         return None
     fields = dict(line.partition("=")[::2] for line in content.splitlines() if "=" in line)
     try:
@@ -152,6 +163,19 @@ class JobLease:
         if self.lost is not None:
             self.release()  # filelock refuses to re-acquire a lost claim that was not released
         try:
+            return self._acquire_or_take_over()
+        except LeaseSettingsMismatch:
+            raise UsageError(
+                f"the lease on {self.paths.folder} was taken with another lease duration than this process's "
+                f"{self.duration:g}s: every worker of a queue must use the same ${defaults.LEASE_DURATION_ENV}"
+            ) from None
+
+    @storage.retry_io
+    def _acquire_or_take_over(self) -> bool:
+        # Under the storage retry policy: a mount that answers errno 107 to the marker's create is retried like any
+        # other operation (filelock removes a marker it made before failing), and what is left is one line with the
+        # path and the fix. Timeout is an OSError too, but means "held": it must not reach the policy.
+        try:
             try:
                 self._lease.acquire(timeout=0)
             except Timeout:
@@ -161,13 +185,6 @@ class JobLease:
                 self._lease.acquire(timeout=0)
         except Timeout:
             return False
-        except LeaseSettingsMismatch:
-            raise UsageError(
-                f"the lease on {self.paths.folder} was taken with another lease duration than this process's "
-                f"{self.duration:g}s: every worker of a queue must use the same ${defaults.LEASE_DURATION_ENV}"
-            ) from None
-        except OSError as error:  # a read-only, full or failing job folder: one line with the path and the fix
-            raise storage.storage_error(error) from error
         return True
 
     def wait_for_takeover(
@@ -221,11 +238,26 @@ class JobLease:
     def release(self) -> None:
         """Give the lease up (a no-op when not held); never raises for a failing job folder.
 
-        filelock stops the heartbeat before it removes the marker, so when the removal fails (Drive down) the
-        marker stays without heartbeats: the next worker takes it over as a dead worker's.
+        filelock stops the heartbeat before it removes the marker and tries the removal once. A failed removal is
+        retried for a few seconds (a marker left naming this live process keeps every worker on this host from the
+        job for as long as the process lives); when that fails too (Drive down), the marker stays without
+        heartbeats and the next worker takes it over as a dead or silent worker's.
         """
         if self._lease.is_locked or self.lost is not None:
             try:
                 self._lease.release(force=True)
             except OSError as error:
-                log.warning("could not remove the lease marker %s (%s): it goes stale instead", self.paths.lease, error)
+                budget_s = min(_RELEASE_RETRY_BUDGET_S, storage.retry_budget())
+                try:
+                    storage.retrying(budget_s=budget_s)(self._remove_own_marker)()
+                except OSError:
+                    log.warning(
+                        "could not remove the lease marker %s (%s): it goes stale instead", self.paths.lease, error
+                    )
+
+    def _remove_own_marker(self) -> None:
+        """Delete the marker if it still names this process; filelock has already let go of it, so nobody else
+        can have made it since (its create is exclusive)."""
+        holder = _read_marker(self.paths.lease)
+        if holder is not None and holder.pid == os.getpid() and holder.alive_on_this_host():
+            Path(self.paths.lease).unlink(missing_ok=True)

@@ -160,7 +160,7 @@ class Queue:
     def job(self, name: str) -> Job:
         """The job called ``name``; :class:`JobNotFound` if there is none."""
         paths = self.paths.job(name)
-        if is_temp_name(name) or "/" in name or not paths.folder.is_dir():
+        if is_temp_name(name) or "/" in name or not storage.is_dir(paths.folder):
             raise JobNotFound(name, str(self.root))
         return Job(paths, clock=self.clock)
 
@@ -173,7 +173,7 @@ class Queue:
     def submit(self, spec: JobSpec) -> tuple[Job, bool]:
         """Add a job; returns it and whether it was new. An identical spec already queued is not an error."""
         existing = self.paths.job(spec.name)
-        if existing.folder.exists():
+        if storage.exists(existing.folder):
             return self._existing(spec), False
         storage.make_dirs(self.paths.jobs)
         self._collect_abandoned_submissions()
@@ -190,7 +190,7 @@ class Queue:
             try:
                 storage.commit_dir(temp, existing.folder)
             except OSError as error:
-                if existing.folder.exists():
+                if storage.exists(existing.folder):
                     return self._existing(spec), False
                 raise error
         finally:

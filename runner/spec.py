@@ -6,6 +6,7 @@ Every problem is reported as one line naming the field path and what is allowed.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -15,7 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from runner.errors import SpecError
+from runner import storage
+from runner.errors import SpecError, StorageError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 """Job names: they become folder names on Drive, so no slashes, no leading dot, no spaces, no capitals."""
@@ -286,10 +288,15 @@ def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a spec file (YAML or JSON). A relative ``dataset.source`` is relative to the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(str(path), ["file not found"]) from None
-    except (OSError, UnicodeDecodeError) as error:
+        # Retried: a job's frozen spec lives on Drive, whose transient errors say nothing about the spec.
+        text = storage.read_bytes(path).decode("utf-8")
+    except StorageError as error:
+        if error.errno_ == errno.ENOENT:
+            raise SpecError(str(path), ["file not found"]) from None
+        if error.transient:
+            raise  # the mount kept failing: its own message, not "damaged"
+        raise SpecError(str(path), [f"cannot read the file ({error})"]) from None
+    except UnicodeDecodeError as error:
         raise SpecError(str(path), [f"cannot read the file ({error})"]) from None
     spec = parse_spec(_parse_text(text, str(path), json_only=path.suffix.lower() == ".json"), source=str(path))
     return _with_source_resolved(spec, base=path.parent)

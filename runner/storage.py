@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import stat as stat_module
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -112,6 +113,11 @@ def check_retry_budget_environment(environ: Mapping[str, str] = os.environ) -> f
 
 
 _budget = [_budget_from_environment()]
+
+
+def retry_budget() -> float:
+    """The process-wide retry budget in seconds (:func:`set_retry_budget`, ``$RUNNER_RETRY_BUDGET``)."""
+    return _budget[0]
 
 
 def set_retry_budget(seconds: float) -> None:
@@ -245,6 +251,36 @@ def exists(path: Path) -> bool:
     return True
 
 
+@retry_io
+def file_size(path: Path) -> int | None:
+    """The size of a file in bytes, or ``None`` when it does not exist; retried like :func:`exists`."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+@retry_io
+def is_dir(path: Path, *, follow_symlinks: bool = True) -> bool:
+    """Whether ``path`` is a folder (with ``follow_symlinks=False``: a folder, not a link to one); retried.
+
+    ``Path.is_dir()`` returns ``False`` only for a missing path: on a struggling mount it raises errno 107 or EIO
+    out of code that never expected an error."""
+    try:
+        return stat_module.S_ISDIR(os.stat(path, follow_symlinks=follow_symlinks).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+@retry_io
+def is_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file; retried like :func:`is_dir`."""
+    try:
+        return stat_module.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def create_exclusive(path: Path, content: bytes = b"") -> bool:
     """Create a file holding ``content``; ``False`` if it already exists (someone else created it first).
 
@@ -292,7 +328,14 @@ def list_dir(path: Path) -> list[str]:
         return []
 
 
-@retry_io
+def _transient_for_rmtree(error: BaseException) -> bool:
+    # rmtree asks each entry whether it is a folder; when the mount fails to answer it takes the folder for a
+    # file, and unlink(2) then fails with EISDIR (or rmdir(2) with ENOTEMPTY after a failed listing): errors of a
+    # flaky mount, not of the tree, that another pass clears.
+    return is_transient(error) or (isinstance(error, OSError) and error.errno in (errno.EISDIR, errno.ENOTEMPTY))
+
+
+@retrying(transient=_transient_for_rmtree)
 def remove_tree(path: Path) -> None:
     """Delete a folder and everything in it; a missing folder is fine."""
     try:

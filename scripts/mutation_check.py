@@ -44,6 +44,7 @@ DURABLE = "tests/test_checkpoints.py::test_every_file_of_a_checkpoint_is_made_du
 PUBLISHER = "tests/test_publisher.py"
 KEPT = "tests/test_kept_snapshot.py"
 TWO_VMS = "tests/test_two_vms.py"
+FINAL_RECORD = f"{KILL}::test_a_kill_between_the_final_commit_and_its_record_ends_with_status_on_that_checkpoint"
 FIT = "tests/test_metrics_match_fit.py::test_epoch_metrics_and_weights_equal_model_fit_on_the_same_batches"
 
 
@@ -111,6 +112,11 @@ MUTATIONS = (
         "resume", "restore takes the oldest checkpoint, not the newest", CHECKPOINTS,
         (("        for info in self.committed():\n            scratch", "        for info in self.committed()[::-1]:\n            scratch"),),
         (PUBLISHING_KILLS,),
+    ),
+    Mutation(
+        "resume", "the checkpoint resumed from is not recorded in state.json", TRAINER,
+        (("            context.record_checkpoint(info, metrics={k: v for k, v in metrics.items() if k != \"epoch\"})\n", ""),),
+        (FINAL_RECORD,),
     ),
     Mutation(
         "metrics", "metrics not reset at the start of an epoch (validation leaks into training)", TRAINER,

@@ -144,6 +144,22 @@ def test_a_kill_during_the_export_finishes_the_job_without_training_again(
     run.report()
 
 
+def test_a_kill_between_the_final_commit_and_its_record_ends_with_status_on_that_checkpoint(
+    digits: Path, reference: Reference, tmp_path: Path
+) -> None:
+    """The last epoch's checkpoint is committed, then the kill comes before state.json names it: the next claim
+    trains nothing and publishes nothing, so it must record the checkpoint it resumed from itself."""
+    run = new_run(tmp_path, digits, seed=5)
+    run.session(Kill.at("commit-renamed", 4))  # one checkpoint an epoch: the 4th is the final one
+    run.finish()
+
+    assert [s.phase for s in run.sessions] == ["commit-renamed"], run.summary()
+    assert [(e["epoch"], e["step"]) for e in run.resumes()] == [(4, 0)], run.summary()
+    check_resumes(run)
+    assert_same_result(run, reference)  # status included: the final checkpoint and the final epoch's metrics
+    run.report()
+
+
 @pytest.fixture
 def drive(tmp_path: Path) -> Iterator[SimFactory]:
     with SimFactory(tmp_path) as factory:

@@ -27,8 +27,9 @@ from runner.checkpoints import CheckpointStore, parse_checkpoint_id
 from runner.errors import Fenced, RunnerError, UsageError
 from runner.job import JobStatus, worker_identity
 from runner.lease import JobLease, LeaseHolder, lease_duration_from, read_holder
-from runner.queue import Queue
+from runner.queue import Claim, Queue
 
+from tests.drivesim import DriveSim
 from tests.drivesim.fixtures import SimFactory, requires_fuse
 
 from .conftest import REPO, make_spec, runner_env
@@ -532,22 +533,87 @@ def test_a_queue_on_drive_gets_the_longer_lease_unless_the_environment_says_othe
     assert lease_duration_from({"RUNNER_LEASE_DURATION": "12"}, queue_root=drive) == 12.0
 
 
+def _release_during_an_outage(sim: DriveSim, **env: str) -> tuple[Queue, str]:
+    """A separate process holds job-a's lease, Drive goes away for 3 s, the process releases and exits: its stderr."""
+    queue = Queue(sim.mountpoint / "queue", lease_duration=2.0)
+    queue.submit(make_spec("job-a"))
+    holder = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "support" / "worker_hold_lease.py"), str(queue.root), "job-a", "2"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runner_env(**env),
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    sim.outage(3.0)
+    _, err = holder.communicate("", timeout=60)  # stdin closed: it releases during the outage, then exits
+    assert holder.returncode == 0, err
+    return queue, err
+
+
+@requires_fuse
+def test_releasing_a_lease_during_a_short_outage_removes_the_marker_once_drive_answers(tmp_path: Path) -> None:
+    """A marker left behind would name this live process: no worker on this host could claim the job again."""
+    with SimFactory(tmp_path) as mounts:
+        sim = mounts()
+        _, err = _release_during_an_outage(sim)
+        assert "retrying in" in err, f"the release met no outage: the test proved nothing\n{err}"
+        assert "it goes stale instead" not in err, err
+        assert not (sim.remote / "queue" / "jobs" / "job-a" / "lease").exists()
+
+
 @requires_fuse
 def test_releasing_a_lease_while_drive_is_down_leaves_a_stale_marker_instead_of_raising(tmp_path: Path) -> None:
     with SimFactory(tmp_path) as mounts:
         sim = mounts()
-        queue = Queue(sim.mountpoint / "queue", lease_duration=2.0)
-        queue.submit(make_spec("job-a"))
-        holder = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "support" / "worker_hold_lease.py"), str(queue.root), "job-a", "2"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runner_env(),
-        )  # fmt: skip
-        assert holder.stdout.readline().strip() == "held"
-        sim.outage(3.0)
-        _, err = holder.communicate("", timeout=60)  # stdin closed: it releases during the outage, then exits
-        assert holder.returncode == 0, err
+        # A retry budget of 1 s gives up on the removal long before Drive is back.
+        queue, err = _release_during_an_outage(sim, RUNNER_RETRY_BUDGET="1")
         assert "could not remove the lease marker" in err and "it goes stale instead" in err
         time.sleep(3.5)  # the outage we set is over
         marker = sim.remote / "queue" / "jobs" / "job-a" / "lease"
         assert marker.exists(), "the outage did not keep the marker in place: the test proved nothing"
         assert queue.lease("job-a").try_acquire(), "a dead holder's stale marker on this host was not taken over"
+
+
+@requires_fuse
+def test_claiming_through_a_short_drive_outage_waits_it_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Everything a worker does before training (list the queue, take the lease, read spec and state, claim)
+    retries errno 107 instead of ending the worker: one such error, on the lease, used to end a whole session."""
+    caplog.set_level("WARNING", logger="runner.storage")
+    with SimFactory(tmp_path) as mounts:
+        sim = mounts(cache_s=0.0)  # every call reaches the mount, and so the outage
+
+        def through_an_outage(step: Callable[[], object]) -> object:
+            before = sum(sim.stats()["outage"].values())
+            sim.outage(1.0)
+            result = step()
+            assert sum(sim.stats()["outage"].values()) > before, f"{step} met no outage: the test proved nothing"
+            return result
+
+        queue = Queue(sim.mountpoint / "queue", lease_duration=30.0)
+        queue.submit(make_spec("job-a"))
+        views = through_an_outage(queue.views)
+        job = through_an_outage(lambda: queue.job("job-a"))
+        assert through_an_outage(job.read_spec).name == "job-a"  # type: ignore[attr-defined]
+        lease = queue.lease("job-a")
+        assert through_an_outage(lease.try_acquire)
+        try:
+            claim = through_an_outage(lambda: queue.claim("job-a", lease))
+        finally:
+            lease.release()  # before the unmount: the lease keeps its marker open
+        assert isinstance(claim, Claim) and claim.generation == 1
+        assert [view.name for view in views] == ["job-a"]  # type: ignore[attr-defined]
+        assert any("retrying in" in record.getMessage() for record in caplog.records)
+
+
+def test_an_empty_marker_is_left_alone_until_the_silent_lease_wait_takes_it_over(
+    queue: Queue, held_leases: list[JobLease]
+) -> None:
+    """An empty marker is either one being written or, on a lagging mount, another VM's whose content has not
+    arrived yet (taking it over at once let two VMs train one job): only the wait for a silent lease takes it."""
+    queue.submit(make_spec("job-a"))
+    paths = queue.lease("job-a").paths
+    paths.lease.write_bytes(b"")
+    lease = queue.lease("job-a")
+    assert not lease.try_acquire(), "an empty marker was taken over at once"
+    assert lease.wait_for_takeover(report=lambda holder, left: None, poll_s=0.2), "the silent wait did not take it"
+    held_leases.append(lease)
+    holder = read_holder(paths)
+    assert holder is not None and holder.pid == os.getpid()

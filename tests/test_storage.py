@@ -396,3 +396,34 @@ def test_an_empty_file_found_on_a_first_try_belongs_to_another_worker(tmp_path: 
     marker.write_bytes(b"")  # another worker between its create and its write
     assert not storage.create_exclusive(marker, b"host-a 1234 token-a")
     assert marker.read_bytes() == b""
+
+
+def test_is_dir_and_is_file_ride_out_a_flaky_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Path.is_dir()`` answers False only for a missing path; errno 107 escapes it into code that expects none."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_bytes(b"x")
+    flaky_os(monkeypatch, "stat", errno.ENOTCONN, failures=1)
+    with pytest.raises(OSError, match="not connected"):
+        (tmp_path / "folder").is_dir()  # the precondition: the plain call fails here
+    for path, folder, file in [("folder", True, False), ("file", False, True), ("missing", False, False)]:
+        flaky_os(monkeypatch, "stat", errno.ENOTCONN, failures=1)
+        assert storage.is_dir(tmp_path / path) is folder
+        flaky_os(monkeypatch, "stat", errno.EIO, failures=1)
+        assert storage.is_file(tmp_path / path) is file
+    monkeypatch.undo()
+    (tmp_path / "link").symlink_to(tmp_path / "folder")
+    assert storage.is_dir(tmp_path / "link") and not storage.is_dir(tmp_path / "link", follow_symlinks=False)
+
+
+def test_remove_tree_retries_when_a_failed_stat_makes_a_folder_look_like_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rmtree takes a folder whose stat failed for a file, and unlink(2) then says EISDIR: another pass clears it."""
+    tree = tmp_path / "snapshot"
+    (tree / "variables").mkdir(parents=True)
+    (tree / "variables" / "a.npy").write_bytes(b"a")
+    calls = flaky_os(monkeypatch, "unlink", errno.EISDIR, failures=1)
+    storage.remove_tree(tree)
+    monkeypatch.undo()
+    assert len(calls) >= 2, "the fault was not injected"
+    assert not tree.exists()

@@ -59,13 +59,13 @@ class DatasetSource:
         if "://" in text:
             raise DatasetError(f"dataset.source {text} is a URL runner cannot fetch: use http(s)://, or a file path")
         path = Path(text).expanduser().absolute()
-        if not path.exists():
+        if not storage.exists(path):
             hint = " (is Drive mounted?)" if _on_drive(path) else ""
             raise DatasetError(
                 f"dataset source {text} does not exist{hint}: "
                 "fix dataset.source (a URL, a .zip/.tar.gz file or a folder)"
             )
-        return cls(text, "folder" if path.is_dir() else "archive", path=path, sha256=sha256)
+        return cls(text, "folder" if storage.is_dir(path) else "archive", path=path, sha256=sha256)
 
     @property
     def on_drive(self) -> bool:

@@ -43,7 +43,7 @@ def publish_exports(local: Path, paths: JobPaths, *, fence: Callable[[], None]) 
             storage.make_dirs((temp / relative).parent)
             written[relative] = storage.copy_file(source, temp / relative)
         fence()
-        if paths.final.exists():
+        if storage.exists(paths.final):
             # A previous session exported but died before marking the job done: replace its export.
             old = temp_sibling(paths.final, "old-final")
             storage.commit_dir(paths.final, old)

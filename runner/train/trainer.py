@@ -302,6 +302,10 @@ class _Session:
                 markup=False,
             )
             context.log.info("resumed from %s at epoch %d step %d", info.id, state.epoch, state.step)
+            # The session before may have died between committing this checkpoint and recording it in state.json;
+            # when it was the last one, nothing would record it again and status would show an older one.
+            metrics = state.history[-1] if state.history else {}
+            context.record_checkpoint(info, metrics={k: v for k, v in metrics.items() if k != "epoch"})
         shutil.rmtree(scratch, ignore_errors=True)
         state.generation = context.generation
         state.steps_per_epoch = self.data.steps_per_epoch

@@ -343,7 +343,8 @@ def assert_same_result(run: KillRun, reference: Reference) -> None:
     assert history == reference.history
     assert tensorboard_runs(job) == reference.tensorboard
     final = status_record(run.queue, run.name, run.env)
-    assert final["state"] == "done" and final["metrics"] == reference.status_metrics
+    assert final["state"] == "done", final
+    assert final["metrics"] == reference.status_metrics, f"status {final} vs uninterrupted {reference.status_metrics}"
     for session in run.sessions:  # status after each kill showed the uninterrupted run's numbers for its epoch
         epoch = session.status.get("epoch") or 0
         if epoch:
