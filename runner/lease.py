@@ -172,9 +172,10 @@ class JobLease:
 
     @storage.retry_io
     def _acquire_or_take_over(self) -> bool:
-        # Under the storage retry policy: a mount that answers errno 107 to the marker's create is retried like any
-        # other operation (filelock removes a marker it made before failing), and what is left is one line with the
-        # path and the fix. Timeout is an OSError too, but means "held": it must not reach the policy.
+        # Under the storage retry policy: a mount that answers errno 107 while the marker is made is retried like
+        # any other operation, and what is left is one line with the path and the fix. (filelock removes a marker
+        # it made before failing by an atomic exchange, which FUSE refuses: such an empty marker is then taken over
+        # by the wait for a silent lease.) Timeout is an OSError too, but means "held": it must not reach the policy.
         try:
             try:
                 self._lease.acquire(timeout=0)

@@ -92,7 +92,8 @@ class RunContext:
         return self._cancel_seen
 
     def record_checkpoint(self, info: CheckpointInfo, *, metrics: dict[str, float] | None = None) -> None:
-        """Show a committed checkpoint's progress in state.json (fenced)."""
+        """Show a committed checkpoint's progress in state.json (fenced); ``metrics`` may be a history row, whose
+        ``epoch`` is not a metric."""
         changes: dict[str, object] = {
             "epoch": info.epoch,
             "step": info.step,
@@ -100,7 +101,7 @@ class RunContext:
             "checkpoint_at": info.created_at or self.job.clock(),
         }
         if metrics is not None:
-            changes["metrics"] = metrics
+            changes["metrics"] = {name: value for name, value in metrics.items() if name != "epoch"}
         self.claim.update(**changes)
 
 

@@ -115,7 +115,7 @@ MUTATIONS = (
     ),
     Mutation(
         "resume", "the checkpoint resumed from is not recorded in state.json", TRAINER,
-        (("            context.record_checkpoint(info, metrics={k: v for k, v in metrics.items() if k != \"epoch\"})\n", ""),),
+        (("            context.record_checkpoint(info, metrics=state.history[-1] if state.history else {})\n", ""),),
         (FINAL_RECORD,),
     ),
     Mutation(

@@ -204,8 +204,7 @@ class Publisher:
             step=snapshot.step,
             meta=snapshot.meta,
         )
-        metrics = snapshot.history[-1] if snapshot.history else {}
-        context.record_checkpoint(info, metrics={k: v for k, v in metrics.items() if k != "epoch"})
+        context.record_checkpoint(info, metrics=snapshot.history[-1] if snapshot.history else {})
         killpoints.reached("state-written")
         context.claim.fence()
         write_history(context.job.paths.history, snapshot.history)

@@ -304,8 +304,7 @@ class _Session:
             context.log.info("resumed from %s at epoch %d step %d", info.id, state.epoch, state.step)
             # The session before may have died between committing this checkpoint and recording it in state.json;
             # when it was the last one, nothing would record it again and status would show an older one.
-            metrics = state.history[-1] if state.history else {}
-            context.record_checkpoint(info, metrics={k: v for k, v in metrics.items() if k != "epoch"})
+            context.record_checkpoint(info, metrics=state.history[-1] if state.history else {})
         shutil.rmtree(scratch, ignore_errors=True)
         state.generation = context.generation
         state.steps_per_epoch = self.data.steps_per_epoch
@@ -389,8 +388,7 @@ class _Session:
         info = publish_kept(self.cache_dir, self.context.store)
         if info is None:
             return
-        metrics = info.meta.get("metrics") or {}
-        self.context.record_checkpoint(info, metrics={k: v for k, v in metrics.items() if k != "epoch"})
+        self.context.record_checkpoint(info, metrics=info.meta.get("metrics") or {})
         publish_note(self.cache_dir, self.context.job.name).unlink(missing_ok=True)  # status: nothing waits now
         self.context.console.print(
             f"published checkpoint {info.id}, kept on this machine's disk by an earlier session", markup=False
