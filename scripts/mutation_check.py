@@ -198,6 +198,8 @@ class Outcome:
     exit_code: int
     seconds: float
     failed: list[str]
+    output: str = ""
+    """The end of pytest's output: what a failing unmutated run is explained by."""
 
     @property
     def caught(self) -> bool:
@@ -227,7 +229,7 @@ def _apply(copy: Path, mutation: Mutation) -> None:
     path.write_text(text)
 
 
-def _run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, float, list[str]]:
+def _run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, float, list[str], str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(copy), env.get("PYTHONPATH", "")]))
     env.pop("RUNNER_QUEUE", None)
@@ -245,7 +247,7 @@ def _run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, float, list[str
         code, output = -1, ""
     # ERROR: a test's setup failed, e.g. the uninterrupted reference run broke under the mutation.
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.MULTILINE)
-    return code, time.monotonic() - started, failed
+    return code, time.monotonic() - started, failed, output[-4000:]
 
 
 def check(mutation: Mutation | None, tests: tuple[str, ...]) -> Outcome:
@@ -254,8 +256,8 @@ def check(mutation: Mutation | None, tests: tuple[str, ...]) -> Outcome:
         _copy_tree(copy)
         if mutation is not None:
             _apply(copy, mutation)
-        code, seconds, failed = _run_tests(copy, tests)
-    return Outcome(mutation, code, seconds, failed)
+        code, seconds, failed, output = _run_tests(copy, tests)
+    return Outcome(mutation, code, seconds, failed, output)
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -314,6 +316,7 @@ def main() -> int:
     baseline = check(None, every_test)
     print(f"unmutated: pytest exit {baseline.exit_code} in {baseline.seconds:.0f}s", flush=True)
     if baseline.exit_code != 0:
+        print(baseline.output, file=sys.stderr)
         print(f"the guarding tests fail without any mutation ({baseline.failed}): fix them first", file=sys.stderr)
         return 1
     outcomes = []
