@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 from runner.checkpoints import CheckpointStore  # noqa: E402
 from runner.queue import Queue  # noqa: E402
 from runner.spec import parse_spec  # noqa: E402
-from runner.train.models import build_model, compile_model  # noqa: E402
-from runner.train.snapshot import TrainingState, save_snapshot  # noqa: E402
+from runner.train.models.build import build_model, compile_model  # noqa: E402
+from runner.train.snapshots.snapshot import TrainingState, save_snapshot  # noqa: E402
 
 CHUNK = 1 << 20
 

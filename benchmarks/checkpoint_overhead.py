@@ -30,8 +30,8 @@ from rich.console import Console  # noqa: E402
 from runner.demo import demo_spec  # noqa: E402
 from runner.queue import Queue  # noqa: E402
 from runner.spec import JobSpec  # noqa: E402
-from runner.train.data import prepare_dataset  # noqa: E402
-from runner.train.models import build_model, compile_model  # noqa: E402
+from runner.train.data.pipeline import prepare_dataset  # noqa: E402
+from runner.train.models.build import build_model, compile_model  # noqa: E402
 from runner.train.trainer import KerasTrainer  # noqa: E402
 from runner.worker import Worker  # noqa: E402
 

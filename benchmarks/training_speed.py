@@ -47,7 +47,7 @@ from rich.console import Console  # noqa: E402
 from runner.queue import Queue  # noqa: E402
 from runner.spec import JobSpec, parse_spec  # noqa: E402
 from runner.train import trainer as trainer_module  # noqa: E402
-from runner.train.models import build_model, compile_model  # noqa: E402
+from runner.train.models.build import build_model, compile_model  # noqa: E402
 from runner.train.trainer import KerasTrainer  # noqa: E402
 from runner.worker import Worker  # noqa: E402
 
@@ -225,8 +225,8 @@ import os, sys, time, json
 started = float(sys.argv[1])
 import numpy as np, keras
 from runner.spec import load_spec
-from runner.train.data import prepare_dataset
-from runner.train.models import build_model, compile_model
+from runner.train.data.pipeline import prepare_dataset
+from runner.train.models.build import build_model, compile_model
 spec = load_spec(sys.argv[2])
 data = prepare_dataset(spec.dataset, seed=spec.training.seed, cache_dir=__import__("pathlib").Path(sys.argv[3]))
 model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)

@@ -196,7 +196,7 @@ class CheckpointStore:
                 raise CheckpointCorrupt(info.id, f"{relative} is missing")
             if copy_to is not None:
                 storage.make_dirs((copy_to / relative).parent)
-                size, digest = storage.copy_file(source, copy_to / relative)
+                size, digest = storage.copy_file(source, copy_to / relative, durable=False)  # a scratch copy
             else:
                 size, digest = storage.file_digest(source)
             if size != expected.get("size"):

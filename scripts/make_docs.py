@@ -45,8 +45,8 @@ from runner.errors import SpecError  # noqa: E402
 
 TEMPLATES = REPO / "scripts" / "doc_templates"
 EXAMPLE_SPEC = REPO / "jobs" / "cats_vs_dogs.yaml"
-MODELS_SOURCE = REPO / "runner" / "train" / "models.py"
-EXPORT_SOURCE = REPO / "runner" / "train" / "export.py"
+MODELS_SOURCE = REPO / "runner" / "train" / "models" / "builtin.py"
+EXPORT_SOURCE = REPO / "runner" / "train" / "outputs" / "export.py"
 REGENERATE = "python scripts/make_docs.py"
 
 _PLACEHOLDER = re.compile(r"^\{\{\s*([a-z][a-z-]*)(?:\s+(\S+))?\s*\}\}$", re.MULTILINE)

@@ -65,9 +65,9 @@ def _state_field(field: str, value: str) -> tuple[tuple[str, str], ...]:
     return (("        state = TrainingState(**document)\n", mangled),)
 
 
-SNAPSHOT = "runner/train/snapshot.py"
+SNAPSHOT = "runner/train/snapshots/snapshot.py"
 TRAINER = "runner/train/trainer.py"
-ENGINE = "runner/train/engine.py"
+ENGINE = "runner/train/engine/loop.py"
 CHECKPOINTS = "runner/checkpoints.py"
 
 MUTATIONS = (
@@ -165,12 +165,12 @@ MUTATIONS = (
         (TWO_VMS,),
     ),
     Mutation(
-        "publisher", "an older pending snapshot uploaded after a newer one", "runner/train/publisher.py",
+        "publisher", "an older pending snapshot uploaded after a newer one", "runner/train/snapshots/publisher.py",
         (("            dropped, self._pending = self._pending, snapshot\n", "            dropped, self._pending = (snapshot, self._pending) if self._pending else (None, snapshot)\n"),),
         (PUBLISHER,),
     ),
     Mutation(
-        "publisher", "a fenced upload's snapshot deleted, not kept", "runner/train/publisher.py",
+        "publisher", "a fenced upload's snapshot deleted, not kept", "runner/train/snapshots/publisher.py",
         (("                with self._condition:\n                    self.error = error\n            else:", "                shutil.rmtree(snapshot.folder, ignore_errors=True)\n                with self._condition:\n                    self.error = error\n            else:"),),
         (PUBLISHER, TAKEOVER),
     ),

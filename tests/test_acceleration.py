@@ -14,10 +14,10 @@ keras = pytest.importorskip("keras")
 
 from runner.errors import TrainerError  # noqa: E402
 from runner.spec import load_spec  # noqa: E402
-from runner.train.acceleration import MIXED_PRECISION_ON_CPU_ENV, configure_precision, resolve_jit_compile  # noqa: E402
-from runner.train.engine import AUTO_STEPS_PER_EXECUTION, resolve_steps_per_execution  # noqa: E402
-from runner.train.gpu import tensorflow_sees_a_gpu  # noqa: E402
-from runner.train.models import build_model  # noqa: E402
+from runner.train.backends.tensorflow import tensorflow_sees_a_gpu  # noqa: E402
+from runner.train.engine.acceleration import MIXED_PRECISION_ON_CPU_ENV, configure_precision, resolve_jit_compile  # noqa: E402
+from runner.train.engine.loop import AUTO_STEPS_PER_EXECUTION, resolve_steps_per_execution  # noqa: E402
+from runner.train.models.build import build_model  # noqa: E402
 from tests.support.keras_jobs import write_keras_spec  # noqa: E402
 
 pytestmark = pytest.mark.skipif(tensorflow_sees_a_gpu(), reason="checks what the options do without a GPU")

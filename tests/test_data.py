@@ -1,4 +1,4 @@
-"""runner.train.data on real files: tiny image folders, real archives, real TensorFlow, a real HTTP server.
+"""runner.train.data.pipeline on real files: tiny image folders, real archives, real TensorFlow, a real HTTP server.
 
 What can break: the order of batches across a resume, the two decoding paths drifting apart, labels in the
 wrong shape, a cache that is reused half-filled or never reused, an archive that writes outside its folder, a
@@ -26,8 +26,8 @@ from rich.console import Console
 
 from runner.errors import DatasetError, RunnerError
 from runner.spec import DatasetSpec
-from runner.train import dataset_cache
-from runner.train.data import ImageFolderData, epoch_order, is_transient_download, prepare_dataset
+from runner.train.data import cache as dataset_cache
+from runner.train.data.pipeline import ImageFolderData, epoch_order, is_transient_download, prepare_dataset
 from tests.support.data_archives import ESCAPES, TAR_ONLY, hostile_tar, hostile_zip
 from tests.support.data_images import (
     SIZE,

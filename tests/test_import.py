@@ -58,3 +58,13 @@ def test_the_probe_would_see_a_heavy_import() -> None:
 
     assert done.returncode == 0, done.stderr
     assert "keras" in json.loads(done.stdout.strip().splitlines()[-1])["attempts"]
+
+
+def test_every_folder_of_the_package_is_a_package_so_a_wheel_carries_it() -> None:
+    """pyproject's ``packages.find`` takes only folders with an ``__init__.py``: a folder without one works in an
+    editable install and is missing from the wheel users install."""
+    folders = {path.parent for path in (REPO / "runner").rglob("*.py") if "__pycache__" not in path.parts}
+
+    missing = sorted(str(folder.relative_to(REPO)) for folder in folders if not (folder / "__init__.py").is_file())
+
+    assert missing == []

@@ -23,7 +23,7 @@ from runner import storage
 from runner.checkpoints import CheckpointStore
 from runner.job import JobStatus
 from runner.kept import find_kept
-from runner.train.acceleration import MIXED_PRECISION_ON_CPU_ENV
+from runner.train.engine.acceleration import MIXED_PRECISION_ON_CPU_ENV
 from tests.conftest import run_cli
 from tests.drivesim.fixtures import SimFactory, requires_fuse
 from tests.support.keras_jobs import keras_env, make_digit_folders, submit_keras_spec

@@ -28,7 +28,6 @@ from runner.errors import Fenced, RunnerError, UsageError
 from runner.job import JobStatus, worker_identity
 from runner.lease import JobLease, LeaseHolder, lease_duration_from, read_holder
 from runner.queue import Claim, Queue
-
 from tests.drivesim import DriveSim
 from tests.drivesim.fixtures import SimFactory, requires_fuse
 

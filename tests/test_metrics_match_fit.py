@@ -19,10 +19,10 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from runner.spec import load_spec  # noqa: E402
-from runner.train.data import prepare_dataset  # noqa: E402
-from runner.train.engine import build_metrics  # noqa: E402
-from runner.train.models import build_model, compile_model  # noqa: E402
-from runner.train.trainer import configure_determinism  # noqa: E402
+from runner.train.backends.tensorflow import configure_determinism  # noqa: E402
+from runner.train.data.pipeline import prepare_dataset  # noqa: E402
+from runner.train.engine.loop import build_metrics  # noqa: E402
+from runner.train.models.build import build_model, compile_model  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 from tests.support.keras_jobs import (  # noqa: E402
     job_of,

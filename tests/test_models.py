@@ -15,7 +15,7 @@ import pytest
 
 from runner.errors import ModelError, RunnerError, SpecError
 from runner.spec import JobSpec, parse_spec
-from runner.train.models import build_model, check_loss_matches_labels, compile_model
+from runner.train.models.build import build_model, check_loss_matches_labels, compile_model
 
 # Keras's TensorFlow backend trips NumPy 2's copy-keyword deprecation on every weight it reads; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")

@@ -12,8 +12,8 @@ from rich.console import Console
 
 pytest.importorskip("tensorflow")  # runner.train imports it
 
-from runner.train import progress as progress_module  # noqa: E402
-from runner.train.progress import EpochProgress, display_mode, progress_line  # noqa: E402
+from runner.train.outputs import progress as progress_module  # noqa: E402
+from runner.train.outputs.progress import EpochProgress, display_mode, progress_line  # noqa: E402
 
 
 class Clock:

@@ -19,7 +19,7 @@ from runner.checkpoints import CheckpointStore, checkpoint_id
 from runner.errors import Fenced
 from runner.history import read_history
 from runner.queue import Claim, Queue
-from runner.train.publisher import Publisher, Snapshot
+from runner.train.snapshots.publisher import Publisher, Snapshot
 from runner.training import RunContext
 from tests.conftest import make_spec
 

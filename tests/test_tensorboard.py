@@ -21,7 +21,7 @@ from runner.errors import StorageError
 from runner.history import read_history
 from runner.job import JobStatus
 from runner.paths import JobPaths, event_file_name
-from runner.train.tensorboard import TensorBoardLog
+from runner.train.outputs.tensorboard import TensorBoardLog
 from tests.conftest import run_cli, start_cli
 from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, submit_keras_spec
 from tests.support.tensorboard_files import raw_scalars, tensorboard_scalars

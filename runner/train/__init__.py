@@ -1,7 +1,7 @@
 """The Keras training engine: the only package of runner that imports TensorFlow.
 
 ``runner work`` loads ``runner.train:KerasTrainer``. The name is resolved lazily so that importing one module
-of this package (``runner.train.data`` in a test, say) does not load all of them.
+of this package (``runner.train.data.pipeline`` in a test, say) does not load all of them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 publish, export.
 
 The loop itself (why not ``train_on_batch`` or ``fit``, and how the metrics stay right on every Keras 3) is in
-:mod:`runner.train.engine`. Here: the session around it. Training runs ``steps_per_execution`` steps per call;
+:mod:`runner.train.engine.loop`. Here: the session around it. Training runs ``steps_per_execution`` steps per call;
 between calls, and only there, come the checks (stop, publisher errors), the snapshot when one is due, and at
 most once a second a read of the live metrics for the progress display.
 """
@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import keras
 import tensorflow as tf
 from rich.markup import escape
 
@@ -27,32 +26,24 @@ from runner.history import check_history, write_history
 from runner.kept import keep_snapshot, publish_kept
 from runner.paths import default_cache_dir, publish_note, work_folder
 from runner.settings import seconds_from_environment
-from runner.spec import JobSpec
-from runner.train.acceleration import configure_precision, resolve_jit_compile
-from runner.train.data import ImageFolderData, prepare_dataset
-from runner.train.engine import StepLoop, build_metrics, resolve_steps_per_execution
-from runner.train.export import publish_exports, write_exports
-from runner.train.gpu import warn_if_gpu_unused
-from runner.train.models import build_model, check_loss_matches_labels, compile_model
-from runner.train.oom import go_back, halved_batch_size, is_out_of_memory, report_halving
-from runner.train.progress import EpochProgress
-from runner.train.publisher import Publisher, Snapshot
-from runner.train.snapshot import TrainingState, load_snapshot, save_snapshot
-from runner.train.space import local_disk_error, warn_if_short_of_space
-from runner.train.tensorboard import TensorBoardLog
+from runner.train.backends.tensorflow import configure_determinism, is_out_of_memory, warn_if_gpu_unused
+from runner.train.data.pipeline import ImageFolderData, prepare_dataset
+from runner.train.engine.acceleration import configure_precision, resolve_jit_compile
+from runner.train.engine.loop import StepLoop, build_metrics, resolve_steps_per_execution
+from runner.train.engine.oom import go_back, halved_batch_size, report_halving
+from runner.train.models.build import build_model, check_loss_matches_labels, compile_model
+from runner.train.outputs.export import publish_exports, write_exports
+from runner.train.outputs.progress import EpochProgress
+from runner.train.outputs.tensorboard import TensorBoardLog
+from runner.train.snapshots.publisher import Publisher, Snapshot
+from runner.train.snapshots.snapshot import TrainingState, load_snapshot, save_snapshot
+from runner.train.snapshots.space import local_disk_error, warn_if_short_of_space
 from runner.training import Outcome, RunContext
 
 
 def flush_timeout() -> float:
     """Seconds to wait for the last checkpoint to reach the job folder (``$RUNNER_FLUSH_TIMEOUT``)."""
     return seconds_from_environment(defaults.FLUSH_TIMEOUT_ENV, defaults.PUBLISH_FLUSH_TIMEOUT_S, allow_zero=False)
-
-
-def configure_determinism(spec: JobSpec) -> None:
-    """Seed every generator from the spec; with ``deterministic``, also make TensorFlow's ops deterministic."""
-    keras.utils.set_random_seed(spec.training.seed)
-    if spec.training.deterministic:
-        tf.config.experimental.enable_op_determinism()
 
 
 class KerasTrainer:
@@ -336,8 +327,14 @@ class _Session:
         self.last_snapshot_at = self.clock()
 
     def _finish(self, publisher: Publisher, state: TrainingState) -> None:
-        """Export, once the last checkpoint and the history are in the job folder: only then may the job be done."""
+        """Export, once the last checkpoint and the history are in the job folder: only then may the job be done.
+
+        The export is written on local disk while the publisher is still committing the last checkpoint (for the
+        tutorial's network both are a gigabyte: overlapped, neither waits for the other); it goes to the job
+        folder only once that checkpoint has."""
         paths = self.context.job.paths
+        local = self.workdir / "final"
+        names = write_exports(self.model, self.spec, local)
         if not publisher.flush(timeout := flush_timeout()):
             raise StorageError(
                 f"{paths.checkpoints}: the last checkpoint was not published within {timeout:.0f}s; the job stays "
@@ -346,8 +343,6 @@ class _Session:
                 transient=True,
             )
         check_history(paths.history, state.history)
-        local = self.workdir / "final"
-        names = write_exports(self.model, self.spec, local)
         killpoints.reached("export-written")
         publish_exports(local, paths, fence=self.context.claim.fence)
         killpoints.reached("export-published")

@@ -11,27 +11,13 @@ import shutil
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 from rich.markup import escape
 
 from runner.errors import OutOfMemory
 from runner.spec import JobSpec
-from runner.train.gpu import tensorflow_sees_a_gpu
-from runner.train.snapshot import TrainingState, load_snapshot
+from runner.train.backends.tensorflow import tensorflow_sees_a_gpu
+from runner.train.snapshots.snapshot import TrainingState, load_snapshot
 from runner.training import RunContext
-
-_OUT_OF_MEMORY_SIGNS = (
-    "OOM when allocating",  # the BFC allocator (graph and eager)
-    "Out of memory while trying to allocate",  # XLA
-    "Dst tensor is not initialized",  # a batch that cannot be copied to the GPU, reported as an internal error
-)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is TensorFlow running out of memory, in the forms train_on_batch and evaluate raise."""
-    if isinstance(error, tf.errors.ResourceExhaustedError):
-        return True
-    return isinstance(error, tf.errors.OpError) and any(sign in (error.message or "") for sign in _OUT_OF_MEMORY_SIGNS)
 
 
 def halved_batch_size(batch_size: int, spec: JobSpec, error: BaseException) -> int:

@@ -28,7 +28,7 @@ from rich.markup import escape
 from runner import defaults, killpoints, storage
 from runner.errors import Fenced, StorageError
 from runner.history import write_history
-from runner.train.tensorboard import TensorBoardLog
+from runner.train.outputs.tensorboard import TensorBoardLog
 from runner.training import RunContext
 
 log = logging.getLogger(__name__)

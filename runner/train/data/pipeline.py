@@ -26,9 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from runner.errors import DatasetError
 from runner.paths import default_cache_dir
 from runner.spec import DatasetSpec
-from runner.train.dataset_cache import fetch_source
-from runner.train.download import is_transient_download
-from runner.train.image_folder import Examples, find_images
+from runner.train.data.cache import fetch_source
+from runner.train.data.download import is_transient_download
+from runner.train.data.image_folder import Examples, find_images
 
 __all__ = ["MEMORY_BUDGET_BYTES", "ImageFolderData", "epoch_order", "is_transient_download", "prepare_dataset"]
 

@@ -35,8 +35,8 @@ from runner import storage
 from runner.errors import DamagedFile, DatasetError, StorageError
 from runner.paths import DatasetCachePaths, is_temp_name, temp_sibling
 from runner.spec import DatasetSpec
-from runner.train.archives import unpack_archive
-from runner.train.download import download
+from runner.train.data.archives import unpack_archive
+from runner.train.data.download import download
 
 DRIVE_ROOT = Path("/content/drive")
 """Where Colab mounts Google Drive: sources under it are copied to local disk before training reads them."""

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from runner.errors import TrainerError
 from runner.spec import JobSpec
-from runner.train.gpu import tensorflow_sees_a_gpu
+from runner.train.backends.tensorflow import tensorflow_sees_a_gpu
 
 MIXED_PRECISION_ON_CPU_ENV = "RUNNER_MIXED_PRECISION_ON_CPU"
 """Set to 1 to allow ``mixed_precision: true`` without a GPU (for tests: float16 on a CPU is slow, not faster)."""

@@ -1,17 +1,14 @@
-"""The job's network: a built-in one or the user's factory, checked against the labels and compiled from the spec.
+"""The built-in networks: ``simple_cnn`` (the tutorial's) and ``mobilenet_v2``, each checking its ``model.params``.
 
-Inputs are float32 images in [0, 255] (the data pipeline does not rescale), so the built-in networks carry their
-own rescaling layer and a saved model takes raw pixels.
+Inputs are float32 images in [0, 255] (the data pipeline does not rescale), so each network carries its own
+rescaling layer and a saved model takes raw pixels.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,19 +16,8 @@ from typing import Any
 import keras
 
 from runner.errors import ModelError
-from runner.spec import JobSpec, loss_label_problem
 
 InputShape = tuple[int, int, int]
-
-OPTIMIZERS: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
-    "adam": keras.optimizers.Adam,
-    "adamw": keras.optimizers.AdamW,
-    "sgd": keras.optimizers.SGD,
-    "rmsprop": keras.optimizers.RMSprop,
-    "adagrad": keras.optimizers.Adagrad,
-    "nadam": keras.optimizers.Nadam,
-}
-"""``training.optimizer`` names and the Keras classes they stand for."""
 
 SIMPLE_CNN_PARAMS: dict[str, Any] = {"filters": 32, "dense": 512, "dropout": 0.0, "augment": False}
 """``model.params`` of ``simple_cnn`` and their defaults (the tutorial's network)."""
@@ -42,59 +28,10 @@ MOBILENET_V2_PARAMS: dict[str, Any] = {"weights": None, "alpha": 1.0, "dropout":
 MOBILENET_V2_MIN_SIDE = 32
 """The smallest image side keras.applications.MobileNetV2 accepts."""
 
-# compile() resolves these by the loss and the output shape (binary, categorical or sparse accuracy);
-# keras.metrics.get does not know the short forms.
-_METRICS_COMPILE_RESOLVES = frozenset({"accuracy", "acc", "crossentropy", "ce"})
-
 _RATE = "a number from 0 up to (not including) 1"
 
 
-def check_loss_matches_labels(spec: JobSpec) -> None:
-    """Refuse a loss that cannot train on the dataset's labels, before any data is read (the spec refuses it at
-    submit; a job folder submitted by an older runner may still hold one)."""
-    if (problem := loss_label_problem(spec.training.loss, spec.dataset.label_mode)) is not None:
-        raise ModelError(problem)
-
-
-def build_model(spec: JobSpec, *, input_shape: InputShape, num_classes: int) -> keras.Model:
-    """The job's network for images of ``input_shape`` (height, width, channels) and ``num_classes`` classes.
-
-    Seeds Python's, NumPy's and the backend's generators from ``training.seed`` first: layers built without a
-    seed (the initializers, a factory's layers) draw theirs from Python's ``random``.
-    """
-    _check_classes(spec, num_classes)
-    seed = spec.training.seed
-    keras.utils.set_random_seed(seed)
-    if spec.model.factory is not None:
-        return _from_factory(spec.model.factory, spec.model.params, input_shape=input_shape, num_classes=num_classes)
-    head = _head(spec.dataset.label_mode, num_classes)
-    if spec.model.builtin == "mobilenet_v2":
-        return _mobilenet_v2(spec.model.params, input_shape=input_shape, head=head, seed=seed)
-    return _simple_cnn(spec.model.params, input_shape=input_shape, head=head, seed=seed)
-
-
-def compile_model(
-    model: keras.Model, spec: JobSpec, *, jit_compile: bool = False, steps_per_execution: int = 1
-) -> None:
-    """Compile with ``training``'s optimizer, learning rate, loss and metrics (under the mixed_float16 policy
-    Keras wraps the optimizer in a ``LossScaleOptimizer``)."""
-    training = spec.training
-    for metric in training.metrics:
-        _check_metric(metric)
-    optimizer = OPTIMIZERS[training.optimizer](learning_rate=training.learning_rate)
-    model.compile(
-        optimizer=optimizer,
-        loss=training.loss,
-        metrics=list(training.metrics),
-        jit_compile=jit_compile,
-        steps_per_execution=steps_per_execution,
-    )
-
-
-# --- built-in networks ---------------------------------------------------------------------------------------
-
-
-def _simple_cnn(params: dict[str, Any], *, input_shape: InputShape, head: keras.layers.Layer, seed: int) -> keras.Model:
+def simple_cnn(params: dict[str, Any], *, input_shape: InputShape, head: keras.layers.Layer, seed: int) -> keras.Model:
     """The tutorial's network: Rescaling, Conv2D, MaxPooling2D, Flatten, Dense, head."""
     p = _with_defaults("simple_cnn", params, SIMPLE_CNN_PARAMS)
     _check_param("filters", p["filters"], _is_positive_int(p["filters"]), "a positive integer")
@@ -121,7 +58,7 @@ def _simple_cnn(params: dict[str, Any], *, input_shape: InputShape, head: keras.
         return keras.Sequential([*stack, head], name="simple_cnn")
 
 
-def _mobilenet_v2(
+def mobilenet_v2(
     params: dict[str, Any], *, input_shape: InputShape, head: keras.layers.Layer, seed: int
 ) -> keras.Model:
     """MobileNetV2 without its top, on pixels scaled to [-1, 1], then pooling, dropout and the head."""
@@ -177,11 +114,11 @@ def _load_weights(base: keras.Model, path: str, *, alpha: float, input_shape: In
     except Exception as error:
         raise ModelError(
             f"model.params.weights {path!r} does not fit mobilenet_v2 with alpha {alpha} and input shape "
-            f"{list(input_shape)} ({_one_line(error)}): give the weights file saved for these settings"
+            f"{list(input_shape)} ({one_line(error)}): give the weights file saved for these settings"
         ) from error
 
 
-def _head(label_mode: str, num_classes: int) -> keras.layers.Layer:
+def head_for(label_mode: str, num_classes: int) -> keras.layers.Layer:
     """One sigmoid unit for binary labels (as the tutorial), else a softmax over the classes.
 
     In float32 whatever the dtype policy: a float16 softmax or sigmoid loses the small probabilities the loss
@@ -190,18 +127,6 @@ def _head(label_mode: str, num_classes: int) -> keras.layers.Layer:
     if label_mode == "binary":
         return keras.layers.Dense(1, activation="sigmoid", name="head", dtype="float32")
     return keras.layers.Dense(num_classes, activation="softmax", name="head", dtype="float32")
-
-
-def _check_classes(spec: JobSpec, num_classes: int) -> None:
-    if num_classes < 2:
-        raise ModelError(
-            f"the dataset has {num_classes} class(es): dataset.train needs one subfolder per class, at least 2"
-        )
-    if spec.dataset.label_mode == "binary" and num_classes != 2:
-        raise ModelError(
-            f"dataset.label_mode 'binary' needs exactly 2 classes, the dataset has {num_classes}: "
-            f"use label_mode: categorical with loss categorical_crossentropy"
-        )
 
 
 # --- params --------------------------------------------------------------------------------------------------
@@ -249,80 +174,10 @@ def _params_errors(builtin: str, params: dict[str, Any]) -> Iterator[None]:
     except ModelError:
         raise
     except (ValueError, TypeError) as error:
-        raise ModelError(f"model.params {params!r} do not build {builtin}: {_one_line(error)}") from error
+        raise ModelError(f"model.params {params!r} do not build {builtin}: {one_line(error)}") from error
 
 
-# --- the user's factory --------------------------------------------------------------------------------------
-
-
-def _from_factory(
-    dotted: str, params: dict[str, Any], *, input_shape: InputShape, num_classes: int
-) -> keras.Model:
-    """Call ``package.module:function(input_shape=..., num_classes=..., **params)`` and check it made a model."""
-    function = _import_factory(dotted)
-    try:
-        model = function(input_shape=input_shape, num_classes=num_classes, **params)
-    except (Exception, SystemExit) as error:  # a script's argparse exits: that must fail the job, not the worker
-        raise ModelError(f"factory {dotted!r} raised {type(error).__name__}: {_one_line(error)}") from error
-    if not isinstance(model, keras.Model):
-        raise ModelError(f"factory {dotted!r} returned {type(model).__name__}, not a keras.Model")
-    return model
-
-
-def _import_factory(dotted: str) -> Callable[..., Any]:
-    module_name, _, attribute = dotted.partition(":")
-    try:
-        with _cwd_on_path():
-            module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        missing = error.name or ""
-        if module_name == missing or module_name.startswith(f"{missing}."):
-            fix = "put the module on PYTHONPATH or next to the notebook, in the working directory"
-        else:  # the factory's own module imports something that is not installed
-            fix = f"the factory's module needs {missing!r}: install it"
-        raise ModelError(f"cannot import factory {dotted!r}: {error}: {fix}") from None
-    except (Exception, SystemExit) as error:  # a module that exits on import must fail the job, not the worker
-        raise ModelError(f"cannot import factory {dotted!r}: {type(error).__name__}: {_one_line(error)}") from error
-    function = getattr(module, attribute, None)
-    if function is None:
-        raise ModelError(f"cannot import factory {dotted!r}: module {module_name!r} has no attribute {attribute!r}")
-    if not callable(function):
-        raise ModelError(f"factory {dotted!r} is not a function (it is {type(function).__name__})")
-    return function
-
-
-@contextmanager
-def _cwd_on_path() -> Iterator[None]:
-    """The working directory on sys.path for the import, so that a module next to the notebook is found."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    # The import system caches directory listings: a module written since the last import would be missed.
-    importlib.invalidate_caches()
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-
-
-# --- compiling -----------------------------------------------------------------------------------------------
-
-
-def _check_metric(name: str) -> None:
-    """Refuse an unknown metric now: compile() takes any string and fails only at the first batch."""
-    if name in _METRICS_COMPILE_RESOLVES:
-        return
-    try:
-        keras.metrics.get(name)
-    except ValueError:
-        raise ModelError(
-            f"training.metrics: unknown metric {name!r}: use Keras metric names such as accuracy, auc, precision"
-        ) from None
-
-
-def _one_line(error: BaseException, *, limit: int = 300) -> str:
+def one_line(error: BaseException, *, limit: int = 300) -> str:
     """An exception's message on one line and cut short: Keras's can run for pages (a tensor's values, say)."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

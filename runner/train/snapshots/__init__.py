@@ -1,0 +1,1 @@
+"""The training state on local disk, the thread that publishes it, and room for checkpoints."""
