@@ -13,18 +13,22 @@ and takes the first that matches its manifest; every one it passes over is logge
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from runner import killpoints, storage
 from runner.errors import CheckpointCorrupt, DamagedFile, StorageError
 from runner.job import Job
 from runner.paths import MANIFEST_NAME, is_temp_name
+
+FileWriter = Callable[[BinaryIO], None]
+"""Writes one checkpoint file's bytes to an open handle (a file made in memory, not copied from disk)."""
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +106,7 @@ class CheckpointStore:
 
     def commit(
         self,
-        source: Path,
+        source: Path | Mapping[str, FileWriter],
         *,
         generation: int,
         epoch: int,
@@ -110,7 +114,10 @@ class CheckpointStore:
         meta: dict[str, Any] | None = None,
         claim: str | None = None,
     ) -> CheckpointInfo:
-        """Publish the files under ``source`` as a checkpoint; fenced, verified, then older ones pruned.
+        """Publish ``source`` as a checkpoint; fenced, verified, then older ones pruned.
+
+        ``source``: a folder whose files are copied, or the files' names each with the function that writes its
+        bytes (a snapshot held in memory goes into the job folder in one write, with no local copy first).
 
         ``claim``: the token of the claim that trained it, when not this store's (a kept snapshot of an earlier one).
         """
@@ -124,10 +131,9 @@ class CheckpointStore:
         try:
             storage.make_dirs(temp)
             files = {}
-            for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
-                relative = path.relative_to(source).as_posix()
+            for relative, put in _file_sources(source):
                 storage.make_dirs((temp / relative).parent)
-                size, digest = storage.copy_file(path, temp / relative)
+                size, digest = put(temp / relative)
                 files[relative] = {"size": size, "sha256": digest}
             killpoints.reached("commit-copied")
             manifest = {
@@ -273,3 +279,12 @@ class CheckpointStore:
             else:
                 storage.remove_file(path)
         return removed
+
+
+def _file_sources(source: Path | Mapping[str, FileWriter]) -> list[tuple[str, Callable[[Path], tuple[int, str]]]]:
+    """Each file of a checkpoint's source, by name, with what puts it at a path and returns its size and sha256."""
+    if isinstance(source, Mapping):
+        return [(name, functools.partial(storage.write_file, produce=put)) for name, put in sorted(source.items())]
+    folder = Path(source)
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    return [(path.relative_to(folder).as_posix(), functools.partial(storage.copy_file, path)) for path in paths]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import stat as stat_module
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import tenacity
 
@@ -374,6 +375,52 @@ def copy_file(source: Path, target: Path, *, durable: bool = True) -> tuple[int,
             _name_the_path(error, target)
             raise
     return size, digest.hexdigest()
+
+
+class _HashingWriter(io.RawIOBase):
+    """A file opened for writing, seen through the sha256 and size of what goes into it, and never seeking: a
+    zip written through it puts each member's sizes after the member (a data descriptor) instead of seeking back,
+    so every byte is hashed once, in the order it lands in the file."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__()
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.raw.write(view)
+        self.digest.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def seekable(self) -> bool:
+        return False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        raise io.UnsupportedOperation("a hashed write does not seek")
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def write_file(target: Path, produce: Callable[[BinaryIO], None]) -> tuple[int, str]:
+    """Write a new file with ``produce(handle)`` and make it durable; return the size and sha256 of what was
+    written. For files made in memory (a snapshot's): one write of the bytes, hashed as they are written."""
+    with open(target, "wb") as raw:
+        hashing = _HashingWriter(raw)
+        try:
+            produce(hashing)  # type: ignore[arg-type]
+            _fsync_file(raw)
+        except OSError as error:
+            _name_the_path(error, target)
+            raise
+    return hashing.size, hashing.digest.hexdigest()
 
 
 @retry_io

@@ -143,7 +143,12 @@ MUTATIONS = (
     ),
     Mutation(
         "commit", "no fsync of the files before the rename", "runner/storage.py",
-        (("        try:\n            _fsync_file(writer)\n", "        try:\n            writer.flush()\n"),),
+        (("            if durable:\n                _fsync_file(writer)\n", "            if durable:\n                writer.flush()\n"),),
+        (DURABLE,),
+    ),
+    Mutation(
+        "commit", "no fsync of the files written from memory before the rename", "runner/storage.py",
+        (("            produce(hashing)  # type: ignore[arg-type]\n            _fsync_file(raw)\n", "            produce(hashing)  # type: ignore[arg-type]\n            raw.flush()\n"),),
         (DURABLE,),
     ),
     Mutation(

@@ -449,8 +449,9 @@ def test_a_late_checkpoint_of_an_older_claim_is_never_restored_and_is_logged(job
     assert "older than 2" in stale[0]["reason"]
 
 
+@pytest.mark.parametrize("held_in", ["a local folder", "memory"])
 def test_every_file_of_a_checkpoint_is_made_durable_before_the_rename_that_commits_it(
-    job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_in: str
 ) -> None:
     """The order of the real fsync(2) and rename(2) calls, watched on their way through: a checkpoint renamed into
     place before its bytes are durable could come back after a power cut as a committed name over empty files."""
@@ -469,8 +470,10 @@ def test_every_file_of_a_checkpoint_is_made_durable_before_the_rename_that_commi
         calls.append(("replace", f"{os.fspath(source)} -> {os.fspath(target)}"))
         real_replace(source, target, *args, **kwargs)
 
-    source = tmp_path / "snapshot"
+    source: Path | dict = tmp_path / "snapshot"
     files = make_source(source, seed=1)
+    if held_in == "memory":  # a snapshot the trainer captured: written straight into the job folder
+        source = {name: (lambda data: lambda handle: handle.write(data))(data) for name, data in files.items()}
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(os, "replace", replace)

@@ -160,3 +160,85 @@ def test_after_shutdown_the_newest_snapshot_is_left_unpublished_for_the_trainer_
 
     assert publisher.published == [checkpoint_id(claim.generation, 1, 0)]
     assert publisher.unpublished() == newest and newest.folder.is_dir()
+
+
+class Captured:
+    """Stands in for a captured snapshot (runner.train.snapshots.snapshot.CapturedSnapshot), so that the test
+    knows the bytes: the members the publisher and the trainer use, and a count of local writes."""
+
+    def __init__(self, epoch: int) -> None:
+        self.payload: bytes | None = bytes([epoch]) * 1000
+        self.local_writes = 0
+
+    @property
+    def held(self) -> bool:
+        return self.payload is not None
+
+    @property
+    def files(self) -> dict:
+        payload = self.payload
+        assert payload is not None, "a released snapshot was committed"
+        return {"variables.npz": lambda handle: handle.write(payload)}
+
+    def release(self) -> None:
+        self.payload = None
+
+    def write(self, folder: Path) -> None:
+        if self.payload is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "variables.npz").write_bytes(self.payload)
+        self.payload = None
+        self.local_writes += 1
+
+
+def in_memory(folder: Path, epoch: int) -> Snapshot:
+    history = [{"epoch": index, "loss": 1.0} for index in range(epoch)]
+    return Snapshot(folder / f"mem-{epoch}", epoch, 0, history, {"metrics": history[-1]}, captured=Captured(epoch))
+
+
+def test_a_snapshot_held_in_memory_is_committed_from_memory_and_then_released(
+    publisher: Publisher, claim: Claim, tmp_path: Path
+) -> None:
+    taken = in_memory(tmp_path, 1)
+
+    publisher.submit(taken)
+    assert publisher.flush(30)
+
+    assert taken.captured.local_writes == 0 and not taken.folder.exists(), "written to local disk first"
+    assert not taken.captured.held, "its variables are still held after the commit"
+    newest = CheckpointStore(claim.job, keep=5).committed()[0]
+    assert newest.id == checkpoint_id(claim.generation, 1, 0)
+    assert (newest.path / "variables.npz").read_bytes() == bytes([1]) * 1000
+    assert CheckpointStore(claim.job, keep=5).verify(newest).manifest["files"]["variables.npz"]["size"] == 1000
+    assert publisher.unpublished() is None
+
+
+def test_a_replaced_snapshot_lets_go_of_its_memory(publisher: Publisher, gate: Gate, tmp_path: Path) -> None:
+    gate.shut()
+    publisher.submit(snapshot(tmp_path, 1))
+    assert gate.entered.wait(timeout=30)
+    publisher.submit(replaced := in_memory(tmp_path, 2))
+    publisher.submit(in_memory(tmp_path, 3))
+    gate.open.set()
+
+    assert publisher.flush(30)
+    assert not replaced.captured.held
+
+
+def test_a_snapshot_still_in_memory_at_shutdown_is_handed_to_the_trainer_to_write_and_keep(
+    publisher: Publisher, gate: Gate, claim: Claim, tmp_path: Path
+) -> None:
+    gate.shut()
+    publisher.submit(snapshot(tmp_path, 1))
+    assert gate.entered.wait(timeout=30)
+    publisher.submit(newest := in_memory(tmp_path, 2))  # pending behind the held upload: never published
+    threading.Timer(0.2, gate.open.set).start()
+
+    publisher.shutdown()
+
+    assert publisher.published == [checkpoint_id(claim.generation, 1, 0)]
+    assert publisher.unpublished() == newest and newest.captured.held
+    newest.write()
+    assert (newest.folder / "variables.npz").read_bytes() == bytes([2]) * 1000
+    assert publisher.unpublished() == newest, "written to local disk, it is still the one to keep"

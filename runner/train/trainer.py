@@ -36,7 +36,7 @@ from runner.train.outputs.export import publish_exports, write_exports
 from runner.train.outputs.progress import EpochProgress
 from runner.train.outputs.tensorboard import TensorBoardLog
 from runner.train.snapshots.publisher import Publisher, Snapshot
-from runner.train.snapshots.snapshot import TrainingState, load_snapshot, save_snapshot
+from runner.train.snapshots.snapshot import TrainingState, capture_snapshot, load_snapshot, save_snapshot
 from runner.train.snapshots.space import local_disk_error, warn_if_short_of_space
 from runner.training import Outcome, RunContext
 
@@ -305,15 +305,12 @@ class _Session:
         return state
 
     def _snapshot(self, state: TrainingState, publisher: Publisher) -> None:
-        """Write a local snapshot (the only cost to the training loop) and hand it to the publisher."""
+        """Capture the training state in memory (the only cost to the training loop) and hand it to the publisher,
+        whose thread writes it straight into the job folder while training goes on."""
         self._snapshots += 1
         state.elapsed_s = self.elapsed_before + (self.clock() - self.started)
         folder = self.workdir / "snapshots" / f"{self._snapshots:06d}-e{state.epoch}-s{state.step}"
-        try:
-            save_snapshot(self.model, state, folder)
-        except OSError as error:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise local_disk_error(error, folder) from error
+        captured = capture_snapshot(self.model, state)
         killpoints.reached("snapshot-written")
         meta: dict[str, Any] = {
             "global_step": state.global_step,
@@ -322,7 +319,8 @@ class _Session:
             "metrics": state.history[-1] if state.history else {},
             "best": state.best,
         }
-        publisher.submit(Snapshot(folder, state.epoch, state.step, [dict(row) for row in state.history], meta))
+        history = [dict(row) for row in state.history]
+        publisher.submit(Snapshot(folder, state.epoch, state.step, history, meta, captured=captured))
         self.snapshot_position = (state.epoch, state.step)
         self.last_snapshot_at = self.clock()
 
@@ -357,6 +355,7 @@ class _Session:
         if snapshot is None:
             return
         try:
+            snapshot.write()  # the publisher writes only to the job folder: until now it was in memory
             kept = keep_snapshot(
                 snapshot.folder,
                 cache_dir=self.cache_dir,
@@ -367,7 +366,7 @@ class _Session:
                 step=snapshot.step,
                 meta=snapshot.meta,
             )
-        except OSError as error:
+        except (OSError, StorageError) as error:
             self.context.log.error("could not keep the unpublished checkpoint on local disk: %s", error)
             return
         log = self.context.log

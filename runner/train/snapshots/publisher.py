@@ -1,10 +1,11 @@
 """Publishing snapshots to the job folder in a background thread, so that training never waits on Drive.
 
-The training loop hands over a local snapshot folder and carries on. One thread copies it into the job folder
-through the checkpoint store (temp folder, manifest, fencing, rename), then records the progress in state.json
-and rewrites history.csv and the TensorBoard logs. If a newer snapshot is handed over while one is uploading,
-only the newest is uploaded next: the older pending one is dropped. A storage error keeps the snapshot and tries
-again later.
+The training loop hands over a snapshot captured in memory and carries on. One thread writes it into the job
+folder through the checkpoint store (temp folder, manifest, fencing, rename), then records the progress in
+state.json and rewrites history.csv and the TensorBoard logs. If a newer snapshot is handed over while one is
+uploading, only the newest is uploaded next: the older pending one is dropped. A storage error keeps the snapshot
+in memory and tries again later; one still unpublished at the end is written to local disk, for the next claim on
+this machine.
 
 TensorBoard logs are a view, not a result: a failure to write them is a warning, tried again after the next
 checkpoint, and never holds up or fails the job. Before any snapshot the thread replays the restored history into
@@ -29,6 +30,8 @@ from runner import defaults, killpoints, storage
 from runner.errors import Fenced, StorageError
 from runner.history import write_history
 from runner.train.outputs.tensorboard import TensorBoardLog
+from runner.train.snapshots.snapshot import CapturedSnapshot
+from runner.train.snapshots.space import local_disk_error
 from runner.training import RunContext
 
 log = logging.getLogger(__name__)
@@ -36,13 +39,37 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A snapshot on local disk, waiting to be published."""
+    """A snapshot waiting to be published: in ``folder`` on local disk, or still in memory (``captured``) until
+    the publisher's thread writes it there."""
 
     folder: Path
     epoch: int
     step: int
     history: list[dict[str, float]]
     meta: dict[str, Any]
+    captured: CapturedSnapshot | None = None
+
+    @property
+    def unpublished_data(self) -> bool:
+        """Whether it still has something to publish or keep: its local folder, or its variables in memory."""
+        return (self.captured is not None and self.captured.held) or self.folder.is_dir()
+
+    def write(self) -> None:
+        """Put a snapshot still in memory into its local folder (to be kept); a failure is the one-line error for
+        a full or failing local disk, and leaves no half-written folder."""
+        if self.captured is None or not self.captured.held:
+            return
+        try:
+            self.captured.write(self.folder)
+        except OSError as error:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise local_disk_error(error, self.folder) from error
+
+    def discard(self) -> None:
+        """Let go of it: its local folder and its variables in memory."""
+        if self.captured is not None:
+            self.captured.release()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class Publisher:
@@ -84,7 +111,7 @@ class Publisher:
             self._latest = snapshot
             self._condition.notify_all()
         if dropped is not None:
-            shutil.rmtree(dropped.folder, ignore_errors=True)
+            dropped.discard()
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until nothing is pending or uploading; ``False`` if that took longer than ``timeout_s``."""
@@ -102,10 +129,11 @@ class Publisher:
     def unpublished(self) -> Snapshot | None:
         """The newest snapshot handed over that has not been published (pending, failing or fenced), or ``None``.
 
-        Its folder is left alone by the thread, so that the trainer can keep it on local disk."""
+        The thread leaves it alone, so that the trainer can keep it on local disk (writing it there first if it is
+        still in memory)."""
         with self._condition:
             latest = self._latest
-        return latest if latest is not None and latest.folder.is_dir() else None
+        return latest if latest is not None and latest.unpublished_data else None
 
     def close(self, timeout_s: float) -> bool:
         """Publish what is pending (within ``timeout_s``), then stop the thread."""
@@ -154,7 +182,7 @@ class Publisher:
                 with self._condition:
                     if self._latest is snapshot:
                         self._latest = None
-                shutil.rmtree(snapshot.folder, ignore_errors=True)
+                snapshot.discard()
                 self._clear_note()
             finally:
                 with self._condition:
@@ -193,12 +221,13 @@ class Publisher:
             if self._pending is None:
                 self._pending = snapshot
                 return
-        shutil.rmtree(snapshot.folder, ignore_errors=True)
+        snapshot.discard()
 
     def _publish(self, snapshot: Snapshot) -> None:
         context = self.context
+        held = snapshot.captured is not None and snapshot.captured.held
         info = context.store.commit(
-            snapshot.folder,
+            snapshot.captured.files if held else snapshot.folder,  # from memory: one write, no local copy
             generation=context.generation,
             epoch=snapshot.epoch,
             step=snapshot.step,

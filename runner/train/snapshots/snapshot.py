@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import keras
 import numpy as np
@@ -82,25 +84,73 @@ def _metric_variables(model: keras.Model) -> list[Any]:
 
 
 def _named_arrays(prefix: str, variables: list[Any]) -> dict[str, np.ndarray]:
-    """``{"<prefix>/00000": value, ...}``: the names :func:`_assign` reads back, in the variables' order."""
+    """``{"<prefix>/00000": value, ...}``: the names :func:`_assign` reads back, in the variables' order.
+
+    ``numpy()`` is a copy of the variable's value that the next training step does not change (a test pins it),
+    so a captured snapshot can wait for its write while training goes on."""
     return {f"{prefix}/{index:05d}": np.asarray(variable.numpy()) for index, variable in enumerate(variables)}
 
 
-def save_snapshot(model: keras.Model, state: TrainingState, folder: Path) -> None:
-    """Write a snapshot into ``folder`` (local disk): the variables, then the state.
+class CapturedSnapshot:
+    """A snapshot taken in memory (host copies of every variable, and the state), not yet on any disk.
 
-    Not fsynced: this is the training loop's only wait, and the folder is a staging copy on the VM's own disk. A
-    SIGKILL loses nothing the kernel has been handed, and what would lose it (the machine going down) takes a
-    Colab VM's disk with it. Durability is the commit's job (every file fsynced before the rename), and the zip
-    format's CRC of every array catches a torn local file when a kept snapshot is loaded."""
-    folder.mkdir(parents=True, exist_ok=True)
+    Taking it is the training loop's only wait. The publisher's thread writes its files straight into the job
+    folder (:attr:`files`: one write of the bytes, hashed as they go); only a snapshot that cannot be published is
+    written to local disk (:meth:`write`), to be kept. It holds a copy of the variables until it is committed or
+    dropped (for the tutorial's network, 1.08 GB), and a second one while a newer snapshot waits behind it."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], document: dict[str, Any]) -> None:
+        self._arrays: dict[str, np.ndarray] | None = arrays
+        self._state = json.dumps(document, indent=1).encode()
+        self._lock = threading.Lock()  # the publisher's thread and, at the end, the trainer may both use it
+
+    @property
+    def held(self) -> bool:
+        """Whether its variables are still in memory (not yet released after a commit, a drop or a write)."""
+        return self._arrays is not None
+
+    @property
+    def files(self) -> dict[str, Callable[[BinaryIO], None]]:
+        """The snapshot's files, each name with what writes its bytes; for the checkpoint store's commit."""
+        arrays = self._arrays
+        if arrays is None:
+            raise RuntimeError("the snapshot was released")
+        state = self._state
+        return {
+            VARIABLES_FILE: lambda handle: _write_npz(handle, arrays),
+            STATE_FILE: lambda handle: handle.write(state),
+        }
+
+    def release(self) -> None:
+        """Let go of the variables' copies (once committed, or when a newer snapshot replaces this one)."""
+        with self._lock:
+            self._arrays = None
+
+    def write(self, folder: Path) -> None:
+        """Write the snapshot into ``folder`` on local disk, the variables then the state, and let go of the copies;
+        nothing if it was released already. Not fsynced: the folder is a staging copy on the VM's own disk, and
+        the zip format's CRC of every array catches a torn file when it is loaded."""
+        with self._lock:
+            if self._arrays is None:
+                return
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / VARIABLES_FILE, "wb") as handle:
+                _write_npz(handle, self._arrays)
+            (folder / STATE_FILE).write_bytes(self._state)
+            self._arrays = None
+
+
+def capture_snapshot(model: keras.Model, state: TrainingState) -> CapturedSnapshot:
+    """Copy every variable (model, optimizer, metrics) and the state to host memory, to be written later."""
     arrays = _named_arrays("model", _model_variables(model))
     arrays |= _named_arrays("optimizer", _optimizer_variables(model))
     arrays |= _named_arrays("metrics", _metric_variables(model))
-    with open(folder / VARIABLES_FILE, "wb") as handle:
-        _write_npz(handle, arrays)
-    document = {"format": SNAPSHOT_FORMAT, **asdict(state)}
-    (folder / STATE_FILE).write_text(json.dumps(document, indent=1))
+    return CapturedSnapshot(arrays, {"format": SNAPSHOT_FORMAT, **asdict(state)})  # asdict copies the history
+
+
+def save_snapshot(model: keras.Model, state: TrainingState, folder: Path) -> None:
+    """Write a snapshot into ``folder`` (local disk) now: the variables, then the state."""
+    capture_snapshot(model, state).write(folder)
 
 
 def _write_npz(handle: Any, arrays: dict[str, np.ndarray]) -> None:

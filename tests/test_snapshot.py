@@ -1,0 +1,80 @@
+"""A snapshot taken in memory holds the training state of the moment it was taken, whatever training does
+before it is written: the publisher's thread writes it while the next steps run (runner.train.snapshots)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from runner.checkpoints import CheckpointStore  # noqa: E402
+from runner.queue import Queue  # noqa: E402
+from runner.train.snapshots.snapshot import TrainingState, capture_snapshot, load_snapshot  # noqa: E402
+from tests.conftest import make_spec  # noqa: E402
+
+
+def tiny_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(shape=(4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    return model
+
+
+def values(model: keras.Model) -> list[np.ndarray]:
+    variables = [*model.variables, *model.optimizer.variables]
+    return [np.array(variable.numpy(), copy=True) for variable in variables]
+
+
+def test_a_captured_snapshot_keeps_the_state_of_its_moment_while_training_goes_on(tmp_path: Path) -> None:
+    x, y = np.random.default_rng(0).normal(size=(32, 4)), np.random.default_rng(1).normal(size=(32, 1))
+    model = tiny_model()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    at_capture = values(model)
+    captured = capture_snapshot(model, TrainingState(epoch=1, step=4, global_step=4, seen=32))
+
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)  # the optimizer updates every variable in place
+    assert any(not np.array_equal(a, b) for a, b in zip(at_capture, values(model))), "training changed nothing"
+    assert captured.held
+    captured.write(tmp_path / "snapshot")
+    assert not captured.held
+
+    restored = tiny_model()
+    restored.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)  # builds its optimizer and metrics; all replaced
+    state = load_snapshot(restored, tmp_path / "snapshot", checkpoint="test")
+    assert (state.epoch, state.step, state.global_step, state.seen) == (1, 4, 4, 32)
+    for expected, actual in zip(at_capture, values(restored), strict=True):
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_writing_twice_writes_once(tmp_path: Path) -> None:
+    captured = capture_snapshot(tiny_model(), TrainingState())
+    captured.write(tmp_path / "first")
+    captured.write(tmp_path / "second")  # the publisher's thread and the trainer may both try
+
+    assert (tmp_path / "first" / "variables.npz").is_file() and not (tmp_path / "second").exists()
+
+
+def test_a_snapshot_committed_from_memory_restores_the_values_of_its_moment(tmp_path: Path, queue: Queue) -> None:
+    """The publisher commits a captured snapshot straight from memory (a zip written without seeking back); what
+    the store restores from the job folder loads into a model as the values of the moment it was taken."""
+    model = tiny_model()
+    x, y = np.random.default_rng(0).normal(size=(16, 4)), np.random.default_rng(1).normal(size=(16, 1))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    at_capture = values(model)
+    captured = capture_snapshot(model, TrainingState(epoch=1, global_step=2))
+    job, _ = queue.submit(make_spec("job-a"))
+    store = CheckpointStore(job, keep=2)
+
+    store.commit(captured.files, generation=1, epoch=1, step=0)
+    info = store.restore(tmp_path / "restored")
+
+    assert info is not None and not store.fallbacks
+    restored = tiny_model()
+    restored.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)
+    state = load_snapshot(restored, tmp_path / "restored", checkpoint=info.id)
+    assert (state.epoch, state.global_step) == (1, 2)
+    for expected, actual in zip(at_capture, values(restored), strict=True):
+        np.testing.assert_array_equal(actual, expected)
