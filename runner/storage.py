@@ -409,9 +409,11 @@ class _HashingWriter(io.RawIOBase):
         self.raw.flush()
 
 
+@retry_io
 def write_file(target: Path, produce: Callable[[BinaryIO], None]) -> tuple[int, str]:
     """Write a new file with ``produce(handle)`` and make it durable; return the size and sha256 of what was
-    written. For files made in memory (a snapshot's): one write of the bytes, hashed as they are written."""
+    written. For files made in memory (a snapshot's): one write of the bytes, hashed as they are written. A retry
+    writes the whole file again, so ``produce`` must be able to run more than once."""
     with open(target, "wb") as raw:
         hashing = _HashingWriter(raw)
         try:

@@ -109,7 +109,8 @@ def test_a_full_job_folder_stops_cleanly_and_resumes_once_there_is_room(
 
 
 def test_a_full_local_cache_stops_cleanly_and_resumes(tmp_path: Path, tmpfs: Path, digits: Path) -> None:
-    # The dataset is a local folder (used in place), so the local cache only holds snapshots.
+    # The dataset is a local folder (used in place), so the local cache only holds what a claim writes there: its
+    # TensorBoard files, the export, a checkpoint that waits on a failing job folder or is kept.
     env, queue = keras_env(tmpfs / "cache"), tmp_path / "queue"
     spec = write_keras_spec(tmp_path, "tiny", digits)
     assert run_cli("submit", str(spec), "--queue", str(queue), env=env).returncode == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from rich.console import Console
 
 from runner import storage
 from runner.checkpoints import CheckpointStore, checkpoint_id
-from runner.errors import Fenced
+from runner.errors import Fenced, StorageError
 from runner.history import read_history
 from runner.queue import Claim, Queue
 from runner.train.snapshots.publisher import Publisher, Snapshot
@@ -242,3 +243,42 @@ def test_a_snapshot_still_in_memory_at_shutdown_is_handed_to_the_trainer_to_writ
     newest.write()
     assert (newest.folder / "variables.npz").read_bytes() == bytes([2]) * 1000
     assert publisher.unpublished() == newest, "written to local disk, it is still the one to keep"
+
+
+def test_a_snapshot_that_waits_on_a_failing_job_folder_waits_on_local_disk_then_is_published_from_it(
+    claim: Claim, tmp_path: Path
+) -> None:
+    failures = []
+
+    def fence_failing_once() -> None:
+        if not failures:
+            failures.append(1)
+            raise StorageError("the job folder: Transport endpoint is not connected", transient=True)
+        claim.fence()
+
+    store = CheckpointStore(claim.job, keep=5, fence=fence_failing_once)
+    context = RunContext(
+        claim=claim,
+        store=store,
+        stop=threading.Event(),
+        log=logging.getLogger("test-publisher"),
+        console=Console(file=io.StringIO(), width=100),
+    )
+    publisher = Publisher(context, retry_pause_s=0.3)
+    taken = in_memory(tmp_path, 1)
+    try:
+        publisher.submit(taken)
+        deadline = time.monotonic() + 30
+        while not failures or taken.captured.held:  # the failed commit, then the move to local disk
+            assert time.monotonic() < deadline, "the waiting snapshot stayed in memory"
+            time.sleep(0.01)
+        assert taken.captured.local_writes == 1 and (taken.folder / "variables.npz").is_file()
+
+        assert publisher.flush(30)
+    finally:
+        publisher.shutdown()
+
+    newest = CheckpointStore(claim.job, keep=5).committed()[0]
+    assert newest.id == checkpoint_id(claim.generation, 1, 0)
+    assert (newest.path / "variables.npz").read_bytes() == bytes([1]) * 1000
+    assert not taken.folder.exists(), "the local copy stays after the commit"

@@ -292,6 +292,39 @@ def test_copy_file_returns_the_size_and_sha256_of_the_copy(tmp_path: Path, size:
     assert storage.file_digest(target) == (size, hashlib.sha256(data).hexdigest())
 
 
+@pytest.mark.parametrize("size", [0, 1, 3 * (1 << 20) + 12345])
+def test_write_file_returns_the_size_and_sha256_of_what_it_wrote_without_seeking(tmp_path: Path, size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    target = tmp_path / "target.bin"
+    seen: list[bool] = []
+
+    def produce(handle) -> None:  # noqa: ANN001
+        seen.append(handle.seekable())
+        for start in range(0, size, 65536):
+            handle.write(data[start : start + 65536])
+
+    assert storage.write_file(target, produce) == (size, hashlib.sha256(data).hexdigest())
+    assert target.read_bytes() == data
+    assert seen == [False], "a writer that seeks back would make the hash differ from the file"
+
+
+def test_write_file_writes_the_whole_file_again_after_a_transient_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(defaults.RETRY_BUDGET_ENV, "5")
+    data, calls = b"checkpoint bytes " * 1000, []
+
+    def produce(handle) -> None:  # noqa: ANN001
+        calls.append(1)
+        handle.write(data[:100])
+        if len(calls) == 1:
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))  # the mount dropped mid-write
+        handle.write(data[100:])
+
+    assert storage.write_file(tmp_path / "target.bin", produce) == (len(data), hashlib.sha256(data).hexdigest())
+    assert len(calls) == 2 and (tmp_path / "target.bin").read_bytes() == data
+
+
 def test_list_dir_is_sorted_and_empty_for_a_missing_folder(tmp_path: Path) -> None:
     for name in ["b", "a", ".tmp-c-1-ff"]:
         (tmp_path / name).write_text(name)

@@ -4,8 +4,8 @@ The training loop hands over a snapshot captured in memory and carries on. One t
 folder through the checkpoint store (temp folder, manifest, fencing, rename), then records the progress in
 state.json and rewrites history.csv and the TensorBoard logs. If a newer snapshot is handed over while one is
 uploading, only the newest is uploaded next: the older pending one is dropped. A storage error keeps the snapshot
-in memory and tries again later; one still unpublished at the end is written to local disk, for the next claim on
-this machine.
+on local disk and tries again later; one still unpublished at the end is kept there, for the next claim on this
+machine.
 
 TensorBoard logs are a view, not a result: a failure to write them is a warning, tried again after the next
 checkpoint, and never holds up or fails the job. Before any snapshot the thread replays the restored history into
@@ -172,6 +172,7 @@ class Publisher:
                 # Drive is having a bad time: keep the snapshot (unless a newer one came) and try again shortly.
                 self.context.log.warning("publishing checkpoint failed, will retry: %s", error)
                 self._write_note(snapshot, error)
+                self._spill(snapshot)
                 self._requeue(snapshot)
                 with self._condition:  # a pause that shutdown() cuts short
                     self._condition.wait_for(lambda: self._closing, timeout=self.retry_pause_s)
@@ -215,6 +216,14 @@ class Publisher:
         if self.note is not None:
             with contextlib.suppress(OSError):
                 self.note.unlink(missing_ok=True)
+
+    def _spill(self, snapshot: Snapshot) -> None:
+        """Let a snapshot that waits on a failing job folder wait on local disk, not in memory: an outage can last
+        minutes, and a newer snapshot would hold a second copy of the variables beside it."""
+        try:
+            snapshot.write()
+        except StorageError as failure:  # it stays in memory and is tried again all the same
+            self.context.log.warning("could not put the waiting checkpoint on local disk: %s", failure)
 
     def _requeue(self, snapshot: Snapshot) -> None:
         with self._condition:

@@ -95,8 +95,8 @@ class CapturedSnapshot:
     """A snapshot taken in memory (host copies of every variable, and the state), not yet on any disk.
 
     Taking it is the training loop's only wait. The publisher's thread writes its files straight into the job
-    folder (:attr:`files`: one write of the bytes, hashed as they go); only a snapshot that cannot be published is
-    written to local disk (:meth:`write`), to be kept. It holds a copy of the variables until it is committed or
+    folder (:attr:`files`: one write of the bytes, hashed as they go); only a snapshot that cannot be published
+    (the job folder failing, the claim ending first) is written to local disk (:meth:`write`), to wait or be kept. It holds a copy of the variables until it is committed or
     dropped (for the tutorial's network, 1.08 GB), and a second one while a newer snapshot waits behind it."""
 
     def __init__(self, arrays: dict[str, np.ndarray], document: dict[str, Any]) -> None:
