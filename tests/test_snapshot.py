@@ -78,3 +78,27 @@ def test_a_snapshot_committed_from_memory_restores_the_values_of_its_moment(tmp_
     assert (state.epoch, state.global_step) == (1, 2)
     for expected, actual in zip(at_capture, values(restored), strict=True):
         np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.zeros((3, 4), "float32"),
+        np.array(7, "int64"),  # an optimizer's step counter: 0-d, and it must stay 0-d
+        np.arange(10, dtype="float16")[::2],  # not contiguous
+        np.zeros((0, 3)),
+        np.array([True, False]),
+        np.array([1, 2], dtype=">i4"),
+    ],
+    ids=["float32", "0-d", "strided", "empty", "bool", "big-endian"],
+)
+def test_each_array_is_stored_as_np_save_stores_it(value: np.ndarray) -> None:
+    import io  # noqa: PLC0415
+
+    from runner.train.snapshots.snapshot import _write_npy  # noqa: PLC0415
+
+    ours, numpys = io.BytesIO(), io.BytesIO()
+    _write_npy(ours, value)
+    np.save(numpys, value)
+
+    assert ours.getvalue() == numpys.getvalue()
