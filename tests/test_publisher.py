@@ -9,7 +9,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,17 +60,21 @@ def gate(claim: Claim) -> Gate:
     return Gate(claim)
 
 
-@pytest.fixture
-def publisher(claim: Claim, gate: Gate) -> Iterator[Publisher]:
-    store = CheckpointStore(claim.job, keep=5, fence=gate)
+def publisher_for(claim: Claim, fence: Callable[[], None], *, retry_pause_s: float = 0.05) -> Publisher:
+    """A publisher on the claim's real store, whose fence (called inside each commit) is ``fence``."""
     context = RunContext(
         claim=claim,
-        store=store,
+        store=CheckpointStore(claim.job, keep=5, fence=fence),
         stop=threading.Event(),
         log=logging.getLogger("test-publisher"),
         console=Console(file=io.StringIO(), width=100),
     )
-    publisher = Publisher(context, retry_pause_s=0.05)
+    return Publisher(context, retry_pause_s=retry_pause_s)
+
+
+@pytest.fixture
+def publisher(claim: Claim, gate: Gate) -> Iterator[Publisher]:
+    publisher = publisher_for(claim, gate)
     yield publisher
     publisher.shutdown()
 
@@ -256,15 +260,7 @@ def test_a_snapshot_that_waits_on_a_failing_job_folder_waits_on_local_disk_then_
             raise StorageError("the job folder: Transport endpoint is not connected", transient=True)
         claim.fence()
 
-    store = CheckpointStore(claim.job, keep=5, fence=fence_failing_once)
-    context = RunContext(
-        claim=claim,
-        store=store,
-        stop=threading.Event(),
-        log=logging.getLogger("test-publisher"),
-        console=Console(file=io.StringIO(), width=100),
-    )
-    publisher = Publisher(context, retry_pause_s=0.3)
+    publisher = publisher_for(claim, fence_failing_once, retry_pause_s=0.3)
     taken = in_memory(tmp_path, 1)
     try:
         publisher.submit(taken)

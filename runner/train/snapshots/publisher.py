@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A snapshot waiting to be published: in ``folder`` on local disk, or still in memory (``captured``) until
-    the publisher's thread writes it there."""
+    """A snapshot waiting to be published: held in memory (``captured``, the trainer's), or in ``folder`` on local
+    disk (one that waited on a failing job folder, or was handed over as files)."""
 
     folder: Path
     epoch: int
