@@ -96,8 +96,9 @@ class CapturedSnapshot:
 
     Taking it is the training loop's only wait. The publisher's thread writes its files straight into the job
     folder (:attr:`files`: one write of the bytes, hashed as they go); only a snapshot that cannot be published
-    (the job folder failing, the claim ending first) is written to local disk (:meth:`write`), to wait or be kept. It holds a copy of the variables until it is committed or
-    dropped (for the tutorial's network, 1.08 GB), and a second one while a newer snapshot waits behind it."""
+    (the job folder failing, the claim ending first) is written to local disk (:meth:`write`), to wait or be
+    kept. It holds a copy of the variables until it is committed or dropped (for the tutorial's network,
+    1.08 GB), and a second one while a newer snapshot waits behind it."""
 
     def __init__(self, arrays: dict[str, np.ndarray], document: dict[str, Any]) -> None:
         self._arrays: dict[str, np.ndarray] | None = arrays
@@ -111,7 +112,8 @@ class CapturedSnapshot:
 
     @property
     def files(self) -> dict[str, Callable[[BinaryIO], None]]:
-        """The snapshot's files, each name with what writes its bytes; for the checkpoint store's commit."""
+        """The snapshot's files, each name with what writes its bytes (the variables first): what the checkpoint
+        store's commit writes into the job folder, and :meth:`write` to local disk."""
         arrays = self._arrays
         if arrays is None:
             raise RuntimeError("the snapshot was released")
@@ -134,9 +136,9 @@ class CapturedSnapshot:
             if self._arrays is None:
                 return
             folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / VARIABLES_FILE, "wb") as handle:
-                _write_npz(handle, self._arrays)
-            (folder / STATE_FILE).write_bytes(self._state)
+            for name, put in self.files.items():  # the variables, then the state
+                with open(folder / name, "wb") as handle:
+                    put(handle)
             self._arrays = None
 
 
