@@ -19,8 +19,8 @@ from rich.markup import escape
 
 from runner import defaults, storage
 from runner.api import open_queue
-from runner.console import render_status, status_records, watch_status
-from runner.errors import RunnerError, SpecError
+from runner.console import queue_failing, render_status, status_records, watch_status
+from runner.errors import RunnerError, SpecError, StorageError
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session
 from runner.spec import json_schema, load_spec
@@ -134,7 +134,7 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
         )
         return _work(queue, options, out, err)
     if args.command == "status":
-        return _status(queue, as_json=args.json, watch=args.watch, out=out)
+        return _status(queue, as_json=args.json, watch=args.watch, out=out, err=err)
     if args.command == "cancel":
         err.print(queue.cancel(args.name), markup=False, soft_wrap=True)
         return 0
@@ -175,22 +175,31 @@ def _work(queue: Queue, options: SessionOptions, out: Console, err: Console) -> 
     return result.exit_code
 
 
-def _status(queue: Queue, *, as_json: bool, watch: bool, out: Console) -> int:
-    # Status is asked by a person waiting for an answer: give up on a failing mount in seconds, not minutes.
-    storage.set_retry_budget(defaults.STATUS_RETRY_BUDGET_S)
-    if as_json:
-        print(json.dumps(status_records(queue.views(), time.time()), indent=2))
-    elif watch:
+def _a_person_waits() -> None:
+    """Give up on a failing mount in seconds, not minutes (or sooner, where $RUNNER_RETRY_BUDGET says so)."""
+    storage.set_retry_budget(min(storage.retry_budget(), defaults.STATUS_RETRY_BUDGET_S))
+
+
+def _status(queue: Queue, *, as_json: bool, watch: bool, out: Console, err: Console) -> int:
+    _a_person_waits()
+    if watch:
         watch_status(queue, out, interval=defaults.STATUS_WATCH_INTERVAL_S)
-    else:
-        out.print(render_status(queue))
+        return 0
+    try:
+        if as_json:
+            print(json.dumps(status_records(queue.views(), time.time()), indent=2))
+        else:
+            out.print(render_status(queue))
+    except StorageError as error:  # the folder fails: still say what this machine keeps of its jobs
+        err.print(queue_failing(queue, error, time.time()), soft_wrap=True)
+        return error.exit_code
     return 0
 
 
 def _plot(queue: Queue, name: str | None, output: Path | None, err: Console) -> int:
     from runner.curves import plot_job, plot_queue  # noqa: PLC0415 (matplotlib loads for this command only)
 
-    storage.set_retry_budget(defaults.STATUS_RETRY_BUDGET_S)  # a person is waiting: say so soon on a failing mount
+    _a_person_waits()
     path = plot_job(queue, name, output) if name is not None else plot_queue(queue, output)
     err.print(f"wrote {path}", markup=False, soft_wrap=True)
     return 0

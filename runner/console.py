@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from runner.device import short_device
+from runner.errors import StorageError
 from runner.paths import default_cache_dir, publish_note
 from runner.queue import INTERRUPTED, JobView, Queue
 
@@ -54,6 +55,35 @@ def local_publish_note(view: JobView, now: float, cache_dir: Path | None = None)
     if not (isinstance(note, dict) and current and view.shown_state(now) == "running"):
         return None  # left by a worker that has gone: not news any more
     return note
+
+
+def notes_kept_here(queue: Queue, now: float, cache_dir: Path | None = None) -> list[dict[str, Any]]:
+    """This machine's notes for the queue's jobs whose newest checkpoint waits on local disk, read without the
+    queue folder (for when it is the folder that fails), newest failure first."""
+    notes = []
+    for path in sorted((cache_dir or default_cache_dir()).joinpath("publishing").glob("*.json")):
+        try:
+            note = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(note, dict) and note.get("folder") == str(queue.paths.job(path.stem).folder):
+            notes.append(note | {"job": path.stem, "failing_for_s": round(max(0.0, now - float(note.get("since", now))), 1)})
+    return sorted(notes, key=lambda note: note["failing_for_s"])
+
+
+def queue_failing(queue: Queue, error: Exception, now: float) -> Group:
+    """What status shows when the queue folder itself fails: the error, and what this machine keeps meanwhile."""
+    lines = [Text.assemble(("error: ", "red"), str(error))]
+    for note in notes_kept_here(queue, now):
+        lines.append(
+            Text(
+                f"{note['job']}: the checkpoint at epoch {note.get('epoch')} step {note.get('step')} is kept on this "
+                f"machine's disk (publishing has been failing for {format_age(note['failing_for_s'])}) and is "
+                "published when the folder answers again",
+                style="yellow",
+            )
+        )
+    return Group(*lines)
 
 
 def status_record(view: JobView, now: float) -> dict[str, Any]:
@@ -214,10 +244,20 @@ def watch_status(
     sleep: Callable[[float], None] = time.sleep,
     rounds: int | None = None,
 ) -> None:
-    """Refresh the status table in place every ``interval`` seconds (until Ctrl-C, or ``rounds`` refreshes)."""
-    with Live(render_status(queue), console=console, auto_refresh=False) as live:
+    """Refresh the status table in place every ``interval`` seconds (until Ctrl-C, or ``rounds`` refreshes).
+
+    A queue folder that fails (Drive dropped for a while) is shown, with what this machine keeps, until it answers.
+    """
+    with Live(_render_or_failure(queue), console=console, auto_refresh=False) as live:
         done = 0
         while rounds is None or done < rounds:
             sleep(interval)
-            live.update(render_status(queue), refresh=True)
+            live.update(_render_or_failure(queue), refresh=True)
             done += 1
+
+
+def _render_or_failure(queue: Queue) -> Group:
+    try:
+        return render_status(queue)
+    except StorageError as error:
+        return queue_failing(queue, error, time.time())

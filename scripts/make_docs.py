@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import io
 import json
 import os
 import re
@@ -697,6 +698,31 @@ def _publishing_sample_part(_: str | None) -> str:
     return "```json\n" + json.dumps({"publishing": publishing}, indent=2) + "\n```\n"
 
 
+def _queue_failing_sample_part(_: str | None) -> str:
+    """What `runner status` prints when the queue folder fails, made by runner/console.py from a made-up note."""
+    from rich.console import Console  # noqa: PLC0415
+
+    from runner.console import queue_failing  # noqa: PLC0415
+    from runner.errors import StorageError  # noqa: PLC0415
+    from runner.paths import publish_note  # noqa: PLC0415
+    from runner.queue import Queue  # noqa: PLC0415
+
+    now = 1_767_268_800.0
+    queue = Queue("/content/drive/MyDrive/runner")
+    error = StorageError(
+        "/content/drive/MyDrive/runner/jobs: Transport endpoint is not connected (kept failing after retries): check "
+        "that the folder's mount is still there (errno 107 means Drive disconnected), then run the command again"
+    )
+    with tempfile.TemporaryDirectory() as folder, _cache_dir(Path(folder)):
+        note = publish_note(Path(folder), "cats-vs-dogs")
+        note.parent.mkdir(parents=True)
+        folder_of_job = str(queue.paths.job("cats-vs-dogs").folder)
+        note.write_text(json.dumps({"since": now - 40.0, "epoch": 8, "step": 0, "generation": 2, "folder": folder_of_job}))
+        console = Console(width=1000, record=True, file=io.StringIO(), color_system=None)
+        console.print(queue_failing(queue, error, now), soft_wrap=True)
+    return "```\n" + console.export_text().rstrip() + "\n```\n"
+
+
 def render_cli() -> str:
     """docs/cli.md as it should be."""
     parser = _parser()
@@ -726,6 +752,7 @@ def render_cli() -> str:
         "status-keys": _status_keys_part,
         "status-sample": _status_sample_part,
         "publishing-sample": _publishing_sample_part,
+        "queue-failing-sample": _queue_failing_sample_part,
     }
     return _fill("cli.md", parts, "runner/cli.py")
 

@@ -270,12 +270,13 @@ def render(
         )
     notes = []
     for r in results:
-        if r.status_during_outage is not None:
+        if r.status_answers:
+            during, last = r.status_answers[0], r.status_answers[-1]
             notes.append(
                 f"- {r.scenario}: trained through the outage and published after it: "
-                f"{'yes' if r.trained_through_outage else 'NO'}. `runner status --json` during the outage: "
-                f"{_short(r.status_during_outage)}. Right after it (checkpoint still kept locally): "
-                f"{_short(r.status_after_outage)}."
+                f"{'yes' if r.trained_through_outage else 'NO'}. `runner status --json`, asked "
+                f"{len(r.status_answers)} times from the outage's start to a second after its end; first: "
+                f"{_short(during)}. Last: {_short(last)}."
             )
         for problem in r.problems:
             notes.append(f"- {r.scenario} (seed {r.seed}): {_short(problem)}")

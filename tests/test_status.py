@@ -8,12 +8,14 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
 
+from runner import storage
 from runner.checkpoints import parse_checkpoint_id
 from runner.console import eta_seconds, format_age, render_status, status_records, status_table, watch_status
 from runner.job import JobStatus
@@ -21,6 +23,8 @@ from runner.paths import publish_note
 from runner.queue import Queue
 from runner.worker import Worker
 from tests.conftest import make_spec, run_cli, runner_env, start_cli
+from tests.drivesim import DriveSim
+from tests.drivesim.fixtures import SimFactory, requires_fuse
 from tests.support.counting_trainer import CountingTrainer, expected_value
 from tests.support.worker_helpers import (
     quiet_console,
@@ -299,3 +303,77 @@ def render_text(renderable: Any) -> str:
     console = Console(file=io.StringIO(), width=200)
     console.print(renderable)
     return console.file.getvalue()
+
+
+# --- a queue folder that fails (Drive dropped) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def drive_sim(tmp_path: Path) -> Iterator[SimFactory]:
+    with SimFactory(tmp_path / "sims") as factory:
+        yield factory
+
+
+def kept_note(cache: Path, queue: Queue, name: str, *, epoch: int, step: int) -> None:
+    """The note a worker's publisher leaves on this machine while a checkpoint of ``name`` waits on local disk."""
+    note = publish_note(cache, name)
+    note.parent.mkdir(parents=True, exist_ok=True)
+    folder = str(queue.paths.job(name).folder)
+    record = {"since": time.time() - 42, "epoch": epoch, "step": step, "generation": 1, "folder": folder}
+    note.write_text(json.dumps(record | {"error": "errno 107"}))
+
+
+@requires_fuse
+def test_status_on_a_failing_queue_folder_names_the_error_and_what_this_machine_keeps(
+    drive_sim: Callable[..., DriveSim], tmp_path: Path
+) -> None:
+    sim = drive_sim(cache_s=0.0)  # no kernel cache: every read reaches the failing mount
+    queue = Queue(sim.mountpoint / "queue")
+    queue.submit(make_spec("waiting"))
+    other = Queue(tmp_path / "another-queue")
+    cache = tmp_path / "cache"
+    kept_note(cache, queue, "waiting", epoch=3, step=7)
+    kept_note(cache, other, "elsewhere", epoch=9, step=9)  # another queue's job: not this queue's news
+    env = runner_env(RUNNER_CACHE=str(cache), RUNNER_RETRY_BUDGET="0.5", COLUMNS="400")
+    sim.outage(600)
+    try:
+        table = run_cli("status", "--queue", str(queue.root), env=env)
+        as_json = run_cli("status", "--json", "--queue", str(queue.root), env=env)
+    finally:
+        sim.outage(0)
+    answered = run_cli("status", "--json", "--queue", str(queue.root), env=env)
+
+    assert sum(sim.stats()["outage"].values()) >= 2, "the outage failed no call"
+    for failed in (table, as_json):
+        assert failed.returncode == 1, failed.stderr
+        assert failed.stdout == "" and "Traceback" not in failed.stderr
+        lines = [line for line in failed.stderr.splitlines() if not line.startswith("storage error (")]  # retries
+        assert lines[0].startswith("error:") and "Transport endpoint is not connected" in lines[0], lines
+        assert lines[1].startswith("waiting: the checkpoint at epoch 3 step 7 is kept on this machine's disk"), lines
+        assert len(lines) == 2, lines  # the other queue's note is not shown
+    assert answered.returncode == 0 and [row["name"] for row in json.loads(answered.stdout)] == ["waiting"]
+
+
+@requires_fuse
+def test_watch_shows_a_failing_queue_folder_and_goes_on_watching(
+    drive_sim: Callable[..., DriveSim], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = drive_sim(cache_s=0.0)
+    queue = Queue(sim.mountpoint / "queue")
+    queue.submit(make_spec("waiting"))
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
+    kept_note(tmp_path / "cache", queue, "waiting", epoch=3, step=7)
+    monkeypatch.setattr(storage, "_budget", [0.3])
+    frames = []
+
+    def outage_then_recovery(_: float) -> None:
+        frames.append(None)
+        sim.outage(600 if len(frames) == 1 else 0)
+
+    console = Console(file=io.StringIO(), width=300, force_terminal=True, color_system=None)  # every frame drawn
+    watch_status(queue, console, interval=0, sleep=outage_then_recovery, rounds=2)
+    failing, _, recovered = console.file.getvalue().partition("is published when the folder answers again")
+
+    assert "Transport endpoint is not connected" in failing
+    assert "waiting: the checkpoint at epoch 3 step 7 is kept on this machine's disk" in failing
+    assert "waiting  queued" in recovered  # the table again once the folder answers

@@ -201,6 +201,7 @@ class Publisher:
             "epoch": snapshot.epoch,
             "step": snapshot.step,
             "generation": self.context.generation,
+            "folder": str(self.context.job.paths.folder),  # status finds it without reading a failing job folder
             "error": " ".join(str(error).split())[:300],
         }
         try:
