@@ -5,6 +5,8 @@ The baseline is what a Keras user writes: ``keras.utils.image_dataset_from_direc
 built-in ``simple_cnn``, built from the same seed) and the same epochs:
 
 - ``fit + BackupAndRestore``: Keras' own resumable training, the same pipeline;
+- ``fit + BackupAndRestore + model.save``: the same, then the trained model saved as ``.keras``, which is what
+  runner's export to ``final/`` gives (neither row above writes a model at the end);
 - ``tutorial script``: the tutorial's ``ImageDataGenerator.flow_from_directory`` + ``fit`` with a
   ``ModelCheckpoint`` to an ``.h5`` file every epoch;
 - ``runner``: a real queue and worker (claim, lease, a verified checkpoint every epoch, history, export), with
@@ -114,7 +116,9 @@ def _steady(started: float, ends: list[float]) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def _folders(spec: JobSpec, root: Path, callbacks: list, *, started: float) -> tuple[float, list[float]]:
+def _folders(
+    spec: JobSpec, root: Path, callbacks: list, *, started: float, save_to: Path | None = None
+) -> tuple[float, list[float]]:
     d = spec.dataset
     color = d.color_mode
 
@@ -130,6 +134,8 @@ def _folders(spec: JobSpec, root: Path, callbacks: list, *, started: float) -> t
     model = _model(spec, (*d.image_size, channels), classes)
     clock = EpochClock()
     model.fit(train, validation_data=validation, epochs=spec.training.epochs, callbacks=[*callbacks, clock], verbose=0)
+    if save_to is not None:
+        model.save(str(save_to))
     return time.perf_counter() - started, _steady(started, clock.ends)
 
 
@@ -140,6 +146,13 @@ def plain_fit(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, list[flo
 def backup_and_restore(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, list[float]]:
     started = time.perf_counter()
     return _folders(spec, root, [keras.callbacks.BackupAndRestore(backup_dir=str(scratch / "backup"))], started=started)
+
+
+def backup_and_restore_then_save(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, list[float]]:
+    """BackupAndRestore, then ``model.save`` of the trained model: the deliverable runner's ``final/`` is."""
+    started = time.perf_counter()
+    backup = keras.callbacks.BackupAndRestore(backup_dir=str(scratch / "backup"))
+    return _folders(spec, root, [backup], started=started, save_to=scratch / "final.keras")
 
 
 def tutorial_script(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, list[float]]:
@@ -203,6 +216,7 @@ def runner_one_step(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, li
 WAYS: dict[str, Way] = {
     "fit (baseline)": plain_fit,
     "fit + BackupAndRestore": backup_and_restore,
+    "fit + BackupAndRestore + model.save": backup_and_restore_then_save,
     "tutorial script": tutorial_script,
     "runner": runner_auto,
     "runner, 1 step per call": runner_one_step,

@@ -19,9 +19,9 @@ from rich.console import Console
 
 from runner import colab, storage
 from runner.console import status_records, status_table
-from runner.errors import JobNotFound, StorageError
+from runner.errors import JobNotFound, QueueNotFound, StorageError
 from runner.lease import lease_duration_from
-from runner.paths import default_queue_dir
+from runner.paths import queue_choice
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session
 from runner.spec import JobSpec, load_spec, parse_spec
@@ -33,14 +33,31 @@ if TYPE_CHECKING:
 QueueLike = str | Path | Queue | None
 
 
-def open_queue(queue: QueueLike = None) -> Queue:
-    """The queue at ``queue`` (a folder), or the default one; mounts Drive on Colab when the queue is there."""
+def open_queue(queue: QueueLike = None, *, must_exist: bool = False) -> Queue:
+    """The queue at ``queue`` (a folder), or the default one; mounts Drive on Colab when the queue is there.
+
+    ``must_exist``: :class:`QueueNotFound` (naming the folder and how it was chosen) where there is no folder,
+    for every use but submitting, which creates it: "no jobs yet" would hide a mistyped path."""
     if isinstance(queue, Queue):
         return queue
     storage.check_retry_budget_environment()  # a bad value is one line, not silently the default
-    root = Path(queue).expanduser() if queue is not None else default_queue_dir()
+    root, chosen = queue_choice(queue)
     colab.ensure_drive(root, can_prompt=colab.in_notebook_kernel())
+    if must_exist and not _may_exist(root):
+        raise QueueNotFound(str(root.absolute()), chosen)
     return Queue(root, lease_duration=lease_duration_from(queue_root=root))
+
+
+def _may_exist(root: Path) -> bool:
+    """``False`` only where the file system says there is nothing at ``root``: a mount that does not answer (Drive
+    dropped) is left to the command's own reads, which say so (and `runner status` then shows what is kept here),
+    and a path through a file is the storage layer's one line."""
+    try:
+        return storage.exists(root)
+    except StorageError as error:
+        if error.transient:
+            return True
+        raise
 
 
 def submit(spec: str | Path | Mapping[str, Any] | JobSpec, *, queue: QueueLike = None) -> str:
@@ -73,12 +90,12 @@ def work(
     ``max_hours``, ``flush`` and ``release_runtime`` are ``runner work``'s options of the same names.
     """
     options = SessionOptions(job=job, max_hours=max_hours, flush=flush, release_runtime=release_runtime)
-    return run_session(open_queue(queue), options, Console(stderr=True))
+    return run_session(open_queue(queue, must_exist=True), options, Console(stderr=True))
 
 
 def status(*, queue: QueueLike = None) -> StatusReport:
     """The queue's jobs now: shows as the status table in a notebook, and is a list of JSON-able records in code."""
-    resolved = open_queue(queue)
+    resolved = open_queue(queue, must_exist=True)
     now = time.time()
     views = resolved.views()
     table = status_table(views, now, title=f"queue {resolved.root}")
@@ -89,7 +106,7 @@ def plot(name: str | None = None, *, queue: QueueLike = None) -> Picture:
     """Learning curves of one job, or of every job compared; shown inline by notebooks, ``.save(path)`` to keep."""
     from runner.curves import figure_for_job, figure_for_queue  # noqa: PLC0415 (matplotlib loads only when asked)
 
-    resolved = open_queue(queue)
+    resolved = open_queue(queue, must_exist=True)
     return Picture(figure_for_queue(resolved) if name is None else figure_for_job(resolved, name))
 
 
@@ -124,7 +141,7 @@ class Picture:
 
 def logs(name: str, *, queue: QueueLike = None) -> str:
     """The job's log (every session that ran it), as text."""
-    path = open_queue(queue).job(name).paths.log
+    path = open_queue(queue, must_exist=True).job(name).paths.log
     try:
         return storage.read_bytes(path).decode("utf-8", errors="replace")
     except StorageError as error:

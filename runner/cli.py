@@ -92,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out, err = Console(), Console(stderr=True, highlight=False)
     try:
-        return _dispatch(args, out, err)
+        code = _dispatch(args, out, err)
+        sys.stdout.flush()  # a closed pipe fails here, among the handlers below, not in the interpreter's exit
+        return code
     except SpecError as error:
         for line in str(error).splitlines():
             err.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
@@ -102,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `runner status | head`: the reader has what it wanted
+        _silence_stdout()
+        return 1  # as rich's console does when the table meets a closed pipe (and Python's docs advise)
     except Exception as error:  # the last line of defence: a bug must still not print a traceback
         if os.environ.get(DEBUG_ENV):
             raise
@@ -113,8 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush at exit does not fail on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _queue(args: argparse.Namespace) -> Queue:
-    return open_queue(args.queue)
+    return open_queue(args.queue, must_exist=args.command != "submit")  # submitting creates the folder
 
 
 def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:

@@ -17,6 +17,7 @@ from runner import storage
 from runner.errors import NoHistory, UsageError
 from runner.history import read_history
 from runner.queue import Queue
+from runner.words import counted
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -136,8 +137,8 @@ def figure_for_job(queue: Queue, name: str) -> Figure:
             handles.append(_mark_best(axes, *best))
         _mark_restarts(axes, restarts)
         _finish_axes(axes, metric, handles)
-    done = f"{len(curves.epochs)} epoch{'s' if len(curves.epochs) != 1 else ''}"
-    resumed = f", {len(restarts)} restart{'s' if len(restarts) != 1 else ''}" if restarts else ""
+    done = counted(len(curves.epochs), "epoch")
+    resumed = f", {counted(len(restarts), 'restart')}" if restarts else ""
     figure.suptitle(f"{name}: {done}{resumed}")
     return figure
 
@@ -172,7 +173,7 @@ def figure_for_queue(queue: Queue) -> Figure:
                     lines += axes.plot(curves.epochs, curves.columns[column], style, color=colour, label=label)
             handles += lines[:1]  # one legend entry per job; the title says which style is which
         _finish_axes(axes, f"{metric} (solid: train, dashed: validation)", handles)
-    figure.suptitle(f"queue {queue.root.name or queue.root}: {len(plotted)} job{'s' if len(plotted) != 1 else ''}")
+    figure.suptitle(f"queue {queue.root.name or queue.root}: {counted(len(plotted), 'job')}")
     if waiting:
         figure.supxlabel(f"no history yet: {', '.join(waiting)}", fontsize=9, color="grey")
     return figure

@@ -23,6 +23,7 @@ from runner.history import read_history
 from runner.job import JobStatus
 from runner.queue import Queue
 from runner.spec import JobSpec, load_spec
+from runner.words import counted
 
 KILL_AFTER_EPOCHS = 3
 """The worker is killed once this many epochs are checkpointed, a few seconds into the next one."""
@@ -53,7 +54,7 @@ def run_demo(queue_dir: Path | None, console: Console) -> int:
     else:
         console.print(
             f"\n[bold red]simulating a Colab disconnect:[/] SIGKILL to the worker (pid {worker.pid}) "
-            f"with {killed_at[0]} epochs done, at step {killed_at[1]} of epoch {killed_at[0] + 1}\n"
+            f"with {counted(killed_at[0], 'epoch')} done, at step {killed_at[1]} of epoch {killed_at[0] + 1}\n"
         )
         console.print(render_status(queue))
 
@@ -62,7 +63,7 @@ def run_demo(queue_dir: Path | None, console: Console) -> int:
     history = read_history(job.paths.history)
     if history and "val_accuracy" in history[-1]:
         accuracy = float(history[-1]["val_accuracy"])
-        console.print(f"\n[bold]validation accuracy after {len(history)} epochs: {accuracy:.1%}[/]")
+        console.print(f"\n[bold]validation accuracy after {counted(len(history), 'epoch')}: {accuracy:.1%}[/]")
     console.print(f"events of the job: {job.paths.events}")
     status = job.read_state().status
     if status is not JobStatus.DONE:

@@ -45,6 +45,17 @@ class JobNotFound(RunnerError, LookupError):
         self.job, self.queue = job, queue
 
 
+class QueueNotFound(RunnerError, LookupError):
+    """No queue folder where the command looked: a mistyped path, another current folder, Drive not the one."""
+
+    def __init__(self, root: str, chosen: str) -> None:
+        super().__init__(
+            f"no queue folder at {root} ({chosen}): name the folder the jobs were submitted to (--queue DIR, queue= in "
+            "Python, or $RUNNER_QUEUE); submitting a job creates a new one"
+        )
+        self.root, self.chosen = root, chosen
+
+
 class JobExists(RunnerError, FileExistsError):
     """A job of that name is already in the queue."""
 

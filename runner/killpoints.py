@@ -29,7 +29,7 @@ HOLD_LIMIT_S = 300.0
 """A held process that is never released goes on after this long, so a broken test cannot hang forever."""
 
 POINTS = {
-    "snapshot-written": "the trainer took a snapshot (in memory) and has not handed it to the publisher yet",
+    "snapshot-taken": "the trainer took a snapshot (in memory) and has not handed it to the publisher yet",
     "commit-copied": "a checkpoint's files are in its temporary folder; no manifest yet",
     "commit-manifest": "the manifest is written; the folder is not renamed into place yet",
     "commit-renamed": "the checkpoint is committed; not yet verified, logged or pruned",

@@ -182,11 +182,19 @@ def on_colab(environ: Mapping[str, str] = os.environ) -> bool:
 
 def default_queue_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """The queue folder when none is given: ``$RUNNER_QUEUE``, then Drive on Colab, then ``./runner-queue``."""
+    return queue_choice(None, environ)[0]
+
+
+def queue_choice(given: str | Path | None, environ: Mapping[str, str] = os.environ) -> tuple[Path, str]:
+    """The queue folder, and how it was chosen, in words for a message: given, ``$RUNNER_QUEUE``, Colab's default
+    or the default in the current folder."""
+    if given is not None:
+        return Path(given).expanduser(), "as given"
     if value := environ.get(defaults.QUEUE_ENV):
-        return Path(value).expanduser()
+        return Path(value).expanduser(), f"from ${defaults.QUEUE_ENV}"
     if on_colab(environ):
-        return Path(defaults.QUEUE_DIR_COLAB)
-    return Path(defaults.QUEUE_DIR_LOCAL)
+        return Path(defaults.QUEUE_DIR_COLAB), "Colab's default"
+    return Path(defaults.QUEUE_DIR_LOCAL), f"the default: ./{defaults.QUEUE_DIR_LOCAL} in the current folder"
 
 
 def on_drive(path: Path) -> bool:

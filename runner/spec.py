@@ -322,6 +322,15 @@ class _SpecLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+# YAML 1.1, which PyYAML reads, has no float without a dot and a signed exponent: `1e-3` and `5e-5` (how people
+# write learning rates) would be strings, and refused as not a number. Read them as YAML 1.2 and JSON do.
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _parse_text(text: str, source: str, *, json_only: bool) -> Any:
     if json_only:
         try:

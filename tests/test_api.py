@@ -19,7 +19,7 @@ import yaml
 
 import runner
 from runner import defaults
-from runner.errors import JobExists, JobNotFound, SpecError, UsageError
+from runner.errors import JobExists, JobNotFound, QueueNotFound, SpecError, UsageError
 from runner.queue import Queue
 from runner.spec import parse_spec
 from runner.worker import WorkResult
@@ -238,10 +238,19 @@ def test_status_shows_as_the_table_in_text_and_html(ran: Path) -> None:
 
 
 def test_status_of_an_empty_queue(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
     report = runner.status(queue=tmp_path / "empty")
 
     assert len(report) == 0 and list(report) == [] and json.loads(report.to_json()) == []
     assert "no jobs yet" in str(report)
+
+
+def test_a_queue_folder_that_does_not_exist_is_an_error_not_an_empty_queue(tmp_path: Path) -> None:
+    missing = tmp_path / "mistyped"
+    for call in (lambda: runner.status(queue=missing), lambda: runner.work(queue=missing)):
+        with pytest.raises(QueueNotFound, match=f"no queue folder at {missing} \\(as given\\)"):
+            call()
+    assert not missing.exists()
 
 
 # --- logs --------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ Bad input gives exit code 2, one line per problem naming the field, no traceback
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import yaml
 
 from runner.queue import Queue
 from runner.spec import load_spec
-from tests.conftest import make_spec, make_spec_dict, run_cli, runner_env, write_spec
+from tests.conftest import REPO, make_spec, make_spec_dict, run_cli, runner_env, write_spec
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -211,9 +213,43 @@ def test_work_with_nothing_runnable_does_not_load_the_trainer(tmp_path: Path) ->
     (tmp_path / "explosive_trainer.py").write_text("raise SystemExit('imported!')\n")
     env = runner_env(RUNNER_TRAINER="explosive_trainer:Trainer")
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    (tmp_path / "queue").mkdir()  # a queue with no jobs
     result = run_cli("work", "--queue", str(tmp_path / "queue"), env=env)
     _assert_clean_exit(result, 0)
     assert "imported!" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["work"], ["logs", "job"], ["cancel", "job"]])
+def test_a_queue_folder_that_does_not_exist_is_named_with_how_it_was_chosen(
+    tmp_path: Path, command: list[str]
+) -> None:
+    mistyped = tmp_path / "runner-queeu"
+    given = run_cli(*command, "--queue", str(mistyped))
+    from_environment = run_cli(*command, env=runner_env(RUNNER_QUEUE=str(mistyped)))
+    for result, chosen in ((given, "as given"), (from_environment, "from $RUNNER_QUEUE")):
+        _assert_clean_exit(result, 1)
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"error: no queue folder at {mistyped} ({chosen}):"), line
+        assert result.stdout == ""
+    assert not mistyped.exists()  # nothing made where nothing was asked for
+
+
+def test_the_default_queue_folder_is_named_as_the_default(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "runner", "status"], capture_output=True, text=True, env=runner_env(), cwd=tmp_path,
+        timeout=120,
+    )  # fmt: skip
+    _assert_clean_exit(result, 1)
+    assert f"no queue folder at {tmp_path / 'runner-queue'} (the default: ./runner-queue in the current folder)" in (
+        result.stderr
+    )
+
+
+def test_submit_creates_the_queue_folder(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "job")
+    assert run_cli("submit", str(spec), "--queue", str(tmp_path / "new-queue")).returncode == 0
+    listed = run_cli("status", "--json", "--queue", str(tmp_path / "new-queue"))
+    assert listed.returncode == 0 and [row["name"] for row in json.loads(listed.stdout)] == ["job"]
 
 
 @pytest.mark.parametrize(
@@ -236,3 +272,23 @@ def test_a_bad_setting_in_the_environment_is_one_line_naming_it(tmp_path: Path, 
     (line,) = _error_lines(result)
     assert line.startswith(f"error: {variable} must be ") and repr(value) in line
     assert _files_under(queue_dir) == []
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_a_closed_pipe_ends_status_quietly(tmp_path: Path, as_json: bool) -> None:
+    """`runner status | head`: the reader went away before runner wrote; no traceback, no "please report it"."""
+    queue = Queue(tmp_path / "queue")
+    for index in range(3):
+        queue.submit(make_spec(f"job-{index}"))
+    buffered = {key: value for key, value in runner_env().items() if key != "PYTHONUNBUFFERED"}  # as in a shell
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before runner writes a byte: its first write fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "runner", "status", "--queue", str(queue.root), *(["--json"] if as_json else [])],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, env=buffered, cwd=REPO, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == ""

@@ -578,6 +578,7 @@ def test_outside_colab_there_is_no_default_limit(not_colab: None) -> None:
 def test_runner_work_on_colab_states_its_default_limit(tmp_path: Path) -> None:
     vm = colab_vm(tmp_path)
     local = tmp_path / "local-queue"
+    local.mkdir()  # a queue with nothing to run
 
     default = run_colab_cli("work", "--queue", str(local), env=colab_env(vm))
     given = run_colab_cli("work", "--queue", str(local), "--max-hours", "3", env=colab_env(vm))

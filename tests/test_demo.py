@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ def test_demo_kills_resumes_and_reaches_95_percent(tmp_path: Path) -> None:
     assert "Traceback" not in output
     assert "simulating a Colab disconnect" in output
     assert "resuming 'digits' from checkpoint" in output
+    for count, noun in re.findall(r"(\d+) (epochs?) done", output):  # "1 epoch done", never "1 epochs done"
+        assert (noun == "epoch") == (count == "1"), output
 
     job = Job(QueuePaths(tmp_path / "queue").job("digits"))
     state = job.read_state()

@@ -83,7 +83,7 @@ def test_kills_inside_every_step_of_publishing_resume_from_the_newest_verified_c
         Kill.at("commit-renamed", 4),  # committed, but neither logged nor in state.json: it must still be found
         Kill.at("state-written", 2),
         Kill.at("history-written", 3),
-        Kill.at("snapshot-written", 5),
+        Kill.at("snapshot-taken", 5),
     ]
     for kill in plan:
         run.session(kill)
@@ -242,7 +242,7 @@ def test_an_outage_that_outlasts_the_final_flush_keeps_the_checkpoint_and_the_ne
         outage_ends.append(time.monotonic() + outage_s)
 
     # The 4th snapshot is the last epoch's: Drive goes away just before it is handed to the publisher.
-    held = run.held_session("snapshot-written", 4, outage)
+    held = run.held_session("snapshot-taken", 4, outage)
 
     said = " ".join((held.stdout + held.stderr).split())
     assert held.returncode == 1, said[-3000:]
@@ -307,7 +307,7 @@ def test_each_speed_option_survives_kills_mid_epoch_and_ends_as_an_uninterrupted
     reference = Reference.of(uninterrupted.queue, NAME, uninterrupted.env)
 
     run = new_run(tmp_path / "killed", digits, seed=5, env=env, **overrides)
-    run.session(Kill.at("snapshot-written", 3))
+    run.session(Kill.at("snapshot-taken", 3))
     run.session(Kill.after_commit(2, delay_s=(0.0, 0.05)))
     run.finish()
 

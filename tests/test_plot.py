@@ -364,6 +364,7 @@ def test_runner_plot_errors_are_one_line_and_an_exit_code(
 
 
 def test_runner_plot_of_an_empty_queue_says_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
     result = run_cli("plot", "--queue", str(tmp_path / "empty"), "--output", str(tmp_path / "queue.png"))
 
     assert result.returncode == 1

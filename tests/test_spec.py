@@ -650,3 +650,27 @@ def test_a_relative_source_is_resolved_against_the_spec_files_folder(tmp_path: P
     assert load_spec(path).dataset.source == str((tmp_path / "data" / "images.zip").resolve())
     path.write_text("name: job\ndataset: {source: https://data.invalid/x.zip}\n")
     assert load_spec(path).dataset.source == "https://data.invalid/x.zip"
+
+
+@pytest.mark.parametrize(("written", "value"), [("1e-3", 1e-3), ("1E-4", 1e-4), ("5e-5", 5e-5), ("2.5e-4", 2.5e-4)])
+def test_numbers_with_an_exponent_and_no_dot_are_floats_in_yaml(tmp_path: Path, written: str, value: float) -> None:
+    # YAML 1.1 reads `1e-3` as a string: refused as "not a number" before this was fixed.
+    path = tmp_path / "job.yaml"
+    path.write_text(f"name: job\ndataset: {{source: /data}}\ntraining: {{learning_rate: {written}}}\n")
+    spec = load_spec(path)
+    assert spec.training.learning_rate == value and isinstance(spec.training.learning_rate, float)
+    assert load_spec_text(spec.to_yaml(), tmp_path).training.learning_rate == value  # the frozen copy reads back
+
+
+@pytest.mark.parametrize("written", ["yes", "true", "1e", "fast"])
+def test_words_stay_refused_where_a_number_is_wanted(tmp_path: Path, written: str) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(f"name: job\ndataset: {{source: /data}}\ntraining: {{learning_rate: {written}}}\n")
+    [problem] = _problems_of(path)
+    assert problem.startswith("training.learning_rate:"), problem
+
+
+def load_spec_text(text: str, folder: Path) -> JobSpec:
+    path = folder / "frozen.yaml"
+    path.write_text(text)
+    return load_spec(path)

@@ -39,6 +39,7 @@ from runner.train.snapshots.publisher import Publisher, Snapshot
 from runner.train.snapshots.snapshot import TrainingState, capture_snapshot, load_snapshot, save_snapshot
 from runner.train.snapshots.space import local_disk_error, warn_if_short_of_space
 from runner.training import Outcome, RunContext
+from runner.words import counted
 
 
 def flush_timeout() -> float:
@@ -289,7 +290,7 @@ class _Session:
             )
             context.console.print(
                 f"resuming {context.job.name!r} from checkpoint {info.id}: "
-                f"{state.epoch} epochs done, step {state.step} of epoch {state.epoch + 1}",
+                f"{counted(state.epoch, 'epoch')} done, step {state.step} of epoch {state.epoch + 1}",
                 markup=False,
             )
             context.log.info("resumed from %s at epoch %d step %d", info.id, state.epoch, state.step)
@@ -311,7 +312,7 @@ class _Session:
         state.elapsed_s = self.elapsed_before + (self.clock() - self.started)
         folder = self.workdir / "snapshots" / f"{self._snapshots:06d}-e{state.epoch}-s{state.step}"
         captured = capture_snapshot(self.model, state)
-        killpoints.reached("snapshot-written")
+        killpoints.reached("snapshot-taken")
         meta: dict[str, Any] = {
             "global_step": state.global_step,
             "steps_per_epoch": state.steps_per_epoch,
