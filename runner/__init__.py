@@ -1,13 +1,13 @@
 """runner: resumable Keras training jobs for GPU sessions that die without warning.
 
 In a notebook: ``runner.submit("job.yaml")``, then ``runner.work()`` (run it again after every disconnect),
-``runner.status()``, ``runner.plot("name")``.
+``runner.status()``, ``runner.plot("name")``, and once a job is done ``runner.predict("name", "images/")``.
 
 ``import runner`` stays light (no TensorFlow): specs, the queue, status and the worker loop load in a blink;
 only ``runner.train`` imports TensorFlow.
 """
 
-from runner.api import Picture, StatusReport, digits_spec, logs, plot, status, submit, work
+from runner.api import Picture, StatusReport, digits_spec, logs, plot, predict, status, submit, work
 from runner.checkpoints import CheckpointInfo, CheckpointStore
 from runner.errors import (
     CheckpointCorrupt,
@@ -69,6 +69,7 @@ __all__ = [
     "logs",
     "parse_spec",
     "plot",
+    "predict",
     "status",
     "submit",
     "work",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +108,16 @@ def plot(name: str | None = None, *, queue: QueueLike = None) -> Picture:
 
     resolved = open_queue(queue, must_exist=True)
     return Picture(figure_for_queue(resolved) if name is None else figure_for_job(resolved, name))
+
+
+def predict(name: str, images: str | Path | Sequence[str | Path], *, queue: QueueLike = None) -> list[dict[str, Any]]:
+    """Classify images (files, or folders of them) with a finished job's exported model, decoded and resized as
+    the job's own were: one ``{"image", "class", "probabilities"}`` per image."""
+    from runner.train.outputs.predict import predict_images  # noqa: PLC0415 (TensorFlow loads only when asked)
+
+    given = [images] if isinstance(images, (str, Path)) else list(images)
+    job = open_queue(queue, must_exist=True).job(name)
+    return [prediction.as_dict() for prediction in predict_images(job, given)]
 
 
 def digits_spec() -> JobSpec:

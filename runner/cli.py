@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("name", nargs="?", metavar="NAME", help="the job to plot (default: every job of the queue)")
     plot.add_argument("-o", "--output", metavar="FILE", type=Path, help="picture to write: .png, .pdf or .svg")
 
+    predict = commands.add_parser(
+        "predict", parents=[common], help="classify images with a finished job's model, prepared as the job's own"
+    )
+    predict.add_argument("name", metavar="NAME")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", type=Path, help="an image file, or a folder of them")
+    predict.add_argument("--json", action="store_true", help="print a JSON array: image, class, probabilities")
+
     commands.add_parser("schema", help="print the JSON Schema of job specs")
 
     demo = commands.add_parser("demo", help="train the bundled digits job, kill it mid-training, resume it")
@@ -157,6 +164,8 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
         return _logs(queue, args.name, follow=args.follow)
     if args.command == "plot":
         return _plot(queue, args.name, args.output, err)
+    if args.command == "predict":
+        return _predict(queue, args.name, args.images, as_json=args.json, out=out)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -214,6 +223,20 @@ def _plot(queue: Queue, name: str | None, output: Path | None, err: Console) -> 
     _a_person_waits()
     path = plot_job(queue, name, output) if name is not None else plot_queue(queue, output)
     err.print(f"wrote {path}", markup=False, soft_wrap=True)
+    return 0
+
+
+def _predict(queue: Queue, name: str, images: list[Path], *, as_json: bool, out: Console) -> int:
+    from runner.train.outputs.predict import predict_images  # noqa: PLC0415 (TensorFlow loads for this command only)
+
+    predictions = predict_images(queue.job(name), images)
+    if as_json:
+        print(json.dumps([prediction.as_dict() for prediction in predictions], indent=2))
+        return 0
+    for prediction in predictions:
+        ranked = sorted(prediction.probabilities.items(), key=lambda item: -item[1])
+        others = ", ".join(f"{label} {chance:.1%}" for label, chance in ranked[1:3])
+        out.print(f"{prediction.image}: {ranked[0][0]} {ranked[0][1]:.1%} ({others})", markup=False, soft_wrap=True)
     return 0
 
 

@@ -149,6 +149,17 @@ class DriveUnavailable(RunnerError, ConnectionError):
     """The queue is on Google Drive, and Drive is not mounted and could not be."""
 
 
+class NoExport(RunnerError, LookupError):
+    """A job has no exported model to predict with (not done yet, or exported without what predictions need)."""
+
+    def __init__(self, job: str, why: str) -> None:
+        super().__init__(
+            f"job {job!r} has no exported model to predict with ({why}): predictions use final/, which "
+            "`runner work` writes when the job is done"
+        )
+        self.job = job
+
+
 class NoHistory(RunnerError, LookupError):
     """Nothing to plot yet: the job (or every job of the queue) has no completed epoch in its history.csv."""
 

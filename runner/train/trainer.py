@@ -32,7 +32,7 @@ from runner.train.engine.acceleration import configure_precision, resolve_jit_co
 from runner.train.engine.loop import StepLoop, build_metrics, resolve_steps_per_execution
 from runner.train.engine.oom import go_back, halved_batch_size, report_halving
 from runner.train.models.build import build_model, check_loss_matches_labels, compile_model
-from runner.train.outputs.export import publish_exports, write_exports
+from runner.train.outputs.export import describe_model, publish_exports, write_exports
 from runner.train.outputs.progress import EpochProgress
 from runner.train.outputs.tensorboard import TensorBoardLog
 from runner.train.snapshots.publisher import Publisher, Snapshot
@@ -333,7 +333,8 @@ class _Session:
         folder only once that checkpoint has."""
         paths = self.context.job.paths
         local = self.workdir / "final"
-        names = write_exports(self.model, self.spec, local)
+        description = describe_model(self.spec, self.data.class_names, state.history)
+        names = write_exports(self.model, self.spec, local, description)
         if not publisher.flush(timeout := flush_timeout()):
             raise StorageError(
                 f"{paths.checkpoints}: the last checkpoint was not published within {timeout:.0f}s; the job stays "

@@ -30,7 +30,14 @@ from runner.train.data.cache import fetch_source
 from runner.train.data.download import is_transient_download
 from runner.train.data.image_folder import Examples, find_images
 
-__all__ = ["MEMORY_BUDGET_BYTES", "ImageFolderData", "epoch_order", "is_transient_download", "prepare_dataset"]
+__all__ = [
+    "MEMORY_BUDGET_BYTES",
+    "ImageFolderData",
+    "epoch_order",
+    "image_loader",
+    "is_transient_download",
+    "prepare_dataset",
+]
 
 MEMORY_BUDGET_BYTES = 2 * 1024**3
 """Decoded images (uint8) up to this many bytes are kept in memory; a larger dataset is decoded every epoch.
@@ -148,7 +155,7 @@ def prepare_dataset(
     root = fetch_source(spec, cache_dir=cache_dir or default_cache_dir(), console=console, sleep=sleep)
     folder = find_images(root, spec, seed=seed)
     channels = 1 if spec.color_mode == "grayscale" else 3
-    load = _image_loader(spec.image_size, channels)
+    load = image_loader(spec.image_size, channels)
     count = len(folder.train) + (len(folder.validation) if folder.validation is not None else 0)
     budget = MEMORY_BUDGET_BYTES if memory_budget is None else memory_budget
     in_memory = count * spec.image_size[0] * spec.image_size[1] * channels <= budget
@@ -188,7 +195,7 @@ def _describe(data: ImageFolderData, console: Console | None) -> None:
     )
 
 
-def _image_loader(image_size: tuple[int, int], channels: int) -> Callable[[tf.Tensor], tf.Tensor]:
+def image_loader(image_size: tuple[int, int], channels: int) -> Callable[[tf.Tensor], tf.Tensor]:
     """A function from a file path to its image: uint8, ``image_size``, ``channels``."""
 
     def load(path: tf.Tensor) -> tf.Tensor:

@@ -6,8 +6,10 @@ The files are written on local disk first, then copied into a temporary folder i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
 
@@ -19,9 +21,49 @@ from runner.spec import JobSpec
 FILE_NAMES = {"keras": "model.keras", "h5": "model.h5", "saved_model": "saved_model"}
 """What each export format is called inside ``final/``."""
 
+DESCRIPTION_FILE = "model.json"
+"""Beside the exported model: what it takes (raw pixels, the size, the channels) and what it gives (the classes)."""
 
-def write_exports(model: keras.Model, spec: JobSpec, folder: Path) -> list[str]:
-    """Save ``model`` in every format the spec asks for into ``folder`` (local disk)."""
+DESCRIPTION_FORMAT = 1
+
+RAW_PIXELS = (
+    "float32 pixel values 0-255, as the job trained on: do not divide by 255 (the model rescales them itself, or "
+    "was trained without rescaling)"
+)
+
+OUTPUTS = {
+    "binary": "one value per image: the probability of the second class (classes[1])",
+    "categorical": "one probability per class, in the order of classes",
+    "int": "one probability per class, in the order of classes",
+}
+
+
+def describe_model(spec: JobSpec, class_names: tuple[str, ...], history: list[dict[str, float]]) -> dict[str, Any]:
+    """The exported model's input contract and classes: what ``final/model.json`` holds."""
+    height, width = spec.dataset.image_size
+    last = dict(history[-1]) if history else {}
+    last.pop("epoch", None)
+    return {
+        "format": DESCRIPTION_FORMAT,
+        "job": spec.name,
+        "input": {
+            "height": height,
+            "width": width,
+            "channels": 1 if spec.dataset.color_mode == "grayscale" else 3,
+            "color_mode": spec.dataset.color_mode,
+            "pixels": RAW_PIXELS,
+            "resize": f"bilinear, to {height}x{width} (height x width), not keeping the aspect ratio",
+        },
+        "classes": list(class_names),
+        "label_mode": spec.dataset.label_mode,
+        "output": OUTPUTS[spec.dataset.label_mode],
+        "epochs": len(history),
+        "metrics": last,
+    }
+
+
+def write_exports(model: keras.Model, spec: JobSpec, folder: Path, description: dict[str, Any]) -> list[str]:
+    """Save ``model`` in every format the spec asks for into ``folder`` (local disk), and its description."""
     folder.mkdir(parents=True, exist_ok=True)
     for kind in spec.export.formats:
         target = folder / FILE_NAMES[kind]
@@ -29,7 +71,8 @@ def write_exports(model: keras.Model, spec: JobSpec, folder: Path) -> list[str]:
             model.export(str(target), verbose=False)  # a TF SavedModel for serving
         else:
             model.save(str(target))
-    return [FILE_NAMES[kind] for kind in spec.export.formats]
+    (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    return [FILE_NAMES[kind] for kind in spec.export.formats] + [DESCRIPTION_FILE]
 
 
 def publish_exports(local: Path, paths: JobPaths, *, fence: Callable[[], None]) -> None:

@@ -1,0 +1,128 @@
+"""Predictions with a finished job's exported model, on images prepared exactly as the job's own were.
+
+The model in ``final/`` takes what training fed it: raw 0-255 pixels, resized bilinearly to the job's size, in
+its colour mode (``final/model.json`` says so). Images are decoded here by the same function as the training
+pipeline's, so a prediction is what the job itself computed on that image during validation.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from runner import storage
+from runner.errors import DatasetError, NoExport, StorageError, UsageError
+from runner.job import Job
+from runner.train.data.image_folder import IMAGE_EXTENSIONS
+from runner.train.data.pipeline import image_loader
+from runner.train.outputs.export import DESCRIPTION_FILE, DESCRIPTION_FORMAT, FILE_NAMES
+from runner.words import counted
+
+BATCH = 32
+"""Images per call of the model: small enough for the tutorial's network on a CPU, large enough to be quick."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's class and the probability of every class."""
+
+    image: str
+    label: str
+    probabilities: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "class": self.label, "probabilities": self.probabilities}
+
+
+def predict_images(job: Job, images: Sequence[str | Path]) -> list[Prediction]:
+    """Classify ``images`` (files, or folders searched for images) with ``job``'s exported model."""
+    description = _description(job)
+    files = list(_image_files(images))
+    if not files:
+        raise UsageError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, images))}")
+    model = _load_model(job)
+    classes: list[str] = description["classes"]
+    size = (int(description["input"]["height"]), int(description["input"]["width"]))
+    load = image_loader(size, int(description["input"]["channels"]))
+    predictions = []
+    for start in range(0, len(files), BATCH):
+        chunk = files[start : start + BATCH]
+        batch = tf.cast(tf.stack([_decoded(load, path) for path in chunk]), tf.float32)
+        outputs = np.asarray(model(batch, training=False), dtype=np.float64)
+        for path, row in zip(chunk, _probabilities(outputs, description["label_mode"], len(classes)), strict=True):
+            chances = {name: float(value) for name, value in zip(classes, row, strict=True)}
+            predictions.append(Prediction(str(path), classes[int(np.argmax(row))], chances))
+    return predictions
+
+
+def _description(job: Job) -> dict[str, Any]:
+    final = job.paths.final
+    if not storage.is_dir(final):
+        state = job.read_state()
+        raise NoExport(job.name, f"it is {state.status.value}, {counted(state.epoch, 'epoch')} done")
+    try:
+        description = json.loads(storage.read_bytes(final / DESCRIPTION_FILE))
+    except StorageError as error:
+        if error.errno_ == 2:
+            raise NoExport(job.name, f"{final} has no {DESCRIPTION_FILE} (it was exported by an older runner)") from None
+        raise
+    if not isinstance(description, dict) or description.get("format") != DESCRIPTION_FORMAT:
+        raise NoExport(job.name, f"{final / DESCRIPTION_FILE} is not a model description this runner reads")
+    return description
+
+
+def _load_model(job: Job) -> keras.Model:
+    """The exported model, read from a local copy: Keras reads a zip by seeking, which Drive serves slowly."""
+    for kind in ("keras", "h5"):
+        exported = job.paths.final / FILE_NAMES[kind]
+        if storage.is_file(exported):
+            with tempfile.TemporaryDirectory(prefix="runner-predict-") as scratch:
+                local = Path(scratch) / exported.name
+                storage.copy_file(exported, local, durable=False)
+                return keras.models.load_model(local, compile=False)
+    raise NoExport(job.name, "its export.formats has neither keras nor h5, which Keras loads (saved_model is for serving)")
+
+
+def _image_files(images: Sequence[str | Path]) -> Iterator[Path]:
+    for given in map(Path, images):
+        if given.is_dir():
+            yield from sorted(
+                path
+                for path in given.rglob("*")
+                if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+            )
+        elif given.is_file():
+            yield given  # named on purpose: decoded whatever its suffix, and named if that fails
+        else:
+            raise UsageError(f"no such image or folder: {given}")
+
+
+def _decoded(load: Any, path: Path) -> tf.Tensor:
+    try:
+        return load(tf.constant(str(path)))
+    except (tf.errors.InvalidArgumentError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise DatasetError(f"image {path} cannot be decoded ({reason}): pass PNG, JPEG, GIF or BMP files") from None
+
+
+def _probabilities(outputs: np.ndarray, label_mode: str, classes: int) -> np.ndarray:
+    """One row of class probabilities per image; logits (a model without its last activation) made into them."""
+    if label_mode == "binary":
+        second = outputs.reshape(len(outputs), -1)[:, 0]
+        if second.min() < 0 or second.max() > 1:
+            second = 1 / (1 + np.exp(-second))
+        return np.stack([1 - second, second], axis=1)
+    rows = outputs.reshape(len(outputs), classes)
+    if rows.min() < 0 or not np.allclose(rows.sum(axis=1), 1, atol=1e-3):
+        shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
+        rows = shifted / shifted.sum(axis=1, keepdims=True)
+    return rows
+
