@@ -223,6 +223,10 @@ class Worker:
         job_log = logging.getLogger(f"runner.job.{name}")
         job_log.addHandler(handler)
         job_log.setLevel(logging.INFO)
+        # Its records are for runner.log; the console gets its own lines. Propagated, they would be printed a
+        # second time (as "INFO:runner.job...") once a library gives the root logger a handler, as Keras' legacy
+        # .h5 warning does.
+        job_log.propagate = False
         # Retry warnings and checkpoint fallbacks belong in the job's log too.
         shared = [logging.getLogger("runner.storage"), logging.getLogger("runner.checkpoints")]
         for logger in shared:

@@ -37,9 +37,18 @@ with _native_stderr_silenced():
     import tensorflow
 
     # The runtime prints more the first time it starts its devices and runs a uint8 op (CUDA probing on a
-    # machine without a GPU, a oneDNN note): start both here, inside the quiet window.
+    # machine without a GPU, a oneDNN note), and the graph optimizer once when it meets a uint8 image made
+    # grayscale in a dataset map (oneDNN's "supports DT_UINT8 only on platforms with AVX-512", as an E line):
+    # do all three here, inside the quiet window.
     tensorflow.config.list_physical_devices()
     tensorflow.cast(tensorflow.zeros([1], tensorflow.uint8), tensorflow.float32)
+    def _decoded_made_grayscale(encoded: Any) -> Any:
+        image = tensorflow.io.decode_image(encoded, channels=3, expand_animations=False)
+        return tensorflow.image.rgb_to_grayscale(tensorflow.cast(image, tensorflow.float32))
+
+    one_pixel = tensorflow.io.encode_png(tensorflow.zeros([1, 1, 3], tensorflow.uint8))
+    for _ in tensorflow.data.Dataset.from_tensors(one_pixel).map(_decoded_made_grayscale):
+        pass
 
 __all__ = ["KerasTrainer"]
 

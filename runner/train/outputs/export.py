@@ -6,8 +6,10 @@ The files are written on local disk first, then copied into a temporary folder i
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +71,29 @@ def write_exports(model: keras.Model, spec: JobSpec, folder: Path, description: 
         target = folder / FILE_NAMES[kind]
         if kind == "saved_model":
             model.export(str(target), verbose=False)  # a TF SavedModel for serving
+        elif kind == "h5":
+            with _without_legacy_warning():
+                model.save(str(target))
         else:
             model.save(str(target))
     (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     return [FILE_NAMES[kind] for kind in spec.export.formats] + [DESCRIPTION_FILE]
+
+
+@contextlib.contextmanager
+def _without_legacy_warning() -> Iterator[None]:
+    """Keras calls the ``.h5`` the user asked for "legacy" through absl, which also gives the root logger a
+    handler as a side effect, and every log record of the process is then printed (again) in raw form. The
+    warning is dropped and the handler taken away."""
+    absl, root = logging.getLogger("absl"), logging.getLogger()
+    level, handlers = absl.level, list(root.handlers)
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+        for added in [handler for handler in root.handlers if handler not in handlers]:
+            root.removeHandler(added)
 
 
 def publish_exports(local: Path, paths: JobPaths, *, fence: Callable[[], None]) -> None:

@@ -1,0 +1,35 @@
+"""What `runner work` prints on a plain terminal: runner's own lines, each once; no raw log records, no Keras or
+TensorFlow chatter (a real process, real TensorFlow, the environment a user has: TF_CPP_MIN_LOG_LEVEL unset)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.support.keras_jobs import keras_env, make_digit_folders, submit_keras_spec
+
+pytestmark = pytest.mark.slow
+
+NOISE = ("INFO:", "WARNING:", "E0000", "W0000", "oneDNN", "absl", "legacy")
+
+
+def test_two_jobs_with_an_h5_export_print_each_line_once_and_no_library_chatter(tmp_path: Path) -> None:
+    data = make_digit_folders(tmp_path / "digits")  # grayscale: the path that made oneDNN print an E line
+    env = keras_env(tmp_path / "cache")
+    env.pop("TF_CPP_MIN_LOG_LEVEL")
+    queue = tmp_path / "queue"
+    submit_keras_spec(tmp_path, queue, data, "first", env, training={"epochs": 2}, export={"formats": ["keras", "h5"]})
+    submit_keras_spec(tmp_path, queue, data, "second", env, training={"epochs": 2}, priority=-1)
+
+    result = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+    said = result.stdout + result.stderr
+
+    assert result.returncode == 0, said[-3000:]
+    assert [word for word in NOISE if word in said] == [], said
+    for job in ("first", "second"):  # after the first job's .h5 export, lines used to come twice
+        for epoch in (1, 2):
+            assert len(re.findall(rf"^{job} epoch {epoch}/2 ", said, flags=re.MULTILINE)) == 1, said
+        assert said.count(f"job '{job}' done") == 1, said
