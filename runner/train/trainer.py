@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import keras
 import tensorflow as tf
 from rich.markup import escape
 
@@ -31,7 +32,13 @@ from runner.train.data.pipeline import ImageFolderData, prepare_dataset
 from runner.train.engine.acceleration import configure_precision, resolve_jit_compile
 from runner.train.engine.loop import StepLoop, build_metrics, resolve_steps_per_execution
 from runner.train.engine.oom import go_back, halved_batch_size, report_halving
-from runner.train.models.build import build_model, check_loss_matches_labels, compile_model
+from runner.train.models.build import (
+    Compiled,
+    build_model,
+    check_loss_matches_labels,
+    compile_model,
+    unscaled_input_warning,
+)
 from runner.train.outputs.export import describe_model, publish_exports, write_exports
 from runner.train.outputs.progress import EpochProgress
 from runner.train.outputs.tensorboard import TensorBoardLog
@@ -65,9 +72,11 @@ class KerasTrainer:
         model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
         jit_compile = resolve_jit_compile(spec.training.jit_compile, model, deterministic=spec.training.deterministic)
         steps = resolve_steps_per_execution(spec.training.steps_per_execution, data.steps_per_epoch)
-        compile_model(model, spec, jit_compile=jit_compile, steps_per_execution=steps)
+        compiled = compile_model(model, spec, jit_compile=jit_compile, steps_per_execution=steps)
         model.optimizer.build(model.trainable_variables)
         build_metrics(model, data.train_batches(epoch=0).element_spec)
+        _say_how_it_was_compiled(context, compiled)
+        _warn_if_unscaled(context, model, data)
         xla = "on" if jit_compile else "off"
         context.log.info("engine: up to %d steps per compiled call, XLA %s, %s", steps, xla, policy)
         warn_if_short_of_space(context, model)
@@ -78,6 +87,25 @@ class KerasTrainer:
             return _Session(context, loop, data, workdir, self.clock, self.cache_dir).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _say_how_it_was_compiled(context: RunContext, compiled: Compiled) -> None:
+    """A factory's own compile wins over the spec's training fields: say which happened, where it is read."""
+    if compiled.by == "factory":
+        context.console.print(compiled.describe(), markup=False, soft_wrap=True)
+    context.log.info("%s", compiled.describe())
+    context.job.events.append(
+        "compiled", by=compiled.by, optimizer=compiled.optimizer, learning_rate=compiled.learning_rate, loss=compiled.loss
+    )
+
+
+def _warn_if_unscaled(context: RunContext, model: keras.Model, data: ImageFolderData) -> None:
+    if context.spec.model.factory is None:
+        return  # the built-in networks rescale inside
+    images, _ = next(iter(data.train_batches(epoch=0).take(1)))
+    if (warning := unscaled_input_warning(model, context.spec, float(tf.reduce_max(images)))) is not None:
+        context.console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        context.log.warning("%s", warning)
 
 
 class _Session:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import keras
 
@@ -50,11 +52,37 @@ def build_model(spec: JobSpec, *, input_shape: InputShape, num_classes: int) -> 
     return simple_cnn(spec.model.params, input_shape=input_shape, head=head, seed=seed)
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """How the model was compiled: by the spec, or by the factory that returned it compiled."""
+
+    by: str
+    """``"spec"`` or ``"factory"``."""
+    optimizer: str
+    learning_rate: float | None
+    loss: str
+
+    def describe(self) -> str:
+        """For the console and runner.log."""
+        rate = f", learning rate {self.learning_rate:g}" if self.learning_rate is not None else ""
+        if self.by == "factory":
+            return (
+                f"model: compiled by its factory ({self.optimizer}{rate}, loss {self.loss}); the spec's "
+                "training.optimizer, learning_rate, loss and metrics are not used"
+            )
+        return f"model: compiled from the spec ({self.optimizer}{rate}, loss {self.loss})"
+
+
 def compile_model(
     model: keras.Model, spec: JobSpec, *, jit_compile: bool = False, steps_per_execution: int = 1
-) -> None:
-    """Compile with ``training``'s optimizer, learning rate, loss and metrics (under the mixed_float16 policy
-    Keras wraps the optimizer in a ``LossScaleOptimizer``)."""
+) -> Compiled:
+    """Compile with ``training``'s optimizer, learning rate, loss and metrics, or, for a factory that returned
+    its model compiled, with the factory's own (under the mixed_float16 policy Keras wraps the optimizer in a
+    ``LossScaleOptimizer``). Either way runner's steps per call and XLA apply."""
+    own = _factory_compile_arguments(model) if spec.model.factory is not None else None
+    if own is not None:
+        model.compile(**own, jit_compile=jit_compile, steps_per_execution=steps_per_execution)
+        return Compiled("factory", _optimizer_name(model.optimizer), _learning_rate(model.optimizer), _loss_name(own))
     training = spec.training
     for metric in training.metrics:
         _check_metric(metric)
@@ -65,6 +93,58 @@ def compile_model(
         metrics=list(training.metrics),
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
+    )
+    return Compiled("spec", training.optimizer, training.learning_rate, training.loss)
+
+
+def _factory_compile_arguments(model: keras.Model) -> dict[str, Any] | None:
+    """What the factory passed to ``compile`` (``None`` if it did not compile): every Keras 3 keeps the arguments
+    as given in ``_compile_config``; the optimizer and loss themselves where it does not."""
+    if not getattr(model, "compiled", False) or getattr(model, "optimizer", None) is None:
+        return None
+    given = getattr(getattr(model, "_compile_config", None), "config", None)
+    if not isinstance(given, dict):
+        return {"optimizer": model.optimizer, "loss": model.loss}
+    wanted = ("optimizer", "loss", "loss_weights", "metrics", "weighted_metrics")
+    return {key: given[key] for key in wanted if given.get(key) is not None}
+
+
+def _optimizer_name(optimizer: Any) -> str:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's
+    return type(inner).__name__
+
+
+def _learning_rate(optimizer: Any) -> float | None:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    try:
+        return float(keras.ops.convert_to_numpy(inner.learning_rate))
+    except (TypeError, ValueError, AttributeError):  # a schedule
+        return None
+
+
+def _loss_name(arguments: dict[str, Any]) -> str:
+    loss = arguments.get("loss")
+    if isinstance(loss, str):
+        return loss
+    return getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
+
+
+RESCALING_LAYERS = ("Rescaling", "Normalization", "Lambda")
+"""Layers that (may) bring raw pixels to a small range; a Lambda is given the benefit of the doubt."""
+
+
+def unscaled_input_warning(model: keras.Model, spec: JobSpec, first_batch_max: float) -> str | None:
+    """One line when a factory's model has no layer that rescales and the images it gets reach far above 1: the
+    pipeline feeds raw 0-255 pixels, on which most networks train badly (a loss in the hundreds)."""
+    if spec.model.factory is None or first_batch_max <= 1.5:
+        return None
+    layers = model._flatten_layers(include_self=False)  # noqa: SLF001 (nested models' layers too)
+    if any(type(layer).__name__ in RESCALING_LAYERS for layer in layers):
+        return None
+    return (
+        f"model: the factory {spec.model.factory!r} has no Rescaling or Normalization layer, and the images it gets "
+        f"are raw pixels up to {first_batch_max:.0f} (runner does not rescale them): add "
+        "keras.layers.Rescaling(1 / 255) as its first layer, unless it expects 0-255"
     )
 
 

@@ -1,0 +1,76 @@
+"""A factory's own compile is kept (and said), and a factory model fed raw pixels without rescaling is warned
+about: real `runner work` processes, real TensorFlow, tiny real images."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, submit_keras_spec
+
+pytestmark = pytest.mark.slow
+
+FACTORIES = "tests.support.keras_jobs_factories"
+
+
+def _events(queue: Path, name: str, kind: str) -> list[dict]:
+    lines = job_of(queue, name).paths.events.read_text().splitlines()
+    return [event for event in map(json.loads, lines) if event["event"] == kind]
+
+
+def _exported_optimizer(queue: Path, name: str) -> dict:
+    with zipfile.ZipFile(job_of(queue, name).paths.final / "model.keras") as archive:
+        return json.loads(archive.read("config.json"))["compile_config"]["optimizer"]
+
+
+def test_a_factorys_own_compile_is_kept_and_said(tmp_path: Path) -> None:
+    data = make_digit_folders(tmp_path / "digits")
+    env = keras_env(tmp_path / "cache")
+    queue = tmp_path / "queue"
+    model = {"builtin": None, "factory": f"{FACTORIES}:compiled_with_rmsprop", "params": {}}
+    submit_keras_spec(tmp_path, queue, data, "own", env, model=model, training={"epochs": 1})
+    submit_keras_spec(
+        tmp_path, queue, data, "spec", env, training={"epochs": 1},
+        model={"builtin": None, "factory": f"{FACTORIES}:without_rescaling", "params": {}},
+    )  # fmt: skip
+
+    result = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+    said = result.stdout + result.stderr
+
+    assert result.returncode == 0, said[-3000:]
+    assert "model: compiled by its factory (RMSprop, learning rate 0.0001, loss sparse_categorical_crossentropy)" in said
+    [own] = _events(queue, "own", "compiled")
+    assert (own["by"], own["optimizer"], own["loss"]) == ("factory", "RMSprop", "sparse_categorical_crossentropy")
+    assert own["learning_rate"] == pytest.approx(1e-4)
+    assert _exported_optimizer(queue, "own")["class_name"] == "RMSprop"  # what really trained
+    [spec] = _events(queue, "spec", "compiled")  # not compiled by its factory: the spec's Adam 0.01
+    assert (spec["by"], spec["optimizer"], spec["learning_rate"]) == ("spec", "adam", 0.01)
+    assert _exported_optimizer(queue, "spec")["class_name"] == "Adam"
+
+
+def test_a_factory_model_without_rescaling_is_warned_about_once(tmp_path: Path) -> None:
+    data = make_digit_folders(tmp_path / "digits")
+    env = keras_env(tmp_path / "cache")
+    queue = tmp_path / "queue"
+    submit_keras_spec(
+        tmp_path, queue, data, "raw", env, training={"epochs": 2},
+        model={"builtin": None, "factory": f"{FACTORIES}:without_rescaling", "params": {}},
+    )  # fmt: skip
+    submit_keras_spec(
+        tmp_path, queue, data, "scaled", env, training={"epochs": 1},
+        model={"builtin": None, "factory": f"{FACTORIES}:compiled_with_rmsprop", "params": {}},
+    )  # fmt: skip
+
+    result = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+    said = result.stdout + result.stderr
+
+    assert result.returncode == 0, said[-3000:]
+    warning = f"warning: model: the factory '{FACTORIES}:without_rescaling' has no Rescaling or Normalization layer"
+    assert said.count(warning) == 1, said
+    assert "keras.layers.Rescaling(1 / 255)" in said
+    assert f"'{FACTORIES}:compiled_with_rmsprop' has no Rescaling" not in said
+    assert "has no Rescaling" in job_of(queue, "raw").paths.log.read_text()
