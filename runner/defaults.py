@@ -25,12 +25,17 @@ RETRY_BUDGET_S = 300.0
 RETRY_BUDGET_ENV = "RUNNER_RETRY_BUDGET"
 """Environment variable overriding :data:`RETRY_BUDGET_S` (seconds), e.g. to test long outages quickly."""
 
-RETRY_MAX_ATTEMPTS = 40
-"""Tries of one file operation before giving up, whatever the clock says. With random pauses growing to 30 s,
-the 300 s budget is what ends a long outage (about 20 tries); this bounds retries under a fake sleep."""
+RETRY_MAX_ATTEMPTS = 80
+"""Tries of one file operation before giving up, whatever the clock says. With random pauses growing to 10 s,
+the 300 s budget is what ends a long outage (about 60 tries); this bounds retries under a fake sleep."""
 
-RETRY_MAX_WAIT_S = 30.0
-"""Longest pause between two tries of one file operation (exponential backoff with jitter up to this)."""
+RETRY_MAX_WAIT_S = 10.0
+"""Longest pause between two tries of one file operation (exponential backoff with jitter up to this). Each try
+that fails says so in a line: a person waiting sees one at least every 10 s, never minutes of silence."""
+
+UNREACHABLE_RETRY_BUDGET_S = 10.0
+"""Seconds a download keeps retrying a host that refuses the connection or a name that does not resolve for
+now: a wrong or offline address is said in seconds, not after the whole retry budget."""
 
 CHECKPOINT_KEEP = 2
 """Committed checkpoints kept per job: the newest plus one to fall back to if the newest is damaged."""

@@ -52,24 +52,34 @@ def retrying(
     sleep: Callable[[float], None] = time.sleep,
     budget_s: float | None = None,
     max_attempts: int = defaults.RETRY_MAX_ATTEMPTS,
+    shorter_budget: Callable[[BaseException], float | None] | None = None,
+    describe: Callable[..., str] | None = None,
 ) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """The retry policy as a decorator: transient errors retried with jittered backoff, within a budget.
 
     ``transient`` decides what is worth another try (by default: transient OS errors of a mount; downloads pass
     their own test). ``budget_s`` bounds the seconds spent on one operation; by default the process-wide budget
-    (:func:`set_retry_budget`). OS errors left once the policy gives up (and permanent ones at once) become
-    :class:`StorageError`.
+    (:func:`set_retry_budget`); ``shorter_budget`` may cut it for an error (a refused connection). Every failed
+    try is logged, named by ``describe(*args, **kwargs)`` when given. OS errors left once the policy gives up
+    (and permanent ones at once) become :class:`StorageError`.
     """
 
     def over_budget(state: tenacity.RetryCallState) -> bool:
         limit = budget_s if budget_s is not None else _budget[0]
+        error = state.outcome.exception() if state.outcome else None
+        if shorter_budget is not None and error is not None and (cut := shorter_budget(error)) is not None:
+            limit = min(limit, cut)
         return (state.seconds_since_start or 0.0) >= limit
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        what = describe(*state.args, **state.kwargs) if describe is not None else None
+        _log_retry(state, what)
 
     policy = tenacity.retry(
         retry=tenacity.retry_if_exception(transient),
         stop=tenacity.stop_any(over_budget, tenacity.stop_after_attempt(max_attempts)),
         wait=tenacity.wait_random_exponential(multiplier=0.5, max=defaults.RETRY_MAX_WAIT_S),
-        before_sleep=_log_retry,
+        before_sleep=log_retry,
         sleep=sleep,
         reraise=True,
     )
@@ -91,10 +101,13 @@ def retrying(
     return decorate
 
 
-def _log_retry(state: tenacity.RetryCallState) -> None:
+def _log_retry(state: tenacity.RetryCallState, what: str | None = None) -> None:
     error = state.outcome.exception() if state.outcome else None
     pause = state.next_action.sleep if state.next_action else 0.0
-    log.warning("storage error (%s), try %d, retrying in %.1fs", error, state.attempt_number, pause)
+    if what is None:
+        log.warning("storage error (%s), try %d, retrying in %.1fs", error, state.attempt_number, pause)
+    else:
+        log.warning("%s failed (%s), try %d, retrying in %.1fs", what, error, state.attempt_number, pause)
 
 
 def _budget_from_environment() -> float:

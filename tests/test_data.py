@@ -11,9 +11,12 @@ import dataclasses
 import email.message
 import hashlib
 import io
+import logging
 import os
+import re
 import shutil
 import socket
+import time
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -24,9 +27,11 @@ import pytest
 import tensorflow as tf
 from rich.console import Console
 
+from runner import defaults, storage
 from runner.errors import DatasetError, RunnerError
 from runner.spec import DatasetSpec
 from runner.train.data import cache as dataset_cache
+from runner.train.data import download as download_module
 from runner.train.data.pipeline import ImageFolderData, epoch_order, is_transient_download, prepare_dataset
 from tests.support.data_archives import ESCAPES, TAR_ONLY, hostile_tar, hostile_zip
 from tests.support.data_images import (
@@ -478,6 +483,29 @@ def test_a_download_that_keeps_failing_gives_up_with_one_line(cache: Path) -> No
     assert url in str(caught.value) and len(sleeps) >= 3
 
 
+def test_a_refused_connection_is_given_seconds_not_the_whole_budget_and_each_try_is_said(
+    cache: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real pauses, the default 300 s budget: it ends after the 10 s given to a host that refuses (a run that
+    waited out the whole budget would outlast this test's own limit, checked after)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/data.zip"
+    monkeypatch.setattr(storage, "_budget", [defaults.RETRY_BUDGET_S])
+    caplog.set_level(logging.WARNING, logger="runner.storage")
+    started = time.monotonic()
+
+    with pytest.raises(DatasetError, match="Connection refused, still failing after retries"):
+        prepare_dataset(make_spec(url), seed=0, cache_dir=cache)
+
+    took = time.monotonic() - started
+    tries = [record.getMessage() for record in caplog.records if record.name == "runner.storage"]
+    assert tries and all(line.startswith(f"downloading {url} failed (") for line in tries), tries
+    assert all(re.search(r"try \d+, retrying in \d+\.\ds$", line) for line in tries), tries
+    assert took < defaults.RETRY_BUDGET_S / 3, f"{took:.0f}s: the short budget for a refused connection did not apply"
+
+
 def test_a_download_with_the_wrong_sha256_is_refused_and_dropped(tmp_path: Path, folder: Path, cache: Path) -> None:
     body = make_archive(folder, tmp_path / "data.zip").read_bytes()
     with serve({"/data.zip": body}) as server:
@@ -510,6 +538,20 @@ def http_error(code: int) -> urllib.error.HTTPError:
 )
 def test_which_download_errors_are_transient(error: BaseException, transient: bool) -> None:
     assert is_transient_download(error) is transient
+
+
+@pytest.mark.parametrize(
+    ("error", "budget"),
+    [
+        (urllib.error.URLError(ConnectionRefusedError(111, "refused")), defaults.UNREACHABLE_RETRY_BUDGET_S),
+        (urllib.error.URLError(socket.gaierror(socket.EAI_AGAIN, "try again")), defaults.UNREACHABLE_RETRY_BUDGET_S),
+        (urllib.error.URLError(ConnectionResetError(104, "reset")), None),
+        (http_error(503), None),
+        (TimeoutError("timed out"), None),
+    ],
+)
+def test_only_unreachable_hosts_get_the_short_budget(error: BaseException, budget: float | None) -> None:
+    assert download_module._unreachable_budget(error) == budget
 
 
 # --- bad input: one line naming the cause and the fix ------------------------------------------------------------

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from runner import storage
+from runner import defaults, storage
 from runner.errors import DatasetError, StorageError
 from runner.paths import temp_sibling
 
@@ -53,7 +53,12 @@ def download(
     url: str, target: Path, *, console: Console | None = None, sleep: Callable[[float], None] = time.sleep
 ) -> None:
     """Download ``url`` to ``target`` (whole or not at all), retrying transient network errors."""
-    fetch = storage.retrying(transient=is_transient_download, sleep=sleep)(_download_once)
+    fetch = storage.retrying(
+        transient=is_transient_download,
+        sleep=sleep,
+        shorter_budget=_unreachable_budget,
+        describe=lambda url, *_: f"downloading {url}",
+    )(_download_once)
     try:
         fetch(url, target, console)
     except (StorageError, http.client.HTTPException) as error:
@@ -65,6 +70,15 @@ def download(
             f"could not download {url}: {_describe(cause)}, still failing after retries: check the network "
             "connection and dataset.source, then run again"
         ) from None
+
+
+def _unreachable_budget(error: BaseException) -> float | None:
+    """A short budget for a host that refuses the connection or a name that does not resolve for now: they are
+    seldom a blip, and a person is waiting to hear about a wrong address."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
+        return defaults.UNREACHABLE_RETRY_BUDGET_S
+    return None
 
 
 def _download_once(url: str, target: Path, console: Console | None) -> None:
