@@ -190,7 +190,9 @@ def _submit(queue: Queue, paths: list[Path], err: Console) -> int:
 
 def _work(queue: Queue, options: SessionOptions, out: Console, err: Console) -> int:
     # The table is printed before --flush unmounts Drive (and before --release-runtime ends the VM).
-    result = run_session(queue, options, err, before_finish=lambda _: out.print(render_status(queue)))
+    result = run_session(
+        queue, options, err, before_finish=lambda _: out.print(render_status(queue, width=out.width))
+    )
     if result.skipped:
         err.print(f"left to other live workers: {', '.join(result.skipped)}", markup=False)
     return result.exit_code
@@ -210,7 +212,7 @@ def _status(queue: Queue, *, as_json: bool, watch: bool, out: Console, err: Cons
         if as_json:
             print(json.dumps(status_records(queue.views(), time.time()), indent=2))
         else:
-            out.print(render_status(queue))
+            out.print(render_status(queue, width=out.width))
     except StorageError as error:  # the folder fails: still say what this machine keeps of its jobs
         err.print(queue_failing(queue, error, time.time()), soft_wrap=True)
         return error.exit_code

@@ -160,12 +160,20 @@ def _epochs_cell(epoch: int, epochs: int) -> Text:
     return Text.assemble(("━" * filled, "green"), ("─" * (_BAR_CELLS - filled), "dim"), f" {epoch}/{epochs or '?'}")
 
 
-def status_table(views: list[JobView], now: float, *, title: str | None = None) -> Group:
+HEADERS = ("job", "state", "epochs", "step", "metrics", "saved", "restarts", "worker", "eta")
+
+DROPPED_FIRST = ("eta", "restarts", "step", "worker", "saved")
+"""On a screen too narrow for every column (80 columns: Colab's ``!`` cells), these go, in this order, until the
+table fits; the metrics wrap one per line before any is cut. ``--json`` always has every value."""
+
+
+def status_table(views: list[JobView], now: float, *, title: str | None = None, width: int | None = None) -> Group:
     """The status table, one row per job in claim order, with full error lines beneath it.
 
-    Every column but the metrics keeps its full width; the metrics wrap on a narrow screen.
+    Every column but the metrics keeps its full width; the metrics wrap on a narrow screen. Given the screen's
+    ``width``, columns are dropped in the order of :data:`DROPPED_FIRST` until the table fits.
     """
-    headers = ("job", "state", "epochs", "step", "metrics", "saved", "restarts", "worker", "eta")
+    headers = HEADERS
     rows, errors = [], []
     for view in views:
         record = status_record(view, now)
@@ -217,23 +225,42 @@ def status_table(views: list[JobView], now: float, *, title: str | None = None) 
         pad_edge=False,
         collapse_padding=True,
     )
+    needed = {header: _column_width(header, [row[index] for row in rows]) for index, header in enumerate(headers)}
+    shown = _columns_that_fit(needed, width)
     for index, header in enumerate(headers):
-        width = max([len(header), *(row[index].cell_len for row in rows)])
+        if header not in shown:
+            continue
         right = header in ("step", "saved", "restarts", "eta")
         if header == "metrics":
-            table.add_column(header, min_width=min(width, 12))  # wraps between metrics on a narrow screen
+            table.add_column(header, min_width=min(needed[header], 12))  # wraps between metrics on a narrow screen
         else:
-            table.add_column(header, no_wrap=True, min_width=width, justify="right" if right else "left")
+            table.add_column(header, no_wrap=True, min_width=needed[header], justify="right" if right else "left")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(cell for header, cell in zip(headers, row, strict=True) if header in shown))
     if not views:
         table.caption = "no jobs yet: add one with `runner submit SPEC`"
     return Group(table, *errors)
 
 
-def render_status(queue: Queue, *, clock: Callable[[], float] = time.time) -> Group:
-    """The queue's status table, read now."""
-    return status_table(queue.views(), clock(), title=f"queue {queue.root}")
+def _column_width(header: str, cells: list[Text]) -> int:
+    """The width a column needs: its widest cell, or for the metrics (which wrap between metrics) its widest one."""
+    if header == "metrics":
+        return max([len(header), *(len(word) for cell in cells for word in cell.plain.split())])
+    return max([len(header), *(cell.cell_len for cell in cells)])
+
+
+def _columns_that_fit(needed: dict[str, int], width: int | None) -> set[str]:
+    shown = set(needed)
+    for header in DROPPED_FIRST:
+        if width is None or sum(needed[name] for name in shown) + 2 * (len(shown) - 1) <= width:  # 2 between columns
+            break
+        shown.discard(header)
+    return shown
+
+
+def render_status(queue: Queue, *, clock: Callable[[], float] = time.time, width: int | None = None) -> Group:
+    """The queue's status table, read now (fitted to ``width`` columns when given)."""
+    return status_table(queue.views(), clock(), title=f"queue {queue.root}", width=width)
 
 
 def watch_status(
@@ -248,16 +275,16 @@ def watch_status(
 
     A queue folder that fails (Drive dropped for a while) is shown, with what this machine keeps, until it answers.
     """
-    with Live(_render_or_failure(queue), console=console, auto_refresh=False) as live:
+    with Live(_render_or_failure(queue, console.width), console=console, auto_refresh=False) as live:
         done = 0
         while rounds is None or done < rounds:
             sleep(interval)
-            live.update(_render_or_failure(queue), refresh=True)
+            live.update(_render_or_failure(queue, console.width), refresh=True)
             done += 1
 
 
-def _render_or_failure(queue: Queue) -> Group:
+def _render_or_failure(queue: Queue, width: int | None = None) -> Group:
     try:
-        return render_status(queue)
+        return render_status(queue, width=width)
     except StorageError as error:
         return queue_failing(queue, error, time.time())

@@ -56,7 +56,7 @@ def run_demo(queue_dir: Path | None, console: Console) -> int:
             f"\n[bold red]simulating a Colab disconnect:[/] SIGKILL to the worker (pid {worker.pid}) "
             f"with {counted(killed_at[0], 'epoch')} done, at step {killed_at[1]} of epoch {killed_at[0] + 1}\n"
         )
-        console.print(render_status(queue))
+        console.print(render_status(queue, width=console.width))
 
     console.print(Rule("session 2: the same one line, `runner work`"))
     code = subprocess.call([sys.executable, "-m", "runner", "work", "--queue", str(root)])

@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -377,3 +378,24 @@ def test_watch_shows_a_failing_queue_folder_and_goes_on_watching(
     assert "Transport endpoint is not connected" in failing
     assert "waiting: the checkpoint at epoch 3 step 7 is kept on this machine's disk" in failing
     assert "waiting  queued" in recovered  # the table again once the folder answers
+
+
+@pytest.mark.parametrize("width", [80, 64])
+def test_the_table_fits_a_narrow_screen_by_dropping_columns_in_a_fixed_order(mixed: Queue, width: int) -> None:
+    """Colab's `!` cells are 80 columns: nothing may be cut there, and every metric stays whole."""
+    wide = render_text_at(status_table(mixed.views(), time.time(), width=400), 400)
+    narrow = render_text_at(status_table(mixed.views(), time.time(), width=width), width)
+    headers = narrow.splitlines()[0].split()
+
+    assert "…" not in narrow and all(len(line) <= width for line in narrow.splitlines()), narrow
+    assert headers[:3] == ["job", "state", "epochs"] and "metrics" in headers
+    dropped = [header for header in ("eta", "restarts", "step", "worker", "saved") if header not in headers]
+    assert dropped == ["eta", "restarts", "step", "worker", "saved"][: len(dropped)] and dropped, narrow
+    for token in re.findall(r"\w+=[\d.e-]+", wide):  # every metric of the wide table, whole, in the narrow one
+        assert token in narrow, (token, narrow)
+
+
+def render_text_at(renderable: Any, width: int) -> str:
+    console = Console(file=io.StringIO(), width=width)
+    console.print(renderable)
+    return console.file.getvalue()
