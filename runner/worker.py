@@ -25,7 +25,7 @@ from runner import defaults, storage
 from runner.checkpoints import CheckpointStore
 from runner.device import describe_devices, detect_gpus
 from runner.errors import Fenced, RunnerError, StorageError
-from runner.job import JobStatus
+from runner.job import Job, JobStatus
 from runner.joblog import JobLogHandler
 from runner.lease import JobLease, LeaseHolder
 from runner.queue import Claim, JobView, Queue
@@ -39,6 +39,20 @@ _SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 _MAX_RECLAIMS = 3
 """Times one `runner work` claims a job again after its lease vanished, before it gives the job up."""
+
+
+def _stopping_now(job: Job) -> str:
+    """What a second Ctrl-C leaves: the newest checkpoint the next `runner work` continues from."""
+    try:
+        state = job.read_state()
+    except (RunnerError, OSError):  # the folder fails: say what is certain
+        return f"stopping now; job {job.name!r} continues from its newest checkpoint with `runner work`"
+    if state.checkpoint is None:
+        return f"stopping now; job {job.name!r} has no checkpoint yet: `runner work` starts it again"
+    return (
+        f"stopping now; the last checkpoint of job {job.name!r} is {state.checkpoint} (epoch {state.epoch}, step "
+        f"{state.step}): `runner work` continues from there"
+    )
 
 
 def restore_signal_handlers(previous: dict[int, Any]) -> None:
@@ -288,6 +302,7 @@ class Worker:
         except KeyboardInterrupt:
             self.result.interrupted.append(name)
             job.events.append("interrupted", generation=claim.generation, reason="second signal")
+            self.console.print(_stopping_now(job), markup=False, soft_wrap=True)
             raise
         except Exception as error:  # a job's failure must not stop the queue
             if is_storage_trouble(error):

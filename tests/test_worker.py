@@ -311,6 +311,31 @@ def test_signal_checkpoints_releases_the_lease_and_the_next_run_resumes(
     assert result_value(queue, "sig") == expected_value(10, 10)
 
 
+@pytest.mark.slow
+def test_a_second_sigint_stops_at_once_and_says_where_the_next_run_continues(queue: Queue) -> None:
+    queue.submit(make_spec("twice", checkpoint={"every_epochs": 1}, **SLOW))
+    kill_log = queue.root.parent / "holds.jsonl"
+    # Held inside the second commit: the first SIGINT asks for a checkpoint and a stop, which cannot finish
+    # while held, so the second one lands while the first is still being served, as a user's double Ctrl-C does.
+    env = runner_env(RUNNER_HOLD_AT="commit-copied:2", RUNNER_KILL_LOG=str(kill_log))
+    with reaped(start_cli("work", "--queue", str(queue.root), env=env)) as process:
+        wait_until(lambda: kill_log.exists() and '"hold"' in kill_log.read_text(), "the hold in the second commit")
+        os.kill(process.pid, signal.SIGINT)
+        time.sleep(0.5)  # two signals sent back to back may arrive as one
+        os.kill(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    assert events(queue, "twice", "interrupted")[-1]["reason"] == "second signal", stderr
+    stopped = state(queue, "twice")
+    said = " ".join(stderr.split())
+    assert (
+        f"stopping now; the last checkpoint of job 'twice' is {stopped.checkpoint} (epoch {stopped.epoch}, step "
+        f"{stopped.step}): `runner work` continues from there"
+    ) in said, stderr
+    assert "Traceback" not in stderr
+
+
 # --- kill and resume --------------------------------------------------------------------------------------------
 
 KILL_EPOCHS, KILL_STEPS = 5, 12
