@@ -125,16 +125,48 @@ class TrainerError(RunnerError):
 class OutOfMemory(TrainerError, MemoryError):
     """Training ran out of (GPU) memory at ``batch_size``; the message says what to change in the spec."""
 
-    def __init__(self, batch_size: int, *, gpu: bool = True, halved_from: int | None = None) -> None:
-        where = f"out of {'GPU ' if gpu else ''}memory at batch size {batch_size}"
+    def __init__(
+        self,
+        batch_size: int,
+        *,
+        gpu: bool = True,
+        halved_from: int | None = None,
+        image_size: tuple[int, int] | None = None,
+        building: bool = False,
+    ) -> None:
+        memory = f"{'GPU ' if gpu else ''}memory"
+        smaller = _smaller_image_size(image_size)
+        if building:  # the weights alone do not fit: the batch size is not the cause
+            where = f"out of {memory} building the model for images of {_size_text(image_size)}"
+            fix = f"lower dataset.image_size{smaller} or the model's size (model.params)"
+            super().__init__(f"{where}: {fix}")
+            self.batch_size, self.gpu, self.halved_from = batch_size, gpu, halved_from
+            return
+        where = f"out of {memory} at batch size {batch_size}"
+        if image_size is not None:
+            where += f" and image size {_size_text(image_size)}"
         if halved_from is not None:
             where += f" (halved from {halved_from})"
         if batch_size > 1 and halved_from is None:
-            fix = f"lower dataset.batch_size (to {batch_size // 2}, say) or set training.on_oom: halve_batch"
+            fix = (
+                f"lower dataset.batch_size (to {batch_size // 2}, say) or dataset.image_size{smaller}, or set "
+                "training.on_oom: halve_batch"
+            )
         else:
-            fix = "even one image per step is too much: use a smaller model or dataset.image_size, or more memory"
+            fix = f"even one image per step is too much: lower dataset.image_size{smaller}, use a smaller model, or more memory"
         super().__init__(f"{where}: {fix}")
         self.batch_size, self.gpu, self.halved_from = batch_size, gpu, halved_from
+
+
+def _size_text(image_size: tuple[int, int] | None) -> str:
+    return "this size" if image_size is None else f"{image_size[0]}x{image_size[1]}"
+
+
+def _smaller_image_size(image_size: tuple[int, int] | None) -> str:
+    """`` (to [75, 75], say)``: half of each side, the memory an image takes a quarter."""
+    if image_size is None or min(image_size) < 2:
+        return ""
+    return f" (to [{image_size[0] // 2}, {image_size[1] // 2}], say)"
 
 
 class ModelError(RunnerError, ValueError):

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +27,7 @@ from runner.checkpoints import CheckpointStore
 from runner.errors import OutOfMemory
 from runner.history import read_history
 from runner.job import JobStatus
-from tests.conftest import run_cli, start_cli
+from tests.conftest import REPO, run_cli, start_cli
 from tests.support.keras_jobs import job_of, keras_env, keras_spec, make_digit_folders
 
 FACTORY = "tests.support.oom_model:oom_model"
@@ -89,13 +92,47 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_the_error_says_what_to_change() -> None:
-    assert str(OutOfMemory(64)) == (
-        "out of GPU memory at batch size 64: lower dataset.batch_size (to 32, say) or set training.on_oom: halve_batch"
+    assert str(OutOfMemory(64, image_size=(150, 150))) == (
+        "out of GPU memory at batch size 64 and image size 150x150: lower dataset.batch_size (to 32, say) or "
+        "dataset.image_size (to [75, 75], say), or set training.on_oom: halve_batch"
     )
-    assert str(OutOfMemory(1, gpu=False, halved_from=16)).startswith(
-        "out of memory at batch size 1 (halved from 16): even one image per step is too much"
+    assert str(OutOfMemory(1, gpu=False, halved_from=16, image_size=(16, 16))).startswith(
+        "out of memory at batch size 1 and image size 16x16 (halved from 16): even one image per step is too much: "
+        "lower dataset.image_size (to [8, 8], say)"
+    )
+    assert str(OutOfMemory(20, image_size=(2000, 2000), building=True)) == (
+        "out of GPU memory building the model for images of 2000x2000: lower dataset.image_size (to [1000, 1000], "
+        "say) or the model's size (model.params)"
     )
     assert isinstance(OutOfMemory(8), MemoryError) and "\n" not in str(OutOfMemory(1))
+
+
+@pytest.mark.slow
+def test_a_model_too_large_for_memory_at_its_image_size_names_image_size(
+    tmp_path: Path, digits: Path, env: dict
+) -> None:
+    """Real memory, really exhausted: the process may address 12 GB, and the tutorial's network at 1000x1000
+    wants a 16 GB kernel after its Flatten (the weights alone; no batch size can help)."""
+    queue = tmp_path / "queue"
+    spec = keras_spec("huge", digits, dataset={"image_size": [1000, 1000], "color_mode": "rgb"}, training={"epochs": 1})
+    spec["model"] = {"builtin": "simple_cnn", "params": {"filters": 32, "dense": 512}}
+    submit(tmp_path, queue, env, spec)
+
+    def at_most_12_gb() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "runner", "work", "--queue", str(queue)], capture_output=True, text=True, env=env,
+        cwd=REPO, timeout=300, preexec_fn=at_most_12_gb,
+    )  # fmt: skip
+
+    line = (
+        "out of memory building the model for images of 1000x1000: lower dataset.image_size (to [500, 500], say) "
+        "or the model's size (model.params)"
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"job 'huge' failed: {line}" in one_line(result.stderr), result.stderr[-3000:]
+    assert job_of(queue, "huge").read_state().error == line
 
 
 @pytest.mark.slow
@@ -105,7 +142,10 @@ def test_on_oom_fail_fails_the_job_with_one_line_and_no_traceback(tmp_path: Path
 
     result = work(queue, env)
 
-    line = "out of memory at batch size 16: lower dataset.batch_size (to 8, say) or set training.on_oom: halve_batch"
+    line = (
+        "out of memory at batch size 16 and image size 16x16: lower dataset.batch_size (to 8, say) or "
+        "dataset.image_size (to [8, 8], say), or set training.on_oom: halve_batch"
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"job 'oom-fail' failed: {line}" in one_line(result.stderr)
     assert "Traceback" not in result.stderr + result.stdout

@@ -31,7 +31,7 @@ from runner.train.backends.tensorflow import configure_determinism, is_out_of_me
 from runner.train.data.pipeline import ImageFolderData, prepare_dataset
 from runner.train.engine.acceleration import configure_precision, resolve_jit_compile
 from runner.train.engine.loop import StepLoop, build_metrics, resolve_steps_per_execution
-from runner.train.engine.oom import go_back, halved_batch_size, report_halving
+from runner.train.engine.oom import go_back, halved_batch_size, out_of_memory_building, report_halving
 from runner.train.models.build import (
     Compiled,
     build_model,
@@ -69,12 +69,17 @@ class KerasTrainer:
         data = prepare_dataset(spec.dataset, seed=spec.training.seed, cache_dir=self.cache_dir, console=context.console)
         configure_determinism(spec)
         policy = configure_precision(spec)
-        model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
-        jit_compile = resolve_jit_compile(spec.training.jit_compile, model, deterministic=spec.training.deterministic)
-        steps = resolve_steps_per_execution(spec.training.steps_per_execution, data.steps_per_epoch)
-        compiled = compile_model(model, spec, jit_compile=jit_compile, steps_per_execution=steps)
-        model.optimizer.build(model.trainable_variables)
-        build_metrics(model, data.train_batches(epoch=0).element_spec)
+        try:
+            model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
+            jit_compile = resolve_jit_compile(spec.training.jit_compile, model, deterministic=spec.training.deterministic)
+            steps = resolve_steps_per_execution(spec.training.steps_per_execution, data.steps_per_epoch)
+            compiled = compile_model(model, spec, jit_compile=jit_compile, steps_per_execution=steps)
+            model.optimizer.build(model.trainable_variables)
+            build_metrics(model, data.train_batches(epoch=0).element_spec)
+        except (tf.errors.OpError, MemoryError) as error:
+            if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
+                raise
+            raise out_of_memory_building(spec, error) from error
         _say_how_it_was_compiled(context, compiled)
         _warn_if_unscaled(context, model, data)
         xla = "on" if jit_compile else "off"

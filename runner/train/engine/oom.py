@@ -26,7 +26,17 @@ def halved_batch_size(batch_size: int, spec: JobSpec, error: BaseException) -> i
     if spec.training.on_oom == "halve_batch" and batch_size > 1:
         return batch_size // 2
     halved_from = spec.dataset.batch_size if batch_size != spec.dataset.batch_size else None
-    raise OutOfMemory(batch_size, gpu=tensorflow_sees_a_gpu(), halved_from=halved_from) from error
+    size = tuple(spec.dataset.image_size)
+    raise OutOfMemory(batch_size, gpu=tensorflow_sees_a_gpu(), halved_from=halved_from, image_size=size) from error
+
+
+def out_of_memory_building(spec: JobSpec, error: BaseException) -> OutOfMemory:
+    """The one line for a model whose weights (and optimizer state) do not fit, mostly from a large image size
+    before a Flatten: no batch size change can help."""
+    size = tuple(spec.dataset.image_size)
+    failure = OutOfMemory(spec.dataset.batch_size, gpu=tensorflow_sees_a_gpu(), image_size=size, building=True)
+    failure.__cause__ = error
+    return failure
 
 
 def go_back(
