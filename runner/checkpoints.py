@@ -258,16 +258,22 @@ class CheckpointStore:
 
     def prune(self, *, keep_id: str | None = None) -> list[str]:
         """Delete committed checkpoints beyond the newest ``keep``; never ``keep_id``. Returns what went."""
-        removed = []
-        for info in self.committed()[self.keep :]:
-            if info.id != keep_id:
-                # Leave the committed names first (one atomic rename): a kill while deleting then leaves a
-                # temporary folder for collect_garbage, never a half-deleted folder under a committed name.
-                doomed = self.job.paths.checkpoint_in_progress(info.id)
-                storage.commit_dir(info.path, doomed)
-                storage.remove_tree(doomed)
-                removed.append(info.id)
-        return removed
+        return self._remove([info for info in self.committed()[self.keep :] if info.id != keep_id])
+
+    def prune_done(self, keep: int) -> list[str]:
+        """Once the job is done (its model in ``final/``): keep only the newest ``keep`` checkpoints, none for 0."""
+        if keep < 0:
+            raise ValueError(f"keep must be 0 or more, got {keep!r}")
+        return self._remove(self.committed()[keep:])
+
+    def _remove(self, doomed: list[CheckpointInfo]) -> list[str]:
+        for info in doomed:
+            # Leave the committed name first (one atomic rename): a kill while deleting then leaves a temporary
+            # folder for collect_garbage, never a half-deleted folder under a committed name.
+            temporary = self.job.paths.checkpoint_in_progress(info.id)
+            storage.commit_dir(info.path, temporary)
+            storage.remove_tree(temporary)
+        return [info.id for info in doomed]
 
     def collect_garbage(self) -> list[str]:
         """Delete temporary folders left by publishers that were cut off. Only the lease holder may call this."""

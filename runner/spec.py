@@ -204,6 +204,22 @@ class CheckpointSpec(_Section):
     )
     every_minutes: float | None = Field(default=None, strict=True, gt=0, description="also checkpoint mid-epoch this often")
     keep: int = Field(default=2, strict=True, ge=1, le=1000, description="committed checkpoints kept")
+    keep_done: int = Field(
+        default=1,
+        strict=True,
+        ge=0,
+        le=1000,
+        description="committed checkpoints kept once the job is done (0: none, final/ holds the model); at most keep",
+    )
+
+    @model_validator(mode="after")
+    def _keep_done_within_keep(self) -> CheckpointSpec:
+        if self.keep_done > self.keep:
+            raise ValueError(
+                f"checkpoint.keep_done ({self.keep_done}) is more than checkpoint.keep ({self.keep}): a done job has "
+                f"at most keep checkpoints; set keep_done to {self.keep} or less"
+            )
+        return self
 
 
 class ExportSpec(_Section):

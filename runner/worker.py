@@ -351,6 +351,19 @@ class Worker:
     def _past_deadline(self) -> bool:
         return self.deadline is not None and self.clock() >= self.deadline
 
+    def _prune_done(self, claim: Claim, job_log: logging.Logger) -> None:
+        """Free Drive space once the job is done (``checkpoint.keep_done``), never before it is recorded done: a
+        kill in between leaves a checkpoint too many, never a job without one to resume from."""
+        keep = claim.spec.checkpoint.keep_done
+        try:
+            removed = CheckpointStore(claim.job, keep=claim.spec.checkpoint.keep).prune_done(keep)
+        except (OSError, RunnerError) as error:  # the job is done all the same
+            job_log.warning("could not remove the checkpoints a done job does not keep: %s", one_line(error))
+            return
+        if removed:
+            job_log.info("done: removed checkpoints %s (checkpoint.keep_done: %d)", ", ".join(removed), keep)
+            claim.job.events.append("pruned", generation=claim.generation, removed=removed, keep_done=keep)
+
     def _interrupt_for_storage(self, claim: Claim, job_log: logging.Logger, error: Exception) -> None:
         """Storage trouble is not the job's fault: keep it resumable, say why, and stop this worker."""
         job, name = claim.job, claim.job.name
@@ -383,3 +396,5 @@ class Worker:
             f"[{colour}]job {name!r} {status.value}[/]" + (f": {escape(error)}" if error else ""), soft_wrap=True
         )
         getattr(self.result, status.value).append(name)
+        if status is JobStatus.DONE:
+            self._prune_done(claim, job_log)

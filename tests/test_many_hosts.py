@@ -120,7 +120,7 @@ def submit_jobs(queue: Queue, rng: random.Random) -> dict[str, tuple[int, int]]:
         params = {"steps": steps, "step_seconds": round(rng.uniform(0.07, 0.12), 3), "every_steps": 3}
         # keep 2 on some jobs, so that pruning runs across claims; keep all on others, for the late-commit check.
         keep = 2 if index % 2 else 1000
-        queue.submit(make_spec(name, model={"params": params}, training={"epochs": epochs}, checkpoint={"keep": keep}))
+        queue.submit(make_spec(name, model={"params": params}, training={"epochs": epochs}, checkpoint={"keep": keep, "keep_done": keep}))
         shapes[name] = (epochs, steps)
     return shapes
 
@@ -269,7 +269,7 @@ def test_host_frozen_past_its_lease_is_fenced_on_resume_and_another_host_finishe
     """
     queue = Queue(tmp_path / "queue", lease_duration=LEASE_S)
     queue.submit(
-        make_spec("frozen", model={"params": FROZEN_PARAMS}, training={"epochs": FROZEN_EPOCHS}, checkpoint={"keep": 1000})
+        make_spec("frozen", model={"params": FROZEN_PARAMS}, training={"epochs": FROZEN_EPOCHS}, checkpoint={"keep": 1000, "keep_done": 1000})
     )
     hosts = cluster(tmp_path, queue, ("host-a", "host-b"))
     host_a, host_b = hosts["host-a"], hosts["host-b"]

@@ -674,3 +674,9 @@ def load_spec_text(text: str, folder: Path) -> JobSpec:
     path = folder / "frozen.yaml"
     path.write_text(text)
     return load_spec(path)
+
+
+def test_keep_done_above_keep_is_refused_with_the_fix() -> None:
+    with pytest.raises(SpecError, match=r"checkpoint.keep_done \(3\) is more than checkpoint.keep \(2\).*set keep_done to 2"):
+        parse_spec(make_spec_dict("job", checkpoint={"keep": 2, "keep_done": 3}))
+    assert parse_spec(make_spec_dict("job", checkpoint={"keep": 2, "keep_done": 0})).checkpoint.keep_done == 0

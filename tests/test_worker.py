@@ -271,6 +271,29 @@ def test_retry_of_a_done_or_queued_job_is_a_one_line_error(queue: Queue, status:
     assert queue.job("settled").paths.state.read_bytes() == before
 
 
+# --- a done job's space ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep_done", [0, 1, 3])
+def test_a_done_job_keeps_checkpoint_keep_done_of_its_checkpoints(queue: Queue, keep_done: int) -> None:
+    checkpoint = {"every_epochs": 1, "keep": 3, "keep_done": keep_done}
+    queue.submit(make_spec("spacious", checkpoint=checkpoint, training={"epochs": 5}))
+    work(queue)
+
+    done = state(queue, "spacious")
+    left = store(queue, "spacious").committed()
+    assert done.status is JobStatus.DONE
+    assert [info.epoch for info in left] == [5, 4, 3][:keep_done]  # the newest ones
+    assert temp_entries_of(queue, "spacious") == []  # nothing half-deleted left behind
+    pruned = events(queue, "spacious", "pruned")
+    assert [event["keep_done"] for event in pruned] == ([keep_done] if keep_done < 3 else [])
+    assert [e["event"] for e in events(queue, "spacious")][-2:] == (["done", "pruned"] if keep_done < 3 else ["checkpoint", "done"])
+
+
+def temp_entries_of(queue: Queue, name: str) -> list[str]:
+    return [entry for entry in os.listdir(queue.job(name).paths.checkpoints) if entry.startswith(".")]
+
+
 # --- signals ----------------------------------------------------------------------------------------------------
 
 
