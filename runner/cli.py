@@ -20,7 +20,7 @@ from rich.markup import escape
 from runner import defaults, storage
 from runner.api import open_queue
 from runner.console import queue_failing, render_status, status_records, watch_status
-from runner.errors import RunnerError, SpecError, StorageError
+from runner.errors import RunnerError, SpecError, StorageError, UsageError
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session
 from runner.spec import json_schema, load_spec
@@ -229,9 +229,12 @@ def _plot(queue: Queue, name: str | None, output: Path | None, err: Console) -> 
 
 
 def _predict(queue: Queue, name: str, images: list[Path], *, as_json: bool, out: Console) -> int:
+    job = queue.job(name)  # a wrong name or path is said before TensorFlow takes seconds to load
+    if missing := next((path for path in images if not path.exists()), None):
+        raise UsageError(f"no such image or folder: {missing}")
     from runner.train.outputs.predict import predict_images  # noqa: PLC0415 (TensorFlow loads for this command only)
 
-    predictions = predict_images(queue.job(name), images)
+    predictions = predict_images(job, images)
     if as_json:
         print(json.dumps([prediction.as_dict() for prediction in predictions], indent=2))
         return 0

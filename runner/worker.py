@@ -385,6 +385,8 @@ class Worker:
     def _finish(self, claim: Claim, status: JobStatus, job_log: logging.Logger, *, error: str | None = None) -> None:
         job, name = claim.job, claim.job.name
         claim.finish(status, error=error)
+        if status is JobStatus.DONE:  # recorded done first; its story still ends with the done event and line
+            self._prune_done(claim, job_log)
         if status is JobStatus.CANCELLED:
             job.clear_cancel_request()
         details = {"error": error} if error else {}
@@ -396,5 +398,3 @@ class Worker:
             f"[{colour}]job {name!r} {status.value}[/]" + (f": {escape(error)}" if error else ""), soft_wrap=True
         )
         getattr(self.result, status.value).append(name)
-        if status is JobStatus.DONE:
-            self._prune_done(claim, job_log)

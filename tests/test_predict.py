@@ -29,7 +29,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
     data = make_digit_folders(folder / "digits", train_per_class=16, val_per_class=6)
     env = keras_env(folder / "cache")
     queue = folder / "queue"
-    submit_keras_spec(folder, queue, data, JOB, env, training={"epochs": 3})
+    submit_keras_spec(folder, queue, data, JOB, env, training={"epochs": 2})
     worked = run_cli("work", "--queue", str(queue), env=env, timeout=600)
     assert worked.returncode == 0, worked.stderr[-3000:]
     return queue, data, env
@@ -44,7 +44,7 @@ def test_the_export_describes_its_input_and_classes(finished: tuple[Path, Path, 
         "height": 16, "width": 16, "channels": 1, "color_mode": "grayscale",
     }  # fmt: skip
     assert "do not divide by 255" in description["input"]["pixels"]
-    assert description["epochs"] == 3 and "val_accuracy" in description["metrics"]
+    assert description["epochs"] == 2 and "val_accuracy" in description["metrics"]
 
 
 def test_predictions_on_the_validation_folder_score_the_jobs_own_validation_accuracy(

@@ -21,8 +21,8 @@ def test_two_jobs_with_an_h5_export_print_each_line_once_and_no_library_chatter(
     env = keras_env(tmp_path / "cache")
     env.pop("TF_CPP_MIN_LOG_LEVEL")
     queue = tmp_path / "queue"
-    submit_keras_spec(tmp_path, queue, data, "first", env, training={"epochs": 2}, export={"formats": ["keras", "h5"]})
-    submit_keras_spec(tmp_path, queue, data, "second", env, training={"epochs": 2}, priority=-1)
+    submit_keras_spec(tmp_path, queue, data, "first", env, training={"epochs": 1}, export={"formats": ["keras", "h5"]})
+    submit_keras_spec(tmp_path, queue, data, "second", env, training={"epochs": 1}, priority=-1)
 
     result = run_cli("work", "--queue", str(queue), env=env, timeout=600)
     said = result.stdout + result.stderr
@@ -30,6 +30,5 @@ def test_two_jobs_with_an_h5_export_print_each_line_once_and_no_library_chatter(
     assert result.returncode == 0, said[-3000:]
     assert [word for word in NOISE if word in said] == [], said
     for job in ("first", "second"):  # after the first job's .h5 export, lines used to come twice
-        for epoch in (1, 2):
-            assert len(re.findall(rf"^{job} epoch {epoch}/2 ", said, flags=re.MULTILINE)) == 1, said
+        assert len(re.findall(rf"^{job} epoch 1/1 ", said, flags=re.MULTILINE)) == 1, said
         assert said.count(f"job '{job}' done") == 1, said
