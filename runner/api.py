@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,15 +50,18 @@ def open_queue(queue: QueueLike = None, *, must_exist: bool = False) -> Queue:
 
 
 def _may_exist(root: Path) -> bool:
-    """``False`` only where the file system says there is nothing at ``root``: a mount that does not answer (Drive
-    dropped) is left to the command's own reads, which say so (and `runner status` then shows what is kept here),
-    and a path through a file is the storage layer's one line."""
+    """``False`` only where the file system says there is nothing at ``root``. Asked once, not retried: a mount
+    that does not answer (Drive dropped) is left to the command's own reads, under the command's own budget (10 s
+    for status), which say so; a path through a file is the storage layer's one line."""
     try:
-        return storage.exists(root)
-    except StorageError as error:
-        if error.transient:
+        os.stat(root)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        if storage.is_transient(error):
             return True
-        raise
+        raise storage.storage_error(error) from None
+    return True
 
 
 def submit(spec: str | Path | Mapping[str, Any] | JobSpec, *, queue: QueueLike = None) -> str:

@@ -111,18 +111,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `runner status | head`: the reader has what it wanted
+    except BrokenPipeError as error:  # `runner status | head`: the reader has what it wanted...
+        if not _stdout_is_closed():
+            return _unexpected(error, err)  # ...unless the pipe was another one (a subprocess, a socket)
         _silence_stdout()
         return 1  # as rich's console does when the table meets a closed pipe (and Python's docs advise)
     except Exception as error:  # the last line of defence: a bug must still not print a traceback
-        if os.environ.get(DEBUG_ENV):
-            raise
-        err.print(
-            f"[red]error:[/] unexpected {type(error).__name__}: {escape(str(error))} "
-            f"(set {DEBUG_ENV}=1 to see the traceback, and please report it)",
-            soft_wrap=True,
-        )
-        return 1
+        return _unexpected(error, err)
+
+
+def _unexpected(error: Exception, err: Console) -> int:
+    if os.environ.get(DEBUG_ENV):
+        raise error
+    err.print(
+        f"[red]error:[/] unexpected {type(error).__name__}: {escape(str(error))} "
+        f"(set {DEBUG_ENV}=1 to see the traceback, and please report it)",
+        soft_wrap=True,
+    )
+    return 1
+
+
+def _stdout_is_closed() -> bool:
+    """Whether stdout is the broken pipe: what failed to reach it is still in its buffer, and fails again."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        return True
+    return False
 
 
 def _silence_stdout() -> None:

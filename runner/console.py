@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,9 +68,24 @@ def notes_kept_here(queue: Queue, now: float, cache_dir: Path | None = None) -> 
             note = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(note, dict) and note.get("folder") == str(queue.paths.job(path.stem).folder):
+        if not isinstance(note, dict) or not _written_by_a_live_worker_here(note):
+            continue  # a worker killed during an outage left it: not news any more
+        if note.get("folder") == os.path.abspath(queue.paths.job(path.stem).folder):
             notes.append(note | {"job": path.stem, "failing_for_s": round(max(0.0, now - float(note.get("since", now))), 1)})
     return sorted(notes, key=lambda note: note["failing_for_s"])
+
+
+def _written_by_a_live_worker_here(note: dict[str, Any]) -> bool:
+    pid = note.get("pid")
+    if not isinstance(pid, int) or note.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
 
 
 def queue_failing(queue: Queue, error: Exception, now: float) -> Group:

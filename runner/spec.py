@@ -272,7 +272,7 @@ class JobSpec(_Section):
     def to_yaml(self) -> str:
         """The spec as YAML with every field, defaults filled in."""
         # Python mode, not JSON mode: JSON mode would turn an infinite float in params into null.
-        return yaml.safe_dump(_plain(self.model_dump()), sort_keys=False)
+        return yaml.dump(_plain(self.model_dump()), Dumper=_SpecDumper, sort_keys=False)
 
 
 def _plain(value: Any) -> Any:
@@ -338,13 +338,16 @@ class _SpecLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+class _SpecDumper(yaml.SafeDumper):
+    """Writes the frozen spec so that :class:`_SpecLoader` reads back every value as it was."""
+
+
 # YAML 1.1, which PyYAML reads, has no float without a dot and a signed exponent: `1e-3` and `5e-5` (how people
-# write learning rates) would be strings, and refused as not a number. Read them as YAML 1.2 and JSON do.
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+# write learning rates) would be strings, and refused as not a number. Read them as YAML 1.2 and JSON do; and
+# write a string that looks like one (a job named `1e5`) quoted, so that the frozen copy reads back a string.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _side in (_SpecLoader, _SpecDumper):
+    _side.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def _parse_text(text: str, source: str, *, json_only: bool) -> Any:

@@ -43,6 +43,7 @@ _MAX_RECLAIMS = 3
 
 def _stopping_now(job: Job) -> str:
     """What a second Ctrl-C leaves: the newest checkpoint the next `runner work` continues from."""
+    storage.set_retry_budget(min(storage.retry_budget(), 2.0))  # stopping now: no minutes of retries
     try:
         state = job.read_state()
     except (RunnerError, OSError):  # the folder fails: say what is certain

@@ -7,7 +7,9 @@ through the API are in test_colab.py; ``runner.plot`` in test_plot.py.)
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ import pytest
 import yaml
 
 import runner
+import runner.api as api_module
 from runner import defaults
 from runner.errors import JobExists, JobNotFound, QueueNotFound, SpecError, UsageError
 from runner.queue import Queue
@@ -243,6 +246,20 @@ def test_status_of_an_empty_queue(tmp_path: Path) -> None:
 
     assert len(report) == 0 and list(report) == [] and json.loads(report.to_json()) == []
     assert "no jobs yet" in str(report)
+
+
+def test_the_queue_folder_is_looked_for_once_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a dropped mount the check must not spend the 300 s budget before status's own 10 s: one stat, and a
+    failing one is left to the command's reads."""
+    calls = []
+
+    def dropped_mount(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        calls.append(path)
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", str(path))
+
+    monkeypatch.setattr(api_module.os, "stat", dropped_mount)
+    queue = api_module.open_queue(tmp_path / "on-drive", must_exist=True)
+    assert queue.root == tmp_path / "on-drive" and calls == [tmp_path / "on-drive"]
 
 
 def test_a_queue_folder_that_does_not_exist_is_an_error_not_an_empty_queue(tmp_path: Path) -> None:

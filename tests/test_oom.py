@@ -109,12 +109,13 @@ def test_the_error_says_what_to_change() -> None:
 
 @pytest.mark.slow
 def test_a_model_too_large_for_memory_at_its_image_size_names_image_size(
-    tmp_path: Path, digits: Path, env: dict
+    tmp_path: Path, env: dict
 ) -> None:
     """Real memory, really exhausted: the process may address 12 GB, and the tutorial's network at 1000x1000
     wants a 16 GB kernel after its Flatten (the weights alone; no batch size can help)."""
     queue = tmp_path / "queue"
-    spec = keras_spec("huge", digits, dataset={"image_size": [1000, 1000], "color_mode": "rgb"}, training={"epochs": 1})
+    few = make_digit_folders(tmp_path / "few", train_per_class=2, val_per_class=1)  # decoded at 1000x1000: few
+    spec = keras_spec("huge", few, dataset={"image_size": [1000, 1000], "color_mode": "rgb"}, training={"epochs": 1})
     spec["model"] = {"builtin": "simple_cnn", "params": {"filters": 32, "dense": 512}}
     submit(tmp_path, queue, env, spec)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import runner
@@ -105,6 +106,24 @@ def test_bad_input_is_one_line(finished: tuple[Path, Path, dict[str, str]], tmp_
         [line] = result.stderr.splitlines()
         assert line.startswith("error: ") and said in line, line
         assert result.stdout == ""
+
+
+def test_logits_are_told_from_probabilities_by_the_model_not_by_the_values() -> None:
+    """A factory's model trained from_logits ends linear: its outputs are made into probabilities, whatever range
+    a batch's values happen to fall in; a model ending in sigmoid or softmax is taken as it is."""
+    import keras  # noqa: PLC0415 (TensorFlow in this test process only here)
+
+    from runner.train.outputs.predict import _gives_logits, _probabilities  # noqa: PLC0415
+
+    def ending(activation: str | None) -> keras.Model:
+        inputs = keras.Input((2,))
+        return keras.Model(inputs, keras.layers.Dense(1, activation=activation)(inputs))
+
+    assert [_gives_logits(ending(a)) for a in ("sigmoid", "softmax", None)] == [False, False, True]
+    in_range = np.array([[0.2], [0.9]])  # logits that look like probabilities
+    as_logits = _probabilities(in_range, "binary", 2, logits=True)
+    assert as_logits[:, 1] == pytest.approx(1 / (1 + np.exp(-in_range[:, 0])))
+    assert _probabilities(in_range, "binary", 2, logits=False)[:, 1] == pytest.approx(in_range[:, 0])
 
 
 def test_a_job_that_is_not_done_has_nothing_to_predict_with(tmp_path: Path) -> None:

@@ -662,6 +662,12 @@ def test_numbers_with_an_exponent_and_no_dot_are_floats_in_yaml(tmp_path: Path, 
     assert load_spec_text(spec.to_yaml(), tmp_path).training.learning_rate == value  # the frozen copy reads back
 
 
+def test_strings_that_look_like_exponents_stay_strings_in_the_frozen_copy(tmp_path: Path) -> None:
+    spec = parse_spec(make_spec_dict("1e5", model={"params": {"code": "2e3"}}))
+    again = load_spec_text(spec.to_yaml(), tmp_path)
+    assert again.name == "1e5" and again.model.params["code"] == "2e3"
+
+
 @pytest.mark.parametrize("written", ["yes", "true", "1e", "fast"])
 def test_words_stay_refused_where_a_number_is_wanted(tmp_path: Path, written: str) -> None:
     path = tmp_path / "job.yaml"

@@ -8,6 +8,9 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -315,13 +318,21 @@ def drive_sim(tmp_path: Path) -> Iterator[SimFactory]:
         yield factory
 
 
-def kept_note(cache: Path, queue: Queue, name: str, *, epoch: int, step: int) -> None:
-    """The note a worker's publisher leaves on this machine while a checkpoint of ``name`` waits on local disk."""
+def kept_note(cache: Path, queue: Queue, name: str, *, epoch: int, step: int, pid: int | None = None) -> None:
+    """The note a worker's publisher leaves on this machine while a checkpoint of ``name`` waits on local disk
+    (by default as if this test's process were that worker)."""
     note = publish_note(cache, name)
     note.parent.mkdir(parents=True, exist_ok=True)
-    folder = str(queue.paths.job(name).folder)
+    folder = os.path.abspath(queue.paths.job(name).folder)
     record = {"since": time.time() - 42, "epoch": epoch, "step": step, "generation": 1, "folder": folder}
-    note.write_text(json.dumps(record | {"error": "errno 107"}))
+    worker = {"pid": os.getpid() if pid is None else pid, "host": socket.gethostname()}
+    note.write_text(json.dumps(record | worker | {"error": "errno 107"}))
+
+
+def a_dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
 
 
 @requires_fuse
@@ -335,6 +346,7 @@ def test_status_on_a_failing_queue_folder_names_the_error_and_what_this_machine_
     cache = tmp_path / "cache"
     kept_note(cache, queue, "waiting", epoch=3, step=7)
     kept_note(cache, other, "elsewhere", epoch=9, step=9)  # another queue's job: not this queue's news
+    kept_note(cache, queue, "gone", epoch=5, step=0, pid=a_dead_pid())  # its worker died: not news either
     env = runner_env(RUNNER_CACHE=str(cache), RUNNER_RETRY_BUDGET="0.5", COLUMNS="400")
     sim.outage(600)
     try:

@@ -20,7 +20,7 @@ def from_factory(
     dotted: str, params: dict[str, Any], *, input_shape: InputShape, num_classes: int
 ) -> keras.Model:
     """Call ``package.module:function(input_shape=..., num_classes=..., **params)`` and check it made a model."""
-    function = _import_factory(dotted)
+    function = import_factory(dotted)
     try:
         model = function(input_shape=input_shape, num_classes=num_classes, **params)
     except (Exception, SystemExit) as error:  # a script's argparse exits: that must fail the job, not the worker
@@ -32,7 +32,8 @@ def from_factory(
     return model
 
 
-def _import_factory(dotted: str) -> Callable[..., Any]:
+def import_factory(dotted: str) -> Callable[..., Any]:
+    """The factory function ``package.module:function``, its module imported (from the working directory too)."""
     module_name, _, attribute = dotted.partition(":")
     try:
         with _cwd_on_path():

@@ -23,6 +23,7 @@ from runner.errors import DatasetError, NoExport, StorageError, UsageError
 from runner.job import Job
 from runner.train.data.image_folder import IMAGE_EXTENSIONS
 from runner.train.data.pipeline import image_loader
+from runner.train.models.factory import import_factory
 from runner.train.outputs.export import DESCRIPTION_FILE, DESCRIPTION_FORMAT, FILE_NAMES
 from runner.words import counted
 
@@ -49,6 +50,7 @@ def predict_images(job: Job, images: Sequence[str | Path]) -> list[Prediction]:
     if not files:
         raise UsageError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, images))}")
     model = _load_model(job)
+    logits = _gives_logits(model)
     classes: list[str] = description["classes"]
     size = (int(description["input"]["height"]), int(description["input"]["width"]))
     load = image_loader(size, int(description["input"]["channels"]))
@@ -57,7 +59,8 @@ def predict_images(job: Job, images: Sequence[str | Path]) -> list[Prediction]:
         chunk = files[start : start + BATCH]
         batch = tf.cast(tf.stack([_decoded(load, path) for path in chunk]), tf.float32)
         outputs = np.asarray(model(batch, training=False), dtype=np.float64)
-        for path, row in zip(chunk, _probabilities(outputs, description["label_mode"], len(classes)), strict=True):
+        rows = _probabilities(outputs, description["label_mode"], len(classes), logits=logits)
+        for path, row in zip(chunk, rows, strict=True):
             chances = {name: float(value) for name, value in zip(classes, row, strict=True)}
             predictions.append(Prediction(str(path), classes[int(np.argmax(row))], chances))
     return predictions
@@ -80,14 +83,24 @@ def _description(job: Job) -> dict[str, Any]:
 
 
 def _load_model(job: Job) -> keras.Model:
-    """The exported model, read from a local copy: Keras reads a zip by seeking, which Drive serves slowly."""
+    """The exported model, read from a local copy: Keras reads a zip by seeking, which Drive serves slowly.
+
+    A factory's module is imported first, so that the custom layers it registers load; ``safe_mode`` is off, so
+    that a ``Lambda`` layer loads too: the file is this job's own export, not someone else's download."""
+    factory = job.read_spec().model.factory
+    if factory is not None:
+        import_factory(factory)
     for kind in ("keras", "h5"):
         exported = job.paths.final / FILE_NAMES[kind]
         if storage.is_file(exported):
             with tempfile.TemporaryDirectory(prefix="runner-predict-") as scratch:
                 local = Path(scratch) / exported.name
                 storage.copy_file(exported, local, durable=False)
-                return keras.models.load_model(local, compile=False)
+                try:
+                    return keras.models.load_model(local, compile=False, safe_mode=False)
+                except (ValueError, TypeError, KeyError, OSError) as error:
+                    reason = " ".join(str(error).split())[:300]
+                    raise NoExport(job.name, f"Keras cannot load {exported}: {reason}") from None
     raise NoExport(job.name, "its export.formats has neither keras nor h5, which Keras loads (saved_model is for serving)")
 
 
@@ -113,15 +126,23 @@ def _decoded(load: Any, path: Path) -> tf.Tensor:
         raise DatasetError(f"image {path} cannot be decoded ({reason}): pass PNG, JPEG, GIF or BMP files") from None
 
 
-def _probabilities(outputs: np.ndarray, label_mode: str, classes: int) -> np.ndarray:
-    """One row of class probabilities per image; logits (a model without its last activation) made into them."""
+def _gives_logits(model: keras.Model) -> bool:
+    """Whether the model ends without its sigmoid or softmax (a factory's, trained ``from_logits``): decided once
+    for the model, from its last layer, so that an image's answer never depends on the images beside it."""
+    activation = getattr(model.layers[-1], "activation", None) if model.layers else None
+    name = getattr(activation, "__name__", "")
+    return name not in ("sigmoid", "softmax")
+
+
+def _probabilities(outputs: np.ndarray, label_mode: str, classes: int, *, logits: bool) -> np.ndarray:
+    """One row of class probabilities per image; logits made into them."""
     if label_mode == "binary":
         second = outputs.reshape(len(outputs), -1)[:, 0]
-        if second.min() < 0 or second.max() > 1:
+        if logits:
             second = 1 / (1 + np.exp(-second))
         return np.stack([1 - second, second], axis=1)
     rows = outputs.reshape(len(outputs), classes)
-    if rows.min() < 0 or not np.allclose(rows.sum(axis=1), 1, atol=1e-3):
+    if logits:
         shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
         rows = shifted / shifted.sum(axis=1, keepdims=True)
     return rows

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -201,7 +203,9 @@ class Publisher:
             "epoch": snapshot.epoch,
             "step": snapshot.step,
             "generation": self.context.generation,
-            "folder": str(self.context.job.paths.folder),  # status finds it without reading a failing job folder
+            "folder": os.path.abspath(self.context.job.paths.folder),  # status finds it without reading the folder
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
             "error": " ".join(str(error).split())[:300],
         }
         try:
