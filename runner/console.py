@@ -18,6 +18,7 @@ from rich.text import Text
 
 from runner.device import short_device
 from runner.errors import StorageError
+from runner.lease import process_exists
 from runner.paths import default_cache_dir, publish_note
 from runner.queue import INTERRUPTED, JobView, Queue
 
@@ -48,13 +49,9 @@ def eta_seconds(view: JobView, now: float) -> float | None:
 
 def local_publish_note(view: JobView, now: float, cache_dir: Path | None = None) -> dict[str, Any] | None:
     """This machine's note that the job's newest checkpoint waits on local disk (the job folder is failing)."""
-    path = publish_note(cache_dir or default_cache_dir(), view.name)
-    try:
-        note = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    current = view.state is not None and note.get("generation") == view.state.generation
-    if not (isinstance(note, dict) and current and view.shown_state(now) == "running"):
+    note = _read_note(publish_note(cache_dir or default_cache_dir(), view.name))
+    current = note is not None and view.state is not None and note.get("generation") == view.state.generation
+    if not (current and view.shown_state(now) == "running"):
         return None  # left by a worker that has gone: not news any more
     return note
 
@@ -64,28 +61,26 @@ def notes_kept_here(queue: Queue, now: float, cache_dir: Path | None = None) -> 
     queue folder (for when it is the folder that fails), newest failure first."""
     notes = []
     for path in sorted((cache_dir or default_cache_dir()).joinpath("publishing").glob("*.json")):
-        try:
-            note = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(note, dict) or not _written_by_a_live_worker_here(note):
+        note = _read_note(path)
+        if note is None or not _written_by_a_live_worker_here(note):
             continue  # a worker killed during an outage left it: not news any more
         if note.get("folder") == os.path.abspath(queue.paths.job(path.stem).folder):
             notes.append(note | {"job": path.stem, "failing_for_s": round(max(0.0, now - float(note.get("since", now))), 1)})
     return sorted(notes, key=lambda note: note["failing_for_s"])
 
 
+def _read_note(path: Path) -> dict[str, Any] | None:
+    """A publishing note as written, or ``None`` where there is none (or one being replaced, or damaged)."""
+    try:
+        note = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) else None
+
+
 def _written_by_a_live_worker_here(note: dict[str, Any]) -> bool:
     pid = note.get("pid")
-    if not isinstance(pid, int) or note.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
+    return isinstance(pid, int) and note.get("host") == socket.gethostname() and process_exists(pid)
 
 
 def queue_failing(queue: Queue, error: Exception, now: float) -> Group:

@@ -68,18 +68,19 @@ class LeaseHolder:
 
     def dead_on_this_host(self) -> bool:
         """Whether the holder ran on this machine and its process is gone."""
-        return self._on_this_host() and not _process_exists(self.pid)
+        return self._on_this_host() and not process_exists(self.pid)
 
     def alive_on_this_host(self) -> bool:
         """Whether the holder runs on this machine and its process still exists."""
-        return self._on_this_host() and _process_exists(self.pid)
+        return self._on_this_host() and process_exists(self.pid)
 
     def _on_this_host(self) -> bool:
         same_namespace = self.pid_namespace == _this_pid_namespace()
         return self.host == socket.gethostname() and same_namespace and self.pid > 0
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether a process of this pid exists on this machine (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
