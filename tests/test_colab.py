@@ -71,7 +71,8 @@ from tests.support.worker_helpers import (
     wait_until,
 )
 
-SLOW = {"model": {"params": {"steps": 10, "step_seconds": 0.05}}, "training": {"epochs": 6}}
+PARKED = {"model": {"params": {"steps": 10, "step_seconds": 0.05, "park_at_epoch": 1}}, "training": {"epochs": 6}}
+"""A job that waits in its epoch 1 until it is asked to stop, so a stop always lands mid-training."""
 """About 3 s of training (sleeping, so it takes at least that), a checkpoint every 0.5 s."""
 
 T4 = "Tesla T4, 15360\n"
@@ -375,7 +376,7 @@ def test_flush_and_release_outside_colab_do_nothing_and_say_so(tmp_path: Path, n
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_work_stopped_by_a_signal_neither_flushes_nor_releases(tmp_path: Path, signum: int) -> None:
     vm = colab_vm(tmp_path)
-    queue = colab_queue_with_jobs(vm, {"name": "job-a", **SLOW})
+    queue = colab_queue_with_jobs(vm, {"name": "job-a", **PARKED})
 
     with reaped(start_colab_cli("work", "--release-runtime", "--max-hours", "1", env=colab_env(vm))) as process:
         wait_until(lambda: state(queue, "job-a").checkpoint, "a first checkpoint")
@@ -425,10 +426,10 @@ def test_check_max_hours_accepts_positive_finite_hours() -> None:
 
 
 def test_max_hours_stops_the_job_with_a_checkpoint_and_the_next_session_resumes_it(queue: Queue) -> None:
-    queue.submit(make_spec("job-a", priority=1, **SLOW))
+    queue.submit(make_spec("job-a", priority=1, **PARKED))
     queue.submit(make_spec("job-b"))
 
-    # 0.0004 h is 1.44 s; job-a sleeps 3 s in all, so the limit always comes while it trains.
+    # 0.0004 h is 1.44 s; job-a waits in epoch 1 until it is asked to stop, so the limit comes while it trains.
     first = run_cli("work", "--queue", str(queue.root), "--max-hours", "0.0004")
 
     assert first.returncode == defaults.EXIT_TIME_LIMIT == 75, first.stderr

@@ -134,7 +134,9 @@ def test_status_json_values_of_settled_jobs(mixed: Queue) -> None:
 
 @pytest.mark.slow
 def test_status_json_shows_running_then_interrupted_after_sigkill(queue: Queue) -> None:
-    queue.submit(make_spec("victim", model={"params": {"steps": 5, "step_seconds": 0.1}}, training={"epochs": 20}))
+    # Parked in epoch 2 (after its second checkpoint) until killed, so it is still running when status is asked.
+    params = {"steps": 5, "step_seconds": 0.1, "park_at_epoch": 2}
+    queue.submit(make_spec("victim", model={"params": params}, training={"epochs": 20}))
     with reaped(start_cli("work", "--queue", str(queue.root))) as process:
         first = wait_until(lambda: state(queue, "victim").checkpoint, "a first checkpoint")
         running = status_json(queue, run_cli)["victim"]

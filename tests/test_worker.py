@@ -42,7 +42,10 @@ from tests.support.worker_helpers import (
 
 FAILING = {"model": {"params": {"steps": 4, "fail_at_epoch": 1}}}
 SLOW = {"model": {"params": {"steps": 10, "step_seconds": 0.05}}, "training": {"epochs": 10}}
-"""About 5 s of training, an epoch checkpoint every 0.5 s: long enough to act on while it runs."""
+"""About 5 s of training, an epoch checkpoint every 0.5 s."""
+
+PARKED = {"model": {"params": {"steps": 10, "step_seconds": 0.05, "park_at_epoch": 1}}, "training": {"epochs": 10}}
+"""Like :data:`SLOW`, but waiting in epoch 1 until it is asked to stop: a test that stops it never races its end."""
 
 
 def work(queue: Queue, **options: object) -> Worker:
@@ -68,7 +71,7 @@ def flat(text: str) -> str:
 
 def start_slow_job(queue: Queue, name: str) -> subprocess.Popen[str]:
     """Submit a slow job and start ``runner work`` on it; returns the process once a checkpoint is recorded."""
-    queue.submit(make_spec(name, **SLOW))
+    queue.submit(make_spec(name, **PARKED))
     process = start_cli("work", "--queue", str(queue.root))
     try:
         wait_until(lambda: state(queue, name).checkpoint, f"a first checkpoint of {name}")
@@ -303,7 +306,7 @@ def test_signal_checkpoints_releases_the_lease_and_the_next_run_resumes(
     queue: Queue, signum: signal.Signals, code: int
 ) -> None:
     # Epoch checkpoints only at the very end: any checkpoint there is before that was published by the stop.
-    queue.submit(make_spec("sig", checkpoint={"every_epochs": 1000}, **SLOW))
+    queue.submit(make_spec("sig", checkpoint={"every_epochs": 1000}, **PARKED))
     log = queue.job("sig").paths.log
     with reaped(start_cli("work", "--queue", str(queue.root))) as process:
         wait_until(lambda: log.exists() and "epoch 1 done" in log.read_text(), "the trainer's first epoch")

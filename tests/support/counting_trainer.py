@@ -1,10 +1,12 @@
 """A small pure-Python trainer that stands in for the Keras trainer in the core's tests.
 
-It "trains" by folding (epoch, step) into an integer, checkpoints through the real store (a state file and a
-64 KiB weights file), resumes from the newest verified checkpoint and honours stop requests, so that kills,
-leases, fencing and fallbacks can be tested without TensorFlow. ``model.params`` of the spec tunes it:
-``steps`` per epoch, ``step_seconds`` of sleep per step, ``fail_at_epoch`` to raise, ``every_steps`` for
-mid-epoch checkpoints.
+It "trains" by folding (epoch, step) into an integer, checkpoints through the real store (a state file and a 64 KiB
+weights file), resumes from the newest verified checkpoint and honours stop requests, so that kills, leases,
+fencing and fallbacks can be tested without TensorFlow. ``model.params`` of the spec tunes it: ``steps`` per epoch,
+``step_seconds`` of sleep per step, ``fail_at_epoch`` to raise, ``every_steps`` for mid-epoch checkpoints,
+``park_at_epoch`` to wait after the first step of that epoch until a stop is asked for (so the stop's checkpoint is
+at step 1, never a repeat of an epoch's): a test that stops a running job then stops it mid-training however slow
+the machine is, instead of racing a job that may finish first.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from runner import storage
 from runner.training import Outcome, RunContext
 
 MODULUS = 2**61 - 1
+
+PARK_LIMIT_S = 120.0
+"""A parked job that is never asked to stop goes on after this long, so a broken test cannot hang forever."""
 
 
 def fold(value: int, epoch: int, step: int) -> int:
@@ -50,6 +55,7 @@ class CountingTrainer:
         step_seconds = float(params.get("step_seconds", 0.0))
         every_steps = params.get("every_steps")
         fail_at_epoch = params.get("fail_at_epoch")
+        park_at_epoch = params.get("park_at_epoch")
         epochs = context.spec.training.epochs
         every_epochs = context.spec.checkpoint.every_epochs
 
@@ -65,6 +71,8 @@ class CountingTrainer:
                     value = fold(value, epoch, step)
                     step += 1
                     time.sleep(step_seconds)
+                    if park_at_epoch is not None and (epoch, step) == (int(park_at_epoch), 1):
+                        self._park(context)
                     if every_steps and step % int(every_steps) == 0 and step < steps:
                         self._checkpoint(context, Path(scratch), epoch, step, value)
                 epoch, step = epoch + 1, 0
@@ -76,6 +84,13 @@ class CountingTrainer:
         context.claim.fence()
         storage.atomic_write_json(final / "result.json", {"value": value})
         return Outcome.DONE
+
+    @staticmethod
+    def _park(context: RunContext) -> None:
+        context.log.info("parked in epoch %s until a stop is asked for", context.spec.model.params["park_at_epoch"])
+        deadline = time.monotonic() + PARK_LIMIT_S
+        while not context.should_stop() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _restore(self, context: RunContext) -> tuple[int, int, int]:
         with tempfile.TemporaryDirectory(prefix="counting-restore-") as scratch:
