@@ -19,11 +19,14 @@ from rich.markup import escape
 
 from runner import defaults, storage
 from runner.api import open_queue
+from runner.checkpoints import CheckpointStore
 from runner.console import queue_failing, render_status, status_records, watch_status
+from runner.edit import delete_job, replace_spec
 from runner.errors import RunnerError, SpecError, StorageError, UsageError
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session
 from runner.spec import json_schema, load_spec
+from runner.words import counted
 
 DEBUG_ENV = "RUNNER_DEBUG"
 """Set to 1 to see the traceback of an unexpected error."""
@@ -44,6 +47,26 @@ def _parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", parents=[common], help="validate job specs and add them to the queue")
     submit.add_argument("specs", nargs="+", metavar="SPEC", type=Path, help="YAML or JSON job spec")
+    submit.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the spec of a job of that name that is not running or done (as `runner edit` does)",
+    )
+
+    edit = commands.add_parser(
+        "edit", parents=[common], help="replace the spec of a queued, failed or cancelled job, keeping what still fits"
+    )
+    edit.add_argument("name", metavar="NAME")
+    edit.add_argument("spec", metavar="SPEC", type=Path, help="the new YAML or JSON job spec (same name)")
+
+    delete = commands.add_parser("delete", parents=[common], help="remove a job that no worker runs from the queue")
+    delete.add_argument("name", metavar="NAME")
+    delete.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep its checkpoints and exported models in <queue>/deleted/",
+    )
+    delete.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation on a terminal")
 
     work = commands.add_parser("work", parents=[common], help="run every runnable job, resuming each")
     work.add_argument("--job", metavar="NAME", help="run only this job")
@@ -161,7 +184,11 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
         return run_demo(args.queue, out)
     queue = _queue(args)
     if args.command == "submit":
-        return _submit(queue, args.specs, err)
+        return _submit(queue, args.specs, err, replace=args.replace)
+    if args.command == "edit":
+        return _edit(queue, args.name, args.spec, err)
+    if args.command == "delete":
+        return _delete(queue, args.name, keep_checkpoints=args.keep_checkpoints, ask=not args.yes, err=err)
     if args.command == "work":
         options = SessionOptions(
             job=args.job, max_hours=args.max_hours, flush=args.flush, release_runtime=args.release_runtime
@@ -184,7 +211,7 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
-def _submit(queue: Queue, paths: list[Path], err: Console) -> int:
+def _submit(queue: Queue, paths: list[Path], err: Console, *, replace: bool = False) -> int:
     specs, problems = [], []
     for path in paths:  # validate every spec before writing anything
         try:
@@ -197,9 +224,40 @@ def _submit(queue: Queue, paths: list[Path], err: Console) -> int:
     if problems:
         raise SpecError("submit", problems)
     for spec in specs:
+        if replace and spec.name in queue.names():
+            err.print(replace_spec(queue, spec).describe(), soft_wrap=True, markup=False)
+            continue
         job, new = queue.submit(spec)
         verb = "submitted" if new else "already in the queue, unchanged:"
         err.print(f"{verb} {spec.name} → {job.paths.folder}", soft_wrap=True, markup=False)
+    return 0
+
+
+def _edit(queue: Queue, name: str, path: Path, err: Console) -> int:
+    queue.job(name)  # a wrong name is said before the spec is read
+    spec = load_spec(path)
+    if spec.name != name:
+        raise UsageError(f"{path} names job {spec.name!r}, not {name!r}: a job keeps its name (set name: {name})")
+    err.print(replace_spec(queue, spec).describe(), soft_wrap=True, markup=False)
+    return 0
+
+
+def _delete(queue: Queue, name: str, *, keep_checkpoints: bool, ask: bool, err: Console) -> int:
+    job = queue.job(name)
+    if ask and sys.stdin.isatty():
+        view = queue.view(name)
+        shown = view.shown_state(time.time())
+        kept = counted(len(CheckpointStore(job, keep=1).committed()), "checkpoint")
+        what = "everything but its checkpoints and exports" if keep_checkpoints else f"it with its {kept}"
+        err.print(f"delete job {name!r} ({shown}): remove {what}? [y/N] ", end="", markup=False, soft_wrap=True)
+        try:
+            answer = input().strip().lower()
+        except EOFError:
+            answer = ""
+        if answer not in ("y", "yes"):
+            err.print("nothing was deleted", markup=False)
+            return 1
+    err.print(delete_job(queue, name, keep_checkpoints=keep_checkpoints).describe(), soft_wrap=True, markup=False)
     return 0
 
 

@@ -63,8 +63,8 @@ class JobExists(RunnerError, FileExistsError):
 
     def __init__(self, job: str, queue: str) -> None:
         super().__init__(
-            f"job {job!r} already exists in queue {queue}: give the spec another name, "
-            f"or use `runner retry {job}` to run the existing one again"
+            f"job {job!r} already exists in queue {queue} with another spec: give the spec another name, or "
+            f"replace the job's spec with `runner submit --replace` (a done job: `runner delete {job}` first)"
         )
         self.job, self.queue = job, queue
 
@@ -81,8 +81,9 @@ class InvalidTransition(RunnerError, ValueError):
 class LeaseHeld(RunnerError, TimeoutError):
     """Another live worker holds the job's lease."""
 
-    def __init__(self, job: str, owner: str) -> None:
-        super().__init__(f"job {job!r} is being run by {owner}")
+    def __init__(self, job: str, owner: str, *, hint: str = "") -> None:
+        message = f"job {job!r} is being run by {owner}"
+        super().__init__(f"{message}: {hint}" if hint else message)
         self.job, self.owner = job, owner
 
 

@@ -75,6 +75,11 @@ class JobState(BaseModel):
     session_started_at: float | None = Field(default=None, description="when the current claim began")
     session_start_epoch: float = Field(default=0.0, description="progress, in epochs, when the current claim began")
     device: str | None = Field(default=None, description="what the current or last claim trains on: GPUs or CPU")
+    fresh_from: int = Field(
+        default=0,
+        ge=0,
+        description="claim generation from which training began anew, after `runner edit` changed the model or data",
+    )
 
     def moved_to(self, status: JobStatus, *, job: str, now: float, **changes: Any) -> JobState:
         """This state in ``status``, if the transition table allows it."""

@@ -107,6 +107,26 @@ def discard_kept(cache_dir: Path, job: Job) -> None:
     shutil.rmtree(KeptSnapshotPaths.of(cache_dir, job.paths.folder).folder, ignore_errors=True)
 
 
+def _not_this_jobs(job: Job, kept: KeptSnapshot) -> str | None:
+    """Why the kept snapshot belongs to another spec or another job of this name; ``None`` when it is this one's.
+
+    A job deleted and submitted again has the same folder, so the folder alone does not tell: the claim marker of the
+    generation that kept it must still name that claim. And a spec replaced with another model or data starts again
+    from the generation of the replacement.
+    """
+    if kept.claim_token is not None:
+        marker = job.claim_token(kept.generation) if storage.exists(job.paths.claim_marker(kept.generation)) else ""
+        if marker is not None and marker != kept.claim_token:  # None: unreadable for now, which proves nothing
+            return f"claim {kept.generation} that kept it is not from this job (it was deleted and submitted again)"
+    fresh_from = job.read_state().fresh_from
+    if kept.generation < fresh_from:
+        return (
+            f"the spec was replaced with another model or data at claim {fresh_from}, "
+            f"after claim {kept.generation} kept it"
+        )
+    return None
+
+
 def publish_kept(cache_dir: Path, store: CheckpointStore) -> CheckpointInfo | None:
     """Commit the job's kept snapshot, unless a newer claim has committed since; the checkpoint, or ``None``.
 
@@ -119,8 +139,10 @@ def publish_kept(cache_dir: Path, store: CheckpointStore) -> CheckpointInfo | No
         return None
     committed = store.committed()
     newer = [info for info in committed if info.generation > kept.generation]
-    if newer:
+    reason = _not_this_jobs(job, kept)
+    if reason is None and newer:
         reason = f"claim {newer[0].generation} has committed {newer[0].id} since claim {kept.generation} kept it"
+    if reason:
         job.events.append("kept-snapshot-dropped", checkpoint=kept.id, reason=reason)
         log.warning("dropping the snapshot kept on this machine (%s): %s", kept.id, reason)
         discard_kept(cache_dir, job)

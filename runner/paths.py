@@ -6,6 +6,7 @@
     checkpoints/<id>/MANIFEST.json   checkpoints/.tmp-<id>-<rand>/
     tensorboard/train/events.out.tfevents.g<N>.runner   tensorboard/validation/...
     final/model.keras
+<queue>/deleted/<name>-<time>-<tag>/     what `runner delete --keep-checkpoints` kept: checkpoints/, final/
 ```
 """
 
@@ -15,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +165,11 @@ class QueuePaths:
     def job(self, name: str) -> JobPaths:
         """The folder of the job called ``name``."""
         return JobPaths(self.jobs / name)
+
+    def deleted(self, name: str, when: float) -> Path:
+        """Where ``runner delete --keep-checkpoints`` keeps a job's checkpoints and exports."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when))
+        return self.root / "deleted" / f"{name}-{stamp}-{secrets.token_hex(2)}"
 
     def job_in_progress(self, name: str) -> Path:
         """A temporary folder in which a submitted job is assembled before it appears."""

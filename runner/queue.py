@@ -306,11 +306,12 @@ class Queue:
         )
 
     @contextmanager
-    def _holding(self, name: str) -> Iterator[JobLease]:
+    def holding(self, name: str, *, hint: str = "") -> Iterator[JobLease]:
+        """Hold the job's lease for the block: :class:`LeaseHeld` (with ``hint``) while a live worker runs it."""
         lease = self.lease(name)
         if not lease.try_acquire():
             holder = read_holder(lease.paths)
-            raise LeaseHeld(name, holder.describe() if holder else "another worker")
+            raise LeaseHeld(name, holder.describe() if holder else "another worker", hint=hint)
         try:
             yield lease
         finally:
@@ -328,7 +329,7 @@ class Queue:
             raise InvalidTransition(name, state.status.value, "cancelled", "it has already finished")
         job.request_cancel()
         try:
-            with self._holding(name):
+            with self.holding(name):
                 state = job.read_state()
                 if state.status in FINISHED:
                     job.clear_cancel_request()
@@ -353,7 +354,7 @@ class Queue:
         }
         if state.status in hints:
             raise InvalidTransition(name, state.status.value, "queued", hints[state.status])
-        with self._holding(name):
+        with self.holding(name):
             state = job.read_state()
             queued = state.moved_to(JobStatus.QUEUED, job=name, now=self.clock(), error=None)
             job.write_state(queued, generation=state.generation)

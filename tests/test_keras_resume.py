@@ -20,7 +20,7 @@ from runner.checkpoints import CheckpointStore
 from runner.history import read_history
 from runner.job import Job, JobStatus
 from tests.conftest import run_cli, start_cli
-from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, submit_keras_spec
+from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, submit_keras_spec, write_keras_spec
 
 pytestmark = pytest.mark.slow
 
@@ -145,3 +145,29 @@ def test_when_no_checkpoint_verifies_the_job_starts_again_and_says_so(digits: Pa
     assert events(queue, "tiny", "started")[-1]["generation"] == job.read_state().generation
     history = read_history(job.paths.history)
     assert [int(row["epoch"]) for row in history] == list(range(len(history)))  # each epoch once, from 0
+
+
+def test_an_edited_learning_rate_replaces_the_one_the_checkpoint_restores(digits: Path, tmp_path: Path) -> None:
+    env, queue = keras_env(tmp_path / "cache"), tmp_path / "queue"
+    submit_keras_spec(tmp_path, queue, digits, "tiny", env, training={"epochs": 2})
+    killed = run_cli("work", "--queue", str(queue), env={**env, "RUNNER_KILL_AT": "state-written:1"}, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    job = job_of(queue, "tiny")
+    first = job.read_state().checkpoint
+    assert first is not None and job.read_state().epoch == 1
+    spec = write_keras_spec(tmp_path, "tiny", digits, training={"epochs": 2, "learning_rate": 0.005})
+
+    edited = run_cli("edit", "tiny", str(spec), "--queue", str(queue), env=env)
+
+    assert edited.returncode == 0, edited.stderr
+    assert f"trains on from checkpoint {first}" in " ".join(edited.stderr.split())
+    done = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "learning rate 0.005 from the spec replaces 0.01 of checkpoint" in " ".join(done.stderr.split())
+    (changed,) = events(queue, "tiny", "learning-rate")
+    assert changed["checkpoint"] == first and changed["after"] == 0.005
+    assert np.float32(changed["before"]) == np.float32(0.01)
+    # The optimizer's float scalars: its learning rate alone (its iteration count is an integer).
+    saved = newest_variables(queue, "tiny")
+    rates = [value for key, value in saved.items() if key.startswith("optimizer/") and value.shape == ()]
+    assert [float(value) for value in rates if value.dtype.kind == "f"] == [float(np.float32(0.005))]

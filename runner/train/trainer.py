@@ -38,6 +38,7 @@ from runner.train.models.build import (
     check_loss_matches_labels,
     compile_model,
     unscaled_input_warning,
+    use_learning_rate,
 )
 from runner.train.outputs.export import describe_model, publish_exports, write_exports
 from runner.train.outputs.progress import EpochProgress
@@ -89,7 +90,8 @@ class KerasTrainer:
         shutil.rmtree(workdir, ignore_errors=True)
         try:
             loop = StepLoop(model, jit_compile=jit_compile)
-            return _Session(context, loop, data, workdir, self.clock, self.cache_dir).run()
+            rate = spec.training.learning_rate if compiled.by == "spec" else None
+            return _Session(context, loop, data, workdir, self.clock, self.cache_dir, rate).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -124,8 +126,11 @@ class _Session:
         workdir: Path,
         clock: Callable[[], float],
         cache_dir: Path,
+        learning_rate: float | None = None,
     ) -> None:
         self.context, self.loop, self.data, self.workdir, self.clock = context, loop, data, workdir, clock
+        self.learning_rate = learning_rate
+        """The spec's learning rate, which a restored optimizer is given; ``None`` when a factory compiled it."""
         self.model = loop.model
         self.cache_dir = cache_dir
         self.spec = context.spec
@@ -250,6 +255,8 @@ class _Session:
         back, checkpoint = go_back(
             self.context, self.model, scratch=self.workdir / "oom-restore", initial=self.workdir / "initial"
         )
+        if self.learning_rate is not None:
+            use_learning_rate(self.model, self.learning_rate)  # said at the resume already, if it differs
         # Fresh step functions: one whose trace failed cannot be called again.
         self.loop.reset()
         self.model.make_test_function(force=True)
@@ -288,6 +295,15 @@ class _Session:
 
     # --- checkpoints ----------------------------------------------------------------------------------------
 
+    def _use_spec_learning_rate(self, checkpoint: str) -> None:
+        if self.learning_rate is None or (before := use_learning_rate(self.model, self.learning_rate)) is None:
+            return
+        rate = self.learning_rate
+        self.context.console.print(
+            f"learning rate {rate:g} from the spec replaces {before:g} of checkpoint {checkpoint}", markup=False
+        )
+        self.context.job.events.append("learning-rate", checkpoint=checkpoint, before=before, after=rate)
+
     def _restore(self) -> TrainingState:
         context = self.context
         scratch = self.workdir / "restore"
@@ -312,6 +328,7 @@ class _Session:
         else:
             state = load_snapshot(self.model, scratch, checkpoint=info.id)
             self._use_batch_size(state)
+            self._use_spec_learning_rate(info.id)
             self.snapshot_position = (state.epoch, state.step)
             context.job.events.append(
                 "resumed",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 
 from runner.errors import ModelError
 from runner.spec import JobSpec, loss_label_problem
@@ -120,6 +121,17 @@ def _learning_rate(optimizer: Any) -> float | None:
         return float(keras.ops.convert_to_numpy(inner.learning_rate))
     except (TypeError, ValueError, AttributeError):  # a schedule
         return None
+
+
+def use_learning_rate(model: keras.Model, rate: float) -> float | None:
+    """Give the model's optimizer ``rate`` (restoring a checkpoint brought back the rate it was saved with, and
+    `runner edit` may have changed it since); the rate it had, or ``None`` when it had this one already or follows
+    a schedule."""
+    before = _learning_rate(model.optimizer)
+    if before is None or np.float32(before) == np.float32(rate):
+        return None
+    getattr(model.optimizer, "inner_optimizer", model.optimizer).learning_rate = rate
+    return before
 
 
 def _loss_name(arguments: dict[str, Any]) -> str:
