@@ -87,13 +87,17 @@ def work(
     max_hours: float | None = None,
     flush: bool = False,
     release_runtime: bool = False,
+    refresh_data: bool = False,
 ) -> WorkResult:
     """Run every runnable job (or only ``job``), resuming each from its newest checkpoint: the one-line resume.
 
     Interrupting the kernel checkpoints and stops (a second interrupt stops at once); run it again to continue.
-    ``max_hours``, ``flush`` and ``release_runtime`` are ``runner work``'s options of the same names.
+    ``max_hours``, ``flush``, ``release_runtime`` and ``refresh_data`` are ``runner work``'s options of the same
+    names.
     """
-    options = SessionOptions(job=job, max_hours=max_hours, flush=flush, release_runtime=release_runtime)
+    options = SessionOptions(
+        job=job, max_hours=max_hours, flush=flush, release_runtime=release_runtime, refresh_data=refresh_data
+    )
     return run_session(open_queue(queue, must_exist=True), options, Console(stderr=True))
 
 

@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         help="stop with a saved checkpoint after H hours (default on Colab: a little before the 12-hour cap)",
     )
     work.add_argument(
+        "--refresh-data",
+        action="store_true",
+        help="fetch the datasets of the jobs it runs again, instead of using their local copies",
+    )
+    work.add_argument(
         "--flush", action="store_true", help="on Colab, push Drive's pending writes at the end (unmounts Drive)"
     )
     work.add_argument(
@@ -191,7 +196,11 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
         return _delete(queue, args.name, keep_checkpoints=args.keep_checkpoints, ask=not args.yes, err=err)
     if args.command == "work":
         options = SessionOptions(
-            job=args.job, max_hours=args.max_hours, flush=args.flush, release_runtime=args.release_runtime
+            job=args.job,
+            max_hours=args.max_hours,
+            flush=args.flush,
+            release_runtime=args.release_runtime,
+            refresh_data=args.refresh_data,
         )
         return _work(queue, options, out, err)
     if args.command == "status":

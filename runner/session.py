@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from runner import colab
-from runner.errors import DriveUnavailable
+from runner.errors import DatasetError, DriveUnavailable
+from runner.paths import default_cache_dir
 from runner.queue import Queue
 from runner.training import default_trainer_name, lazy_trainer
 from runner.worker import Worker, WorkResult, restore_signal_handlers
@@ -33,6 +34,8 @@ class SessionOptions:
     """At the end, push Drive's pending writes to the cloud (and unmount it)."""
     release_runtime: bool = False
     """At the end, hand the Colab runtime back (flushing Drive first, or its last writes would be lost)."""
+    refresh_data: bool = False
+    """Before the work, forget the local copies of the datasets of the jobs it runs, so that they are fetched again."""
 
 
 def time_limit_hours(options: SessionOptions, console: Console) -> float | None:
@@ -74,6 +77,8 @@ def run_session(
     line prints the status table then).
     """
     max_hours = time_limit_hours(options, console)
+    if options.refresh_data:
+        forget_datasets(queue, options.job, console)
 
     def warn(line: str) -> None:
         console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
@@ -98,6 +103,23 @@ def run_session(
         before_finish(result)
     finish_session(options, result, console)
     return result
+
+
+def forget_datasets(queue: Queue, only: str | None, console: Console) -> None:
+    """Forget the cached copy of the dataset of every job this work would run (``--refresh-data``)."""
+    from runner.train.data.cache import forget_cached  # noqa: PLC0415 (TensorFlow loads; the work trains anyway)
+
+    cache_dir, forgotten = default_cache_dir(), set()
+    for view in queue.views():
+        if view.spec is None or not view.wants_worker or (only is not None and view.name != only):
+            continue
+        if view.spec.dataset.source in forgotten:
+            continue
+        forgotten.add(view.spec.dataset.source)
+        try:
+            forget_cached(view.spec.dataset, cache_dir=cache_dir, console=console)
+        except DatasetError:
+            continue  # a source that is not there: the job's own run says so, in its place
 
 
 def finish_session(options: SessionOptions, result: WorkResult, console: Console) -> None:

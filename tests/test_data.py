@@ -11,6 +11,7 @@ import dataclasses
 import email.message
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -624,3 +625,125 @@ def test_a_corrupt_image_is_named(folder: Path, tmp_path: Path, budget: int | No
 
     error = refused(tmp_path, folder, "image train/b/006.png ", budget=budget)
     assert "replace or delete it" in str(error)
+
+
+# --- a cached URL follows the file on the server ----------------------------------------------------------------
+
+
+def served_archive(tmp_path: Path, name: str, classes: dict[str, int]) -> bytes:
+    folder = write_dataset(tmp_path / f"source-{name}", classes, {})
+    return make_archive(folder, tmp_path / f"{name}.zip").read_bytes()
+
+
+def said(console: Console) -> str:
+    return " ".join(console.file.getvalue().split())  # type: ignore[attr-defined]
+
+
+def test_a_url_changed_on_the_server_is_fetched_again_and_an_unchanged_one_is_not(tmp_path: Path, cache: Path) -> None:
+    first, fixed = served_archive(tmp_path, "first", TRAIN), served_archive(tmp_path, "fixed", {"a": 3, "b": 3})
+    console = Console(file=io.StringIO(), width=200)
+    with serve({"/data.zip": first}) as server:
+        spec = make_spec(server.url("/data.zip"))
+        before = prepare_dataset(spec, seed=7, cache_dir=cache, console=console)
+        unchanged = prepare_dataset(spec, seed=7, cache_dir=cache, console=console)
+        assert server.requests == ["/data.zip"] and server.heads == ["/data.zip"]  # asked, not downloaded again
+        server.files["/data.zip"] = fixed  # the archive fixed at the same URL
+        after = prepare_dataset(spec, seed=7, cache_dir=cache, console=console)
+
+    assert (before.num_train, unchanged.num_train, after.num_train) == (15, 15, 6)
+    assert server.requests == ["/data.zip"] * 2 and server.heads == ["/data.zip"] * 2
+    text = said(console)
+    assert f"dataset: using the cached copy of {spec.source}" in text
+    assert f"dataset: {spec.source} has changed since it was cached (ETag" in text and "fetching it again" in text
+    marker = storage.read_json(entry_of(cache) / "READY.json")
+    assert marker["remote"]["size"] == len(fixed) and marker["remote"]["etag"]
+
+
+def test_a_cached_url_whose_server_is_gone_is_used_with_a_line_saying_so(tmp_path: Path, cache: Path) -> None:
+    body = served_archive(tmp_path, "data", TRAIN)
+    with serve({"/data.zip": body}) as server:
+        spec = make_spec(server.url("/data.zip"))
+        prepare_dataset(spec, seed=7, cache_dir=cache)
+    console = Console(file=io.StringIO(), width=200)
+
+    data = prepare_dataset(spec, seed=7, cache_dir=cache, console=console)  # the server has stopped
+
+    assert data.num_train == 15
+    assert f"dataset: could not ask {spec.source} whether it changed (" in said(console)
+    assert "using the cached copy" in said(console)
+
+
+def test_a_server_that_refuses_head_is_asked_with_a_get(tmp_path: Path, cache: Path) -> None:
+    first, fixed = served_archive(tmp_path, "first", TRAIN), served_archive(tmp_path, "fixed", {"a": 3, "b": 3})
+    with serve({"/data.zip": first}) as server:
+        server.head_allowed = False
+        spec = make_spec(server.url("/data.zip"))
+        prepare_dataset(spec, seed=7, cache_dir=cache)
+        server.files["/data.zip"] = fixed
+        after = prepare_dataset(spec, seed=7, cache_dir=cache)
+
+    assert after.num_train == 6
+    assert server.heads == ["/data.zip"]
+    assert server.requests == ["/data.zip"] * 3  # the download, the GET that asked, the download of the new file
+
+
+def test_a_url_pinned_by_sha256_is_not_asked_again(tmp_path: Path, cache: Path) -> None:
+    body = served_archive(tmp_path, "data", TRAIN)
+    with serve({"/data.zip": body}) as server:
+        spec = make_spec(server.url("/data.zip"), sha256=hashlib.sha256(body).hexdigest())
+        prepare_dataset(spec, seed=7, cache_dir=cache)
+        prepare_dataset(spec, seed=7, cache_dir=cache)
+
+    assert server.requests == ["/data.zip"] and server.heads == []
+
+
+def test_forget_cached_makes_the_next_run_fetch_again(tmp_path: Path, cache: Path) -> None:
+    body = served_archive(tmp_path, "data", TRAIN)
+    console = Console(file=io.StringIO(), width=200)
+    with serve({"/data.zip": body}) as server:
+        spec = make_spec(server.url("/data.zip"))
+        prepare_dataset(spec, seed=7, cache_dir=cache)
+
+        assert dataset_cache.forget_cached(spec, cache_dir=cache, console=console)
+        assert os.listdir(entry_of(cache)) == []
+        prepare_dataset(spec, seed=7, cache_dir=cache)
+
+    assert server.requests == ["/data.zip"] * 2
+    assert f"dataset: forgot the cached copy of {spec.source} ({entry_of(cache)})" in said(console)
+    assert not dataset_cache.forget_cached(make_spec(tmp_path / "source-data"), cache_dir=cache)  # read in place
+
+
+def test_dataset_errors_name_the_local_copy(tmp_path: Path, cache: Path) -> None:
+    body = served_archive(tmp_path, "data", TRAIN)
+    with serve({"/data.zip": body}) as server:
+        wrong_sha = refused(tmp_path, server.url("/data.zip"), "dataset.sha256", sha256="0" * 64)
+        wrong_folder = refused(tmp_path, server.url("/data.zip"), "is not in", train="nope")
+
+    entries = sorted(path for path in (cache / "datasets").iterdir() if path.is_dir())
+    assert any(f"(the local copy: {entry})" in str(wrong_sha) for entry in entries), wrong_sha
+    assert any(
+        f"(in the local copy {entry / 'data'}; `runner work --refresh-data` fetches the source again)"
+        in str(wrong_folder)
+        for entry in entries
+    ), wrong_folder
+    own = refused(tmp_path, tmp_path / "source-data", "is not in", train="nope")
+    assert "local copy" not in str(own)  # a folder read where it is: no copy to name
+
+
+def test_work_refresh_data_forgets_the_copies_of_the_jobs_it_runs(tmp_path: Path, cache: Path) -> None:
+    from tests.conftest import make_spec_dict, run_cli, runner_env  # noqa: PLC0415
+
+    body = served_archive(tmp_path, "data", TRAIN)
+    queue = tmp_path / "queue"
+    with serve({"/data.zip": body}) as server:
+        url = server.url("/data.zip")
+        prepare_dataset(make_spec(url), seed=7, cache_dir=cache)
+        spec = tmp_path / "job.yaml"
+        spec.write_text(json.dumps(make_spec_dict("job-a", dataset={"source": url})))
+        assert run_cli("submit", "--queue", str(queue), str(spec)).returncode == 0
+
+        worked = run_cli("work", "--refresh-data", "--queue", str(queue), env=runner_env(RUNNER_CACHE=str(cache)))
+
+    assert worked.returncode == 0, worked.stderr
+    assert f"dataset: forgot the cached copy of {url}" in " ".join(worked.stderr.split())
+    assert not (entry_of(cache) / "READY.json").exists()

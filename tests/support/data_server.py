@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,11 @@ class Served:
     faults: list[str] = field(default_factory=list)
     """One per request, in order, until used up: an HTTP status ("503", "429"), or "truncate" (half the body)."""
     requests: list[str] = field(default_factory=list)
+    """The path of each GET."""
+    heads: list[str] = field(default_factory=list)
+    """The path of each HEAD (a client asking whether a file changed)."""
+    head_allowed: bool = True
+    """False: HEAD is answered 405, as some servers do."""
     base_url: str = ""
 
     def url(self, path: str) -> str:
@@ -24,8 +30,26 @@ class Served:
         return f"{self.base_url}{path}"
 
 
+def etag(body: bytes) -> str:
+    """The ETag the server gives ``body``: a digest of it, as many servers do."""
+    return f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+
+
 def _handler(served: Served) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802 (the name http.server calls)
+            served.heads.append(self.path)
+            body = served.files.get(self.path)
+            if not served.head_allowed:
+                self.send_error(405)
+            elif body is None:
+                self.send_error(404)
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", etag(body))
+                self.end_headers()
+
         def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
             served.requests.append(self.path)
             fault = served.faults.pop(0) if served.faults else None
@@ -38,6 +62,7 @@ def _handler(served: Served) -> type[http.server.BaseHTTPRequestHandler]:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", etag(body))
                 self.end_headers()
                 self.wfile.write(body[: len(body) // 2] if fault == "truncate" else body)
                 if fault == "truncate":

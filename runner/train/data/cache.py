@@ -6,9 +6,14 @@
     <key>/
         archive         a downloaded or copied archive, kept only until its tree is committed
         data/           the unpacked (or copied) tree: renamed into place once complete
-        READY.json      written last (atomically): data/ is complete, and from which source
+        READY.json      written last (atomically): data/ is complete, from which source, and (for a URL) the
+                        server's ETag, Last-Modified and size of the file then
         .tmp-*          the work of a process that was killed: removed before the entry is filled again
 ```
+
+A URL without ``dataset.sha256`` is asked again each time (one HEAD request): a file changed on the server since
+it was cached is fetched again; a server that does not answer leaves the cached copy in use, said in a line.
+``runner work --refresh-data`` forgets the copy (:func:`forget_cached`).
 
 Training never reads images from Drive: Drive is slow at many small files (about one a second has been seen),
 so a folder on Drive is copied once, and an archive on Drive is copied in one sequential read and unpacked on
@@ -36,7 +41,7 @@ from runner.errors import DamagedFile, DatasetError, StorageError
 from runner.paths import DatasetCachePaths, is_temp_name, temp_sibling
 from runner.spec import DatasetSpec
 from runner.train.data.archives import unpack_archive
-from runner.train.data.download import download
+from runner.train.data.download import Identity, download, probe, same_file
 
 DRIVE_ROOT = Path("/content/drive")
 """Where Colab mounts Google Drive: sources under it are copied to local disk before training reads them."""
@@ -98,11 +103,16 @@ class CacheEntry(DatasetCachePaths):
 
     def is_ready(self, stamp: dict[str, Any]) -> bool:
         """Whether the committed tree is complete and from this very source."""
+        marker = self.read_marker()
+        return marker is not None and marker.get("stamp") == stamp and self.data.is_dir()
+
+    def read_marker(self) -> dict[str, Any] | None:
+        """READY.json, or ``None`` when there is none (or it is damaged)."""
         try:
             marker = storage.read_json(self.marker)
         except (StorageError, DamagedFile):
-            return False
-        return isinstance(marker, dict) and marker.get("stamp") == stamp and self.data.is_dir()
+            return None
+        return marker if isinstance(marker, dict) else None
 
     def clear(self, *, keep_archive: bool) -> None:
         """Remove everything but (optionally) a complete archive; the marker first, so a kill leaves no lie."""
@@ -115,11 +125,11 @@ class CacheEntry(DatasetCachePaths):
                 path = self.folder / name
                 storage.remove_tree(path) if path.is_dir() else storage.remove_file(path)
 
-    def commit(self, stamp: dict[str, Any]) -> None:
+    def commit(self, stamp: dict[str, Any], remote: Identity | None = None) -> None:
         """Mark the tree complete; the archive it came from is no longer needed."""
         # No fsync of the tree's files: a killed process loses nothing the kernel already holds, only a crash of
         # the whole machine could, and on Colab that takes the local disk (and the cache) with it.
-        storage.atomic_write_json(self.marker, {"stamp": stamp, "committed_at": time.time()})
+        storage.atomic_write_json(self.marker, {"stamp": stamp, "committed_at": time.time(), "remote": remote})
         storage.remove_file(self.archive)
 
 
@@ -135,18 +145,69 @@ def fetch_source(
         return source.path  # type: ignore[return-value]  # a folder source always has a path
     entry = CacheEntry(DatasetCachePaths.of(cache_dir, source.key).folder)
     storage.make_dirs(entry.folder)
-    with FileLock(entry.lock):
-        stamp = source.stamp()
-        if entry.is_ready(stamp):
-            _say(console, f"dataset: using the cached copy of {source.text} ({entry.data})")
-            return entry.data
-        entry.clear(keep_archive=source.kind == "url")
-        if source.kind == "folder":
-            _copy_folder(source, entry, console)
-        else:
-            _unpack(source, _stage(source, entry, console, sleep), entry, console)
-        entry.commit(stamp)
+    try:
+        with FileLock(entry.lock):
+            return _fill(source, entry, console, sleep)
+    except DatasetError as error:
+        raise DatasetError(f"{error} (the local copy: {entry.folder})") from None
+
+
+def _fill(source: DatasetSource, entry: CacheEntry, console: Console | None, sleep: Callable[[float], None]) -> Path:
+    stamp = source.stamp()
+    if entry.is_ready(stamp) and _still_current(source, entry, console):
+        _say(console, f"dataset: using the cached copy of {source.text} ({entry.data})")
+        return entry.data
+    changed = entry.is_ready(stamp)  # ready, but the server's file is another one now
+    entry.clear(keep_archive=source.kind == "url" and not changed)
+    remote = None
+    if source.kind == "folder":
+        _copy_folder(source, entry, console)
+    else:
+        archive, remote = _stage(source, entry, console, sleep)
+        _unpack(source, archive, entry, console)
+    entry.commit(stamp, remote)
     return entry.data
+
+
+def _still_current(source: DatasetSource, entry: CacheEntry, console: Console | None) -> bool:
+    """Whether a cached copy of a URL is still the file the server has (always, for other sources and for a URL
+    pinned by ``dataset.sha256``). A server that cannot be asked leaves the copy in use, said in a line."""
+    if source.kind != "url" or source.sha256 is not None:
+        return True
+    current, problem = probe(source.text)
+    if current is None:
+        _say(console, f"dataset: could not ask {source.text} whether it changed ({problem}): using the cached copy")
+        return True
+    cached = (entry.read_marker() or {}).get("remote")
+    if same_file(cached, current) is False:
+        difference = _difference(cached, current)
+        _say(console, f"dataset: {source.text} has changed since it was cached ({difference}): fetching it again")
+        return False
+    return True
+
+
+def _difference(cached: Identity, current: Identity) -> str:
+    for key, label in (("etag", "ETag"), ("last_modified", "Last-Modified"), ("size", "size")):
+        if cached.get(key) is not None and current.get(key) is not None and cached[key] != current[key]:
+            return f"{label} {cached[key]} then, {current[key]} now"
+    return "another file"
+
+
+def forget_cached(spec: DatasetSpec, *, cache_dir: Path, console: Console | None = None) -> bool:
+    """Remove the cached copy of the dataset's source, so that the next run fetches it again; whether there was one.
+
+    A local folder is read where it is, so there is nothing to forget for it.
+    """
+    source = DatasetSource.parse(spec)
+    if source.kind == "folder" and not source.on_drive:
+        return False
+    entry = CacheEntry(DatasetCachePaths.of(cache_dir, source.key).folder)
+    if not entry.folder.exists():
+        return False
+    with FileLock(entry.lock):
+        entry.clear(keep_archive=False)
+    _say(console, f"dataset: forgot the cached copy of {source.text} ({entry.folder}): it is fetched again")
+    return True
 
 
 def _say(console: Console | None, message: str) -> None:
@@ -178,11 +239,17 @@ def _first_problem(error: OSError) -> str:
     return str(error)
 
 
-def _stage(source: DatasetSource, entry: CacheEntry, console: Console | None, sleep: Callable[[float], None]) -> Path:
-    """The archive on local disk, checked against ``sha256``: downloaded, copied off Drive, or where it is."""
+def _stage(
+    source: DatasetSource, entry: CacheEntry, console: Console | None, sleep: Callable[[float], None]
+) -> tuple[Path, Identity | None]:
+    """The archive on local disk, checked against ``sha256`` (downloaded, copied off Drive, or where it is), and
+    the identity the server gave a downloaded one."""
+    remote = None
     if source.kind == "url":
-        if not entry.archive.exists():
-            download(source.text, entry.archive, console=console, sleep=sleep)
+        if entry.archive.exists():  # downloaded by a run killed before it was unpacked
+            remote = probe(source.text)[0]
+        else:
+            remote = download(source.text, entry.archive, console=console, sleep=sleep)
         archive = entry.archive
     elif source.on_drive:
         _say(console, f"dataset: copying {source.text} from Drive to the local cache (once)")
@@ -193,7 +260,7 @@ def _stage(source: DatasetSource, entry: CacheEntry, console: Console | None, sl
     else:
         archive = source.path  # type: ignore[assignment]
     _check_sha256(source, archive, entry)
-    return archive
+    return archive, remote
 
 
 def _check_sha256(source: DatasetSource, archive: Path, entry: CacheEntry) -> None:

@@ -16,7 +16,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from email.message import Message
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -49,10 +51,62 @@ def is_transient_download(error: BaseException) -> bool:
     return isinstance(error, transient) or storage.is_transient(error)
 
 
+PROBE_TIMEOUT_S = 15.0
+"""Seconds to wait for a server to say whether the file at a URL changed; a cached copy is used when it is silent."""
+
+Identity = dict[str, Any]
+"""What a server says identifies the file at a URL: ``etag``, ``last_modified`` and ``size`` (each may be ``None``)."""
+
+
+def identity_of(headers: Message) -> Identity:
+    """The identity a response's headers give (every value ``None`` when the server sends none of them)."""
+    size = headers.get("Content-Length")
+    return {
+        "etag": headers.get("ETag"),
+        "last_modified": headers.get("Last-Modified"),
+        "size": int(size) if size is not None and size.isdigit() else None,
+    }
+
+
+def same_file(cached: Identity | None, current: Identity) -> bool | None:
+    """Whether two identities name the same file: by ETag when both have one, else by Last-Modified and size;
+    ``None`` when they have nothing to compare."""
+    if not cached:
+        return None
+    if cached.get("etag") and current.get("etag"):
+        return bool(cached["etag"] == current["etag"])
+    compared = [key for key in ("last_modified", "size") if None not in (cached.get(key), current.get(key))]
+    if not compared:
+        return None
+    return all(cached[key] == current[key] for key in compared)
+
+
+def probe(url: str) -> tuple[Identity | None, str | None]:
+    """Ask the server what the file at ``url`` is now, in one quick try: its identity, or ``None`` and why not.
+
+    HEAD first; a server that refuses HEAD (405, 501, or 403 from signed URLs) is asked with a GET whose body is
+    not read.
+    """
+    headers = {"User-Agent": "runner (resumable training jobs)"}
+    for method in ("HEAD", "GET"):
+        request = urllib.request.Request(url, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
+                return identity_of(response.headers), None
+        except urllib.error.HTTPError as error:
+            if method == "HEAD" and error.code in (403, 405, 501):
+                continue
+            return None, _describe(error)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            return None, _describe(error)
+    return None, "no answer"
+
+
 def download(
     url: str, target: Path, *, console: Console | None = None, sleep: Callable[[float], None] = time.sleep
-) -> None:
-    """Download ``url`` to ``target`` (whole or not at all), retrying transient network errors."""
+) -> Identity:
+    """Download ``url`` to ``target`` (whole or not at all), retrying transient network errors; the identity the
+    server gave the file."""
     fetch = storage.retrying(
         transient=is_transient_download,
         sleep=sleep,
@@ -60,7 +114,7 @@ def download(
         describe=lambda url, *_: f"downloading {url}",
     )(_download_once)
     try:
-        fetch(url, target, console)
+        return fetch(url, target, console)  # type: ignore[no-any-return]
     except (StorageError, http.client.HTTPException) as error:
         cause = error.__cause__ if isinstance(error, StorageError) else error
         network = (urllib.error.URLError, ConnectionError, TimeoutError)
@@ -81,7 +135,7 @@ def _unreachable_budget(error: BaseException) -> float | None:
     return None
 
 
-def _download_once(url: str, target: Path, console: Console | None) -> None:
+def _download_once(url: str, target: Path, console: Console | None) -> Identity:
     partial = temp_sibling(target)
     request = urllib.request.Request(url, headers={"User-Agent": "runner (resumable training jobs)"})
     try:
@@ -97,7 +151,9 @@ def _download_once(url: str, target: Path, console: Console | None) -> None:
                 raise http.client.IncompleteRead(b"", total - received)  # the server closed early: transient
             out.flush()
             os.fsync(out.fileno())
+            identity = identity_of(response.headers)
         os.replace(partial, target)
+        return identity
     except urllib.error.HTTPError as error:
         if is_transient_download(error):
             raise

@@ -138,6 +138,13 @@ def _encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.T
     return labels
 
 
+def _naming_the_copy(error: DatasetError, root: Path, spec: DatasetSpec) -> DatasetError:
+    """``error``, naming the local copy it was found in when runner reads one (not the user's own folder)."""
+    if str(root) == str(Path(spec.source).expanduser().absolute()):
+        return error
+    return DatasetError(f"{error} (in the local copy {root}; `runner work --refresh-data` fetches the source again)")
+
+
 def prepare_dataset(
     spec: DatasetSpec,
     *,
@@ -153,6 +160,17 @@ def prepare_dataset(
     ``sleep`` is the pause between download retries.
     """
     root = fetch_source(spec, cache_dir=cache_dir or default_cache_dir(), console=console, sleep=sleep)
+    try:
+        data = _read_images(root, spec, seed=seed, console=console, memory_budget=memory_budget)
+    except DatasetError as error:
+        raise _naming_the_copy(error, root, spec) from None
+    _describe(data, console)
+    return data
+
+
+def _read_images(
+    root: Path, spec: DatasetSpec, *, seed: int, console: Console | None, memory_budget: int | None
+) -> ImageFolderData:
     folder = find_images(root, spec, seed=seed)
     channels = 1 if spec.color_mode == "grayscale" else 3
     load = image_loader(spec.image_size, channels)
@@ -178,7 +196,6 @@ def prepare_dataset(
         _train=batcher(folder.train),
         _validation=batcher(folder.validation) if folder.validation is not None else None,
     )
-    _describe(data, console)
     return data
 
 
