@@ -16,11 +16,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from runner import storage
 from runner.device import short_device
 from runner.errors import StorageError
 from runner.lease import process_exists
 from runner.paths import default_cache_dir, publish_note
 from runner.queue import INTERRUPTED, JobView, Queue
+from runner.words import counted
 
 STATE_STYLES = {
     "queued": "cyan",
@@ -65,7 +67,8 @@ def notes_kept_here(queue: Queue, now: float, cache_dir: Path | None = None) -> 
         if note is None or not _written_by_a_live_worker_here(note):
             continue  # a worker killed during an outage left it: not news any more
         if note.get("folder") == os.path.abspath(queue.paths.job(path.stem).folder):
-            notes.append(note | {"job": path.stem, "failing_for_s": round(max(0.0, now - float(note.get("since", now))), 1)})
+            failing_for_s = round(max(0.0, now - float(note.get("since", now))), 1)
+            notes.append(note | {"job": path.stem, "failing_for_s": failing_for_s})
     return sorted(notes, key=lambda note: note["failing_for_s"])
 
 
@@ -98,7 +101,37 @@ def queue_failing(queue: Queue, error: Exception, now: float) -> Group:
     return Group(*lines)
 
 
-def status_record(view: JobView, now: float) -> dict[str, Any]:
+class FolderSizes:
+    """Each job folder's size on disk, measured again once ``max_age_s`` has passed (a walk of a folder on Drive is
+    not free: ``--watch`` measures every 30 s, not every refresh)."""
+
+    def __init__(self, *, max_age_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age_s, self.clock = max_age_s, clock
+        self._measured: dict[Path, tuple[float, int | None]] = {}
+
+    def of(self, view: JobView) -> int | None:
+        """Bytes in the job's folder, or ``None`` when it cannot be read."""
+        if view.folder is None:
+            return None
+        now = self.clock()
+        measured = self._measured.get(view.folder)
+        if measured is None or now - measured[0] >= self.max_age_s:
+            measured = (now, storage.tree_size(view.folder))
+            self._measured[view.folder] = measured
+        return measured[1]
+
+
+def format_size(size: int | None) -> str:
+    """``4.2 GB``, ``850 MB``, ``12 kB``: decimal units, as Drive counts its 15 GB."""
+    if size is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}" if size < 10 * scale else f"{size / scale:.0f} {unit}"
+    return f"{size} B"
+
+
+def status_record(view: JobView, now: float, size_bytes: int | None = None) -> dict[str, Any]:
     """One job as the ``runner status --json`` contract describes it (plus a few extra keys)."""
     state, spec = view.state, view.spec
     holder = view.holder
@@ -123,6 +156,7 @@ def status_record(view: JobView, now: float) -> dict[str, Any]:
         "updated_at": state.updated_at if state else None,
         "publishing": _publishing(view, now),
         "device": state.device if state else None,
+        "size_bytes": size_bytes,
     }
 
 
@@ -137,9 +171,10 @@ def _publishing(view: JobView, now: float) -> dict[str, Any] | None:
     }
 
 
-def status_records(views: list[JobView], now: float) -> list[dict[str, Any]]:
+def status_records(views: list[JobView], now: float, sizes: FolderSizes | None = None) -> list[dict[str, Any]]:
     """Every job as JSON-able records, in claim order."""
-    return [status_record(view, now) for view in views]
+    sizes = sizes or FolderSizes()
+    return [status_record(view, now, sizes.of(view)) for view in views]
 
 
 def _round(value: float | None) -> float | None:
@@ -172,23 +207,34 @@ def _epochs_cell(epoch: int, epochs: int) -> Text:
     return Text.assemble(("━" * filled, "green"), ("─" * (_BAR_CELLS - filled), "dim"), f" {epoch}/{epochs or '?'}")
 
 
-HEADERS = ("job", "state", "epochs", "step", "metrics", "saved", "restarts", "worker", "eta")
+HEADERS = ("job", "state", "epochs", "step", "metrics", "saved", "size", "restarts", "worker", "eta")
 
-DROPPED_FIRST = ("eta", "restarts", "step", "worker", "saved")
+DROPPED_FIRST = ("eta", "restarts", "step", "worker", "size", "saved")
 """On a screen too narrow for every column (80 columns: Colab's ``!`` cells), these go, in this order, until the
 table fits; the metrics wrap one per line before any is cut. ``--json`` always has every value."""
 
 
-def status_table(views: list[JobView], now: float, *, title: str | None = None, width: int | None = None) -> Group:
-    """The status table, one row per job in claim order, with full error lines beneath it.
+def status_table(
+    views: list[JobView],
+    now: float,
+    *,
+    title: str | None = None,
+    width: int | None = None,
+    sizes: FolderSizes | None = None,
+) -> Group:
+    """The status table, one row per job in claim order, with full error lines beneath it; the title ends with the
+    space all the jobs take.
 
     Every column but the metrics keeps its full width; the metrics wrap on a narrow screen. Given the screen's
     ``width``, columns are dropped in the order of :data:`DROPPED_FIRST` until the table fits.
     """
     headers = HEADERS
     rows, errors = [], []
+    sizes = sizes or FolderSizes()
+    total = 0
     for view in views:
-        record = status_record(view, now)
+        record = status_record(view, now, sizes.of(view))
+        total += record["size_bytes"] or 0
         shown = record["state"]
         if record["error"]:
             errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["error"], "red")))
@@ -223,11 +269,14 @@ def status_table(views: list[JobView], now: float, *, title: str | None = None, 
                 Text(str(record["step"])),
                 notes,
                 Text(format_age(record["checkpoint_age_s"])),
+                Text(format_size(record["size_bytes"])),
                 Text(str(record["restarts"])),
                 Text(worker),
                 Text(format_age(record["eta_s"])),
             )
         )
+    if title is not None and views:
+        title = f"{title} · {format_size(total)} in {counted(len(views), 'job')}"
     table = Table(
         title=title,
         title_justify="left",
@@ -242,7 +291,7 @@ def status_table(views: list[JobView], now: float, *, title: str | None = None, 
     for index, header in enumerate(headers):
         if header not in shown:
             continue
-        right = header in ("step", "saved", "restarts", "eta")
+        right = header in ("step", "saved", "size", "restarts", "eta")
         if header == "metrics":
             table.add_column(header, min_width=min(needed[header], 12))  # wraps between metrics on a narrow screen
         else:
@@ -270,9 +319,19 @@ def _columns_that_fit(needed: dict[str, int], width: int | None) -> set[str]:
     return shown
 
 
-def render_status(queue: Queue, *, clock: Callable[[], float] = time.time, width: int | None = None) -> Group:
+def render_status(
+    queue: Queue,
+    *,
+    clock: Callable[[], float] = time.time,
+    width: int | None = None,
+    sizes: FolderSizes | None = None,
+) -> Group:
     """The queue's status table, read now (fitted to ``width`` columns when given)."""
-    return status_table(queue.views(), clock(), title=f"queue {queue.root}", width=width)
+    return status_table(queue.views(), clock(), title=f"queue {queue.root}", width=width, sizes=sizes)
+
+
+WATCH_SIZE_MAX_AGE_S = 30.0
+"""``--watch`` measures the job folders' sizes this often, not at every refresh."""
 
 
 def watch_status(
@@ -287,16 +346,17 @@ def watch_status(
 
     A queue folder that fails (Drive dropped for a while) is shown, with what this machine keeps, until it answers.
     """
-    with Live(_render_or_failure(queue, console.width), console=console, auto_refresh=False) as live:
+    sizes = FolderSizes(max_age_s=WATCH_SIZE_MAX_AGE_S)
+    with Live(_render_or_failure(queue, console.width, sizes), console=console, auto_refresh=False) as live:
         done = 0
         while rounds is None or done < rounds:
             sleep(interval)
-            live.update(_render_or_failure(queue, console.width), refresh=True)
+            live.update(_render_or_failure(queue, console.width, sizes), refresh=True)
             done += 1
 
 
-def _render_or_failure(queue: Queue, width: int | None = None) -> Group:
+def _render_or_failure(queue: Queue, width: int | None = None, sizes: FolderSizes | None = None) -> Group:
     try:
-        return render_status(queue, width=width)
+        return render_status(queue, width=width, sizes=sizes)
     except StorageError as error:
         return queue_failing(queue, error, time.time())

@@ -56,6 +56,8 @@ class JobView:
     holder: LeaseHolder | None
     problem: str | None
     lease_duration: float
+    folder: Path | None = None
+    """The job's folder."""
 
     def shown_state(self, now: float) -> str:
         """queued | running | interrupted | done | failed | cancelled."""
@@ -244,6 +246,7 @@ class Queue:
             holder=read_holder(job.paths),
             problem="; ".join(problems) or None,
             lease_duration=self.lease_duration,
+            folder=job.paths.folder,
         )
 
     def views(self) -> list[JobView]:

@@ -333,6 +333,20 @@ def make_dirs(path: Path) -> None:
     Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def tree_size(path: Path) -> int | None:
+    """Bytes held by the files under ``path`` (one stat each; no retries: for a display); ``None`` when the folder
+    cannot be read at all."""
+    total, readable = 0, False
+    for folder, _, files in os.walk(path):
+        readable = True
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except OSError:
+                continue  # removed while walking (a pruned checkpoint): it holds nothing now
+    return total if readable else None
+
+
 @retry_io
 def list_dir(path: Path) -> list[str]:
     """Sorted entry names of a folder; an empty list when it does not exist."""

@@ -483,6 +483,7 @@ STATUS_KEYS: dict[str, str] = {
     "batch_size": "the batch size in effect: the spec's, or a smaller one after `training.on_oom: halve_batch` "
     "halved it",
     "device": "what the current or last session trained on (`CPU`, or GPUs as nvidia-smi names them), or null",
+    "size_bytes": "bytes the job's folder holds (checkpoints, exports, logs), or null when it cannot be read",
 }
 
 

@@ -21,7 +21,16 @@ from rich.console import Console
 
 from runner import storage
 from runner.checkpoints import parse_checkpoint_id
-from runner.console import eta_seconds, format_age, render_status, status_records, status_table, watch_status
+from runner.console import (
+    FolderSizes,
+    eta_seconds,
+    format_age,
+    format_size,
+    render_status,
+    status_records,
+    status_table,
+    watch_status,
+)
 from runner.job import JobStatus
 from runner.paths import publish_note
 from runner.queue import Queue
@@ -130,6 +139,46 @@ def test_status_json_values_of_settled_jobs(mixed: Queue) -> None:
     queued = rows["s-queued"]
     assert queued == {**queued, "state": "queued", "epoch": 0, "epochs": 7, "step": 0, "restarts": 0}
     assert (queued["checkpoint"], queued["metrics"], queued["error"]) == (None, {}, None)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_status_shows_each_jobs_size_and_the_queues_total(mixed: Queue) -> None:
+    rows = status_json(mixed, run_cli)
+    table = run_cli("status", "--queue", str(mixed.root), env=runner_env(COLUMNS="200"))
+
+    sizes = {name: folder_bytes(mixed.job(name).paths.folder) for name in rows}
+    assert {name: row["size_bytes"] for name, row in rows.items()} == sizes
+    assert sizes["s-done"] > 65536  # the checkpoint kept once it is done holds 64 KiB of weights
+    assert sizes["s-queued"] < 4096  # a spec, a state and an event
+    assert table.returncode == 0, table.stderr
+    title = table.stdout.splitlines()[0]
+    total = sum(sizes.values())
+    assert title == f"queue {mixed.root} · {format_size(total)} in 4 jobs", title
+    assert " size " in table.stdout.splitlines()[1] + " "
+    assert format_size(sizes["s-done"]) in table_rows(table.stdout)["s-done"]
+
+
+def test_watch_measures_sizes_again_only_after_a_while(queue: Queue) -> None:
+    queue.submit(make_spec("job-a"))
+    ticks = iter([0.0, 10.0, 40.0])
+    sizes = FolderSizes(max_age_s=30.0, clock=lambda: next(ticks))
+    view = queue.view("job-a")
+    first = sizes.of(view)
+    (view.folder / "extra.bin").write_bytes(b"x" * 5000)
+
+    assert sizes.of(view) == first  # 10 s later: the measure of before
+    assert sizes.of(view) == first + 5000  # 40 s later: measured again
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [(None, "-"), (0, "0 B"), (1_234, "1.2 kB"), (12_345, "12 kB"), (850e6, "850 MB"), (42e8, "4.2 GB")],
+)
+def test_format_size(size: float | None, shown: str) -> None:
+    assert format_size(None if size is None else int(size)) == shown
 
 
 @pytest.mark.slow
@@ -364,6 +413,7 @@ def test_status_on_a_failing_queue_folder_names_the_error_and_what_this_machine_
         assert failed.stdout == "" and "Traceback" not in failed.stderr
         lines = [line for line in failed.stderr.splitlines() if not line.startswith("storage error (")]  # retries
         assert lines[0].startswith("error:") and "Transport endpoint is not connected" in lines[0], lines
+        assert len(lines) > 1, failed.stderr
         assert lines[1].startswith("waiting: the checkpoint at epoch 3 step 7 is kept on this machine's disk"), lines
         assert len(lines) == 2, lines  # the other queue's note is not shown
     assert answered.returncode == 0 and [row["name"] for row in json.loads(answered.stdout)] == ["waiting"]
@@ -403,8 +453,9 @@ def test_the_table_fits_a_narrow_screen_by_dropping_columns_in_a_fixed_order(mix
 
     assert "…" not in narrow and all(len(line) <= width for line in narrow.splitlines()), narrow
     assert headers[:3] == ["job", "state", "epochs"] and "metrics" in headers
-    dropped = [header for header in ("eta", "restarts", "step", "worker", "saved") if header not in headers]
-    assert dropped == ["eta", "restarts", "step", "worker", "saved"][: len(dropped)] and dropped, narrow
+    order = ["eta", "restarts", "step", "worker", "size", "saved"]
+    dropped = [header for header in order if header not in headers]
+    assert dropped == order[: len(dropped)] and dropped, narrow
     for token in re.findall(r"\w+=[\d.e-]+", wide):  # every metric of the wide table, whole, in the narrow one
         assert token in narrow, (token, narrow)
 
