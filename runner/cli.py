@@ -28,6 +28,10 @@ from runner.session import SessionOptions, run_session
 from runner.spec import json_schema, load_spec
 from runner.words import counted
 
+TF_VERBOSE_ENV = "RUNNER_TF_VERBOSE"
+"""What ``--verbose`` sets: ``runner.train`` then lets TensorFlow's start-up messages through (it is not imported
+here: that would load TensorFlow for every command)."""
+
 DEBUG_ENV = "RUNNER_DEBUG"
 """Set to 1 to see the traceback of an unexpected error."""
 
@@ -70,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     work = commands.add_parser("work", parents=[common], help="run every runnable job, resuming each")
     work.add_argument("--job", metavar="NAME", help="run only this job")
+    work.add_argument("--verbose", action="store_true", help="show TensorFlow's and Keras' start-up messages too")
     work.add_argument(
         "--max-hours",
         metavar="H",
@@ -114,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("name", metavar="NAME")
     predict.add_argument("images", nargs="+", metavar="IMAGE", type=Path, help="an image file, or a folder of them")
     predict.add_argument("--json", action="store_true", help="print a JSON array: image, class, probabilities")
+    predict.add_argument("--verbose", action="store_true", help="show TensorFlow's and Keras' start-up messages too")
 
     commands.add_parser("schema", help="print the JSON Schema of job specs")
 
@@ -187,6 +193,8 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
         from runner.demo import run_demo  # noqa: PLC0415 (only the demo needs it)
 
         return run_demo(args.queue, out)
+    if getattr(args, "verbose", False):
+        os.environ[TF_VERBOSE_ENV] = "1"  # read when TensorFlow is first imported, which is later
     queue = _queue(args)
     if args.command == "submit":
         return _submit(queue, args.specs, err, replace=args.replace)

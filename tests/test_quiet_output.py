@@ -32,3 +32,17 @@ def test_two_jobs_with_an_h5_export_print_each_line_once_and_no_library_chatter(
     for job in ("first", "second"):  # after the first job's .h5 export, lines used to come twice
         assert len(re.findall(rf"^{job} epoch 1/1 ", said, flags=re.MULTILINE)) == 1, said
         assert said.count(f"job '{job}' done") == 1, said
+
+
+def test_verbose_lets_tensorflows_start_up_messages_through(tmp_path: Path) -> None:
+    data = make_digit_folders(tmp_path / "digits")
+    env = keras_env(tmp_path / "cache")
+    env.pop("TF_CPP_MIN_LOG_LEVEL")
+    queue = tmp_path / "queue"
+    submit_keras_spec(tmp_path, queue, data, "loud", env, training={"epochs": 1})
+
+    result = run_cli("work", "--verbose", "--queue", str(queue), env=env, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "oneDNN" in result.stderr, result.stderr[-3000:]  # TensorFlow's own line, which runner hides by default
+    assert result.stderr.count("job 'loud' done") == 1

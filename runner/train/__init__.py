@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 VERBOSE_ENV = "RUNNER_TF_VERBOSE"
-"""Set to 1 to see TensorFlow's native start-up messages."""
+"""Set to 1 (or pass ``--verbose`` to ``runner work`` or ``predict``) to see TensorFlow's start-up messages."""
 
 
 @contextlib.contextmanager
@@ -32,7 +32,8 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if not os.environ.get(VERBOSE_ENV):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 with _native_stderr_silenced():
     import tensorflow
 
