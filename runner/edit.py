@@ -60,7 +60,8 @@ class Replacement:
     def describe(self) -> str:
         """One line for the console."""
         if not self.changed:
-            again = f" (`runner retry {self.name}` queues it again)" if self.status is not JobStatus.QUEUED else ""
+            stopped = self.status in (JobStatus.FAILED, JobStatus.CANCELLED)
+            again = f" (`runner retry {self.name}` queues it again)" if stopped else ""
             return f"job {self.name!r} already has this spec: nothing changed{again}"
         changed = ", ".join(self.changed)
         if self.discarded_because:

@@ -71,7 +71,7 @@ from tests.support.worker_helpers import (
     wait_until,
 )
 
-PARKED = {"model": {"params": {"steps": 10, "step_seconds": 0.05, "park_at_epoch": 1}}, "training": {"epochs": 6}}
+PARKED = {"model": {"params": {"steps": 5, "step_seconds": 0.05, "park_at_epoch": 1}}, "training": {"epochs": 4}}
 """A job that waits in its epoch 1 until it is asked to stop, so a stop always lands mid-training."""
 """About 3 s of training (sleeping, so it takes at least that), a checkpoint every 0.5 s."""
 
@@ -449,7 +449,7 @@ def test_max_hours_stops_the_job_with_a_checkpoint_and_the_next_session_resumes_
 
     assert second.returncode == 0, second.stderr
     assert [event["checkpoint"] for event in events(queue, "job-a", "resumed")] == [stopped_at]
-    assert result_value(queue, "job-a") == expected_value(6, 10)  # as if never stopped
+    assert result_value(queue, "job-a") == expected_value(4, 5)  # as if never stopped
     assert state(queue, "job-b").status.value == "done"
 
 

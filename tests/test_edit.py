@@ -30,7 +30,7 @@ from tests.support.worker_helpers import (
 )
 
 FAILING = {"model": {"params": {"steps": 4, "fail_at_epoch": 1}}}
-PARKED = {"model": {"params": {"steps": 10, "step_seconds": 0.05, "park_at_epoch": 1}}, "training": {"epochs": 10}}
+PARKED = {"model": {"params": {"steps": 5, "step_seconds": 0.05, "park_at_epoch": 1}}, "training": {"epochs": 3}}
 
 
 def spec_file(folder: Path, name: str, **sections: object) -> Path:
@@ -94,7 +94,7 @@ def test_edit_of_a_cancelled_job_that_keeps_model_and_data_trains_on_from_its_ch
     name = cancelled_job(queue, tmp_path)
     before = state(queue, name)
     checkpoints = [info.id for info in verified_checkpoints(queue, name)]
-    longer = spec_file(tmp_path, name, model=PARKED["model"], training={"epochs": 12, "learning_rate": 0.0005})
+    longer = spec_file(tmp_path, name, model=PARKED["model"], training={"epochs": 5, "learning_rate": 0.0005})
 
     edited = run_cli("edit", name, str(longer), "--queue", str(queue.root))
 
@@ -109,14 +109,14 @@ def test_edit_of_a_cancelled_job_that_keeps_model_and_data_trains_on_from_its_ch
     assert [info.id for info in verified_checkpoints(queue, name)] == checkpoints
     (replaced,) = events(queue, name, "replaced")
     assert replaced["discarded_because"] == [] and replaced["previous"] == "cancelled"
-    assert queue.job(name).read_spec().training.epochs == 12
+    assert queue.job(name).read_spec().training.epochs == 5
 
     done = run_cli("work", "--queue", str(queue.root))
 
     assert done.returncode == 0, done.stderr
     assert [event["checkpoint"] for event in events(queue, name, "resumed")] == [before.checkpoint]
     assert state(queue, name).status is JobStatus.DONE
-    assert result_value(queue, name) == expected_value(12, 10)  # as if it had been asked for 12 epochs from the start
+    assert result_value(queue, name) == expected_value(5, 5)  # as if it had been asked for 5 epochs from the start
 
 
 def test_edit_that_changes_the_model_discards_the_checkpoints_and_trains_from_the_beginning(

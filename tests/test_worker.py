@@ -44,7 +44,7 @@ FAILING = {"model": {"params": {"steps": 4, "fail_at_epoch": 1}}}
 SLOW = {"model": {"params": {"steps": 10, "step_seconds": 0.05}}, "training": {"epochs": 10}}
 """About 5 s of training, an epoch checkpoint every 0.5 s."""
 
-PARKED = {"model": {"params": {"steps": 10, "step_seconds": 0.05, "park_at_epoch": 1}}, "training": {"epochs": 10}}
+PARKED = {"model": {"params": {"steps": 5, "step_seconds": 0.05, "park_at_epoch": 1}}, "training": {"epochs": 4}}
 """Like :data:`SLOW`, but waiting in epoch 1 until it is asked to stop: a test that stops it never races its end."""
 
 
@@ -198,7 +198,7 @@ def test_cancel_of_a_running_job_stops_it_at_its_next_checkpoint(queue: Queue) -
     assert process.returncode == 0
     final = state(queue, "slow")
     assert final.status is JobStatus.CANCELLED
-    assert final.epoch < 10  # stopped early, not trained to the end
+    assert final.epoch < 4  # stopped early, not trained to the end
     assert not queue.job("slow").paths.cancel_request.exists()
     assert not queue.job("slow").paths.final.exists()
     kept = verified_checkpoints(queue, "slow")
@@ -237,7 +237,7 @@ def test_retry_of_a_cancelled_job_resumes_from_its_checkpoint(queue: Queue) -> N
     final = state(queue, "again")
     assert final.status is JobStatus.DONE
     assert final.restarts == 1
-    assert result_value(queue, "again") == expected_value(10, 10)
+    assert result_value(queue, "again") == expected_value(4, 5)
 
 
 def test_retry_of_a_failed_job_queues_it_and_keeps_its_checkpoints(queue: Queue) -> None:
@@ -317,7 +317,7 @@ def test_signal_checkpoints_releases_the_lease_and_the_next_run_resumes(
     assert process.returncode == code
     stopped = state(queue, "sig")
     assert stopped.status is JobStatus.RUNNING  # stored as running: shown as interrupted
-    assert 1 <= stopped.epoch < 10
+    assert 1 <= stopped.epoch < 4
     (published,) = verified_checkpoints(queue, "sig")
     assert published.id == stopped.checkpoint
     assert (published.epoch, published.step) == (stopped.epoch, stopped.step)
@@ -334,7 +334,7 @@ def test_signal_checkpoints_releases_the_lease_and_the_next_run_resumes(
     final = state(queue, "sig")
     assert final.status is JobStatus.DONE
     assert final.restarts == stopped.restarts + 1
-    assert result_value(queue, "sig") == expected_value(10, 10)
+    assert result_value(queue, "sig") == expected_value(4, 5)
 
 
 @pytest.mark.slow
