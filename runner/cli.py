@@ -23,6 +23,7 @@ from runner.checkpoints import CheckpointStore
 from runner.console import queue_failing, render_status, status_records, watch_status
 from runner.edit import delete_job, replace_spec
 from runner.errors import RunnerError, SpecError, StorageError, UsageError
+from runner.images import first_bytes, is_image
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session
 from runner.spec import json_schema, load_spec
@@ -322,6 +323,12 @@ def _predict(queue: Queue, name: str, images: list[Path], *, as_json: bool, out:
     job = queue.job(name)  # a wrong name or path is said before TensorFlow takes seconds to load
     if missing := next((path for path in images if not path.exists()), None):
         raise UsageError(f"no such image or folder: {missing}")
+    for path in images:  # a wrong file, too, is said before TensorFlow loads
+        if path.is_file() and not is_image(head := first_bytes(path)):
+            raise UsageError(
+                f"{path} is not a JPEG, PNG, GIF or BMP image (it begins with {head[:4]!r}): pass image files, or "
+                "folders of them"
+            )
     from runner.train.outputs.predict import predict_images  # noqa: PLC0415 (TensorFlow loads for this command only)
 
     predictions = predict_images(job, images)

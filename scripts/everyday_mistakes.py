@@ -43,6 +43,7 @@ class Outcome:
     seconds: float
     unchanged: bool | None
     passed: bool
+    errors: list[str]
 
 
 def spec(name: str, source: str, **overrides: object) -> dict[str, object]:
@@ -184,6 +185,7 @@ class Session:
                 seconds,
                 unchanged,
                 passed,
+                errors,
             )
         )
 
@@ -228,7 +230,9 @@ def run_all(root: Path) -> list[Outcome]:
             str(
                 user.write(
                     "rate.yaml",
-                    f"name: rate\ndataset: {{source: {archive}}}\ntraining: {{learning_rate: 1e-3}}\n",
+                    f"name: rate\ndataset: {{source: {archive}, train: digits/train, label_mode: int, image_size: [16, 16]}}\n"
+                    "model: {params: {filters: 4, dense: 16}}\n"
+                    "training: {learning_rate: 1e-3, loss: sparse_categorical_crossentropy}\n",
                 )
             ),
         ],
@@ -244,7 +248,12 @@ def run_all(root: Path) -> list[Outcome]:
     user.mistake("cancel a job that does not exist", ["cancel", "nope", *q], expected=2)
     user.mistake("retry a job that is queued", ["retry", "good", *q], expected=1)
     user.mistake("logs of a job that does not exist", ["logs", "nope", *q], expected=2)
-    user.mistake("predict with a job that is not done", ["predict", "good", archive, *q], expected=1)
+    user.mistake("predict with a job that is not done", ["predict", "good", str(root), *q], expected=1)
+    user.mistake(
+        "a loss that does not fit the labels",
+        ["submit", *q, str(user.write("loss.json", spec("loss", archive, training={"loss": "binary_crossentropy"})))],
+        expected=2,
+    )
     user.mistake("--max-hours 0", ["work", "--max-hours", "0", *q], expected=2)
     user.mistake(
         "--max-hours abc",
@@ -269,7 +278,9 @@ def run_all(root: Path) -> list[Outcome]:
         failing = {
             "missing-source": spec("missing-source", str(root / "no-such.zip")),
             "wrong-train-folder": spec("wrong-train-folder", archive, dataset={"train": "train"}),
-            "loss-labels": spec("loss-labels", archive, training={"loss": "binary_crossentropy"}),
+            "binary-ten-classes": spec(
+                "binary-ten-classes", archive, dataset={"label_mode": "binary"}, training={"loss": "binary_crossentropy"}
+            ),
             "missing-factory": spec("missing-factory", archive, model={"builtin": None, "factory": "nowhere:build"}),
             "url-404": spec("url-404", f"{base}/gone.zip"),
             "url-refused": spec("url-refused", f"http://127.0.0.1:{closed_port()}/digits.tar.gz"),
@@ -278,7 +289,7 @@ def run_all(root: Path) -> list[Outcome]:
         for name, data in failing.items():
             user.run("submit", *q, str(user.write(f"{name}.json", data)))
         user.mistake(
-            "seven broken jobs and a good one, in one work", ["work", *q], expected=1, lines=len(failing), refuses=False
+            "seven jobs broken at run time and two good ones, in one work", ["work", *q], expected=1, lines=len(failing), refuses=False
         )
 
     # --- after the work ----------------------------------------------------------------------------------------------

@@ -96,11 +96,16 @@ def test_bad_input_is_one_line(finished: tuple[Path, Path, dict[str, str]], tmp_
     missing = run_cli("predict", JOB, str(tmp_path / "nowhere.png"), "--queue", str(queue), env=env)
     broken = run_cli("predict", JOB, str(not_an_image), "--queue", str(queue), env=env)
     no_job = run_cli("predict", "no-such-job", str(not_an_image), "--queue", str(queue), env=env)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.png").write_text("not a picture either")
+    in_a_folder = run_cli("predict", JOB, str(folder), "--queue", str(queue), env=env)
 
     for result, code, said in (
         (missing, 2, f"no such image or folder: {tmp_path / 'nowhere.png'}"),
-        (broken, 1, f"image {not_an_image} cannot be decoded"),
+        (broken, 2, f"{not_an_image} is not a JPEG, PNG, GIF or BMP image (it begins with b'not '): pass image files"),
         (no_job, 2, "no job named 'no-such-job'"),
+        (in_a_folder, 2, f"{folder / 'notes.png'} is not a JPEG, PNG, GIF or BMP image: pass image files"),
     ):
         assert result.returncode == code, result.stderr
         [line] = result.stderr.splitlines()

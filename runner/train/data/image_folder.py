@@ -13,13 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from runner.errors import DatasetError
+from runner.images import IMAGE_EXTENSIONS, first_bytes, is_image
 from runner.spec import DatasetSpec
-
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
-"""File name endings read as images (any case), as Keras' ``image_dataset_from_directory`` reads them."""
-
-SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-"""How JPEG, PNG, GIF and BMP files begin: a file that does not is refused before training starts."""
 
 SPLIT_STREAM = 2**31 - 1
 """Second word of the generator that picks ``validation_split``'s images: no epoch number can collide with it."""
@@ -172,13 +167,12 @@ def check_signatures(root: Path, files: tuple[Path, ...]) -> None:
     """Refuse, up front, any file that does not begin like a JPEG, PNG, GIF or BMP, naming it."""
     for path in files:
         try:
-            with open(path, "rb") as reader:
-                head = reader.read(8)
+            head = first_bytes(path)
         except OSError as error:
             raise DatasetError(
                 f"image {path.relative_to(root)} cannot be read ({error.strerror}): replace or delete it"
             ) from None
-        if not head.startswith(SIGNATURES):
+        if not is_image(head):
             raise DatasetError(
                 f"image {path.relative_to(root)} is not a JPEG, PNG, GIF or BMP file (it begins with {head[:4]!r}): "
                 "replace or delete it"

@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from runner import storage
 from runner.errors import DatasetError, NoExport, StorageError, UsageError
+from runner.images import IMAGE_EXTENSIONS, first_bytes, is_image
 from runner.job import Job
-from runner.train.data.image_folder import IMAGE_EXTENSIONS
 from runner.train.data.pipeline import image_loader
 from runner.train.models.factory import import_factory
 from runner.train.outputs.export import DESCRIPTION_FILE, DESCRIPTION_FORMAT, FILE_NAMES
@@ -121,9 +121,11 @@ def _image_files(images: Sequence[str | Path]) -> Iterator[Path]:
 def _decoded(load: Any, path: Path) -> tf.Tensor:
     try:
         return load(tf.constant(str(path)))
-    except (tf.errors.InvalidArgumentError, ValueError) as error:
-        reason = " ".join(str(error).split())[:200]
-        raise DatasetError(f"image {path} cannot be decoded ({reason}): pass PNG, JPEG, GIF or BMP files") from None
+    except (tf.errors.InvalidArgumentError, ValueError):
+        if not is_image(first_bytes(path)):
+            wrong = f"{path} is not a JPEG, PNG, GIF or BMP image: pass image files, or folders of them"
+            raise UsageError(wrong) from None
+        raise DatasetError(f"image {path} cannot be decoded: it is damaged or cut short; pass a whole image") from None
 
 
 def _gives_logits(model: keras.Model) -> bool:
