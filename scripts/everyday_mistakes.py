@@ -231,7 +231,7 @@ def run_all(root: Path) -> list[Outcome]:
                 user.write(
                     "rate.yaml",
                     f"name: rate\ndataset: {{source: {archive}, train: digits/train, label_mode: int, image_size: [16, 16]}}\n"
-                    "model: {params: {filters: 4, dense: 16}}\n"
+                    "model: {builtin: simple_cnn, params: {filters: 4, dense: 16}}\n"
                     "training: {learning_rate: 1e-3, loss: sparse_categorical_crossentropy}\n",
                 )
             ),
