@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from runner import colab, storage
-from runner.console import status_records, status_table
+from runner.console import FolderSizes, status_records, status_table
 from runner.errors import JobNotFound, QueueNotFound, StorageError
 from runner.lease import lease_duration_from
 from runner.paths import queue_choice
@@ -105,9 +105,9 @@ def status(*, queue: QueueLike = None) -> StatusReport:
     """The queue's jobs now: shows as the status table in a notebook, and is a list of JSON-able records in code."""
     resolved = open_queue(queue, must_exist=True)
     now = time.time()
-    views = resolved.views()
-    table = status_table(views, now, title=f"queue {resolved.root}")
-    return StatusReport(resolved.root, status_records(views, now), table)
+    views, sizes = resolved.views(), FolderSizes(max_age_s=60.0)  # one walk of each folder for both
+    table = status_table(views, now, title=f"queue {resolved.root}", sizes=sizes)
+    return StatusReport(resolved.root, status_records(views, now, sizes), table)
 
 
 def plot(name: str | None = None, *, queue: QueueLike = None) -> Picture:

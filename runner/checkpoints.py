@@ -81,11 +81,14 @@ class CheckpointStore:
         fence: Callable[[], None] = lambda: None,
         claim_token: str | None = None,
         clock: Callable[[], float] = time.time,
+        fresh_from: int = 0,
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep!r}")
         self.job, self.keep, self.fence, self.clock = job, keep, fence, clock
         self.claim_token = claim_token
+        self.fresh_from = fresh_from
+        """Checkpoints of claims before this generation belong to a spec that `runner edit` replaced: never restored."""
         """Written into each manifest: a restore skips checkpoints whose claim lost its generation's marker."""
         self.fallbacks: list[tuple[str, str]] = []
         """``(checkpoint id, reason)`` of each checkpoint the last :meth:`restore` passed over as damaged."""
@@ -215,6 +218,9 @@ class CheckpointStore:
         """Copy the newest checkpoint that verifies into ``target`` (local disk); ``None`` when none does."""
         self.fallbacks = []
         for info in self.committed():
+            if info.generation < self.fresh_from:
+                log.warning("checkpoint %s was trained for the spec that replaced it: not restored", info.id)
+                continue
             scratch = Path(target) / f".restore-{info.id}"
             storage.remove_tree(scratch)
             storage.make_dirs(scratch)  # a checkpoint may hold no files at all (everything in its meta)

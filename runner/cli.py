@@ -21,12 +21,12 @@ from runner import defaults, storage
 from runner.api import open_queue
 from runner.checkpoints import CheckpointStore
 from runner.console import queue_failing, render_status, status_records, watch_status
-from runner.edit import delete_job, replace_spec
-from runner.errors import RunnerError, SpecError, StorageError, UsageError
+from runner.edit import delete_job, replace_spec, shapes_checkpoints, spec_changes
+from runner.errors import LeaseHeld, RunnerError, SpecError, StorageError, UsageError
 from runner.images import first_bytes, is_image
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session
-from runner.spec import json_schema, load_spec
+from runner.spec import JobSpec, json_schema, load_spec
 from runner.words import counted
 
 TF_VERBOSE_ENV = "RUNNER_TF_VERBOSE"
@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("name", metavar="NAME")
     edit.add_argument("spec", metavar="SPEC", type=Path, help="the new YAML or JSON job spec (same name)")
+    edit.add_argument(
+        "-y", "--yes", action="store_true", help="do not ask on a terminal before discarding checkpoints"
+    )
 
     delete = commands.add_parser("delete", parents=[common], help="remove a job that no worker runs from the queue")
     delete.add_argument("name", metavar="NAME")
@@ -200,7 +203,7 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.command == "submit":
         return _submit(queue, args.specs, err, replace=args.replace)
     if args.command == "edit":
-        return _edit(queue, args.name, args.spec, err)
+        return _edit(queue, args.name, args.spec, ask=not args.yes, err=err)
     if args.command == "delete":
         return _delete(queue, args.name, keep_checkpoints=args.keep_checkpoints, ask=not args.yes, err=err)
     if args.command == "work":
@@ -242,8 +245,9 @@ def _submit(queue: Queue, paths: list[Path], err: Console, *, replace: bool = Fa
     if problems:
         raise SpecError("submit", problems)
     for spec in specs:
-        if replace and spec.name in queue.names():
-            err.print(replace_spec(queue, spec).describe(), soft_wrap=True, markup=False)
+        if replace and spec.name in queue.names() and not _unchanged(queue, spec):
+            if _discarding_confirmed(queue, spec, err):
+                err.print(replace_spec(queue, spec).describe(), soft_wrap=True, markup=False)
             continue
         job, new = queue.submit(spec)
         verb = "submitted" if new else "already in the queue, unchanged:"
@@ -251,29 +255,72 @@ def _submit(queue: Queue, paths: list[Path], err: Console, *, replace: bool = Fa
     return 0
 
 
-def _edit(queue: Queue, name: str, path: Path, err: Console) -> int:
+def _unchanged(queue: Queue, spec: JobSpec) -> bool:
+    """Whether the job already has this spec (a notebook cell run again): then --replace is a plain submit."""
+    try:
+        return queue.job(spec.name).read_spec() == spec
+    except RunnerError:
+        return False
+
+
+def _edit(queue: Queue, name: str, path: Path, *, ask: bool, err: Console) -> int:
     queue.job(name)  # a wrong name is said before the spec is read
     spec = load_spec(path)
     if spec.name != name:
         raise UsageError(f"{path} names job {spec.name!r}, not {name!r}: a job keeps its name (set name: {name})")
+    if ask and not _discarding_confirmed(queue, spec, err):
+        return 1
     err.print(replace_spec(queue, spec).describe(), soft_wrap=True, markup=False)
     return 0
 
 
+def _discarding_confirmed(queue: Queue, spec: JobSpec, err: Console) -> bool:
+    """On a terminal, before a new spec discards checkpoints: whether the person says to go on."""
+    job = queue.job(spec.name)
+    try:
+        discarding = [field for field in spec_changes(job.read_spec(), spec) if shapes_checkpoints(field)]
+    except RunnerError:
+        return True  # an unreadable old spec: nothing to weigh
+    checkpoints = len(CheckpointStore(job, keep=1).committed())
+    if not discarding or not checkpoints:
+        return True
+    return _confirmed(
+        f"job {spec.name!r}: the new {', '.join(discarding)} discards its {counted(checkpoints, 'checkpoint')}, and "
+        "it trains from the beginning. Replace its spec?",
+        "nothing was changed",
+        err,
+    )
+
+
+def _confirmed(question: str, refused: str, err: Console) -> bool:
+    """Ask a yes/no question on a terminal (``True`` elsewhere: a script or a notebook's cell cannot answer)."""
+    if not sys.stdin.isatty():
+        return True
+    err.print(f"{question} [y/N] ", end="", markup=False, soft_wrap=True)
+    try:
+        answer = input().strip().lower()
+    except EOFError:
+        answer = ""
+    if answer not in ("y", "yes"):
+        err.print(refused, markup=False)
+        return False
+    return True
+
+
 def _delete(queue: Queue, name: str, *, keep_checkpoints: bool, ask: bool, err: Console) -> int:
     job = queue.job(name)
-    if ask and sys.stdin.isatty():
-        view = queue.view(name)
-        shown = view.shown_state(time.time())
-        kept = counted(len(CheckpointStore(job, keep=1).committed()), "checkpoint")
-        what = "everything but its checkpoints and exports" if keep_checkpoints else f"it with its {kept}"
-        err.print(f"delete job {name!r} ({shown}): remove {what}? [y/N] ", end="", markup=False, soft_wrap=True)
-        try:
-            answer = input().strip().lower()
-        except EOFError:
-            answer = ""
-        if answer not in ("y", "yes"):
-            err.print("nothing was deleted", markup=False)
+    view = queue.view(name)
+    if view.lease_alive(time.time()) and view.holder is not None:  # refused before the question, not after
+        raise LeaseHeld(name, view.holder.describe(), hint=f"`runner cancel {name}` stops it first")
+    if ask:
+        checkpoints = counted(len(CheckpointStore(job, keep=1).committed()), "checkpoint")
+        what = (
+            "everything but its checkpoints, exports, spec and history"
+            if keep_checkpoints
+            else f"it with its {checkpoints} and its exported model, if any"
+        )
+        question = f"delete job {name!r} ({view.shown_state(time.time())}): remove {what}?"
+        if not _confirmed(question, "nothing was deleted", err):
             return 1
     err.print(delete_job(queue, name, keep_checkpoints=keep_checkpoints).describe(), soft_wrap=True, markup=False)
     return 0
@@ -324,7 +371,11 @@ def _predict(queue: Queue, name: str, images: list[Path], *, as_json: bool, out:
     if missing := next((path for path in images if not path.exists()), None):
         raise UsageError(f"no such image or folder: {missing}")
     for path in images:  # a wrong file, too, is said before TensorFlow loads
-        if path.is_file() and not is_image(head := first_bytes(path)):
+        try:
+            head = first_bytes(path) if path.is_file() else b""
+        except OSError as error:
+            raise UsageError(f"cannot read {path} ({error.strerror}): pass image files you can read") from None
+        if path.is_file() and not is_image(head):
             raise UsageError(
                 f"{path} is not a JPEG, PNG, GIF or BMP image (it begins with {head[:4]!r}): pass image files, or "
                 "folders of them"

@@ -13,15 +13,15 @@ from the queue at once and a kill midway leaves only a temporary folder, which t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner import storage
-from runner.errors import DamagedFile, InvalidTransition, RunnerError
+from runner.errors import DamagedFile, Fenced, InvalidTransition, RunnerError
 from runner.job import Job, JobState, JobStatus, worker_identity
-from runner.paths import temp_sibling
+from runner.lease import JobLease
+from runner.paths import is_temp_name, temp_sibling
 from runner.queue import Queue
 from runner.spec import JobSpec
 
@@ -39,8 +39,9 @@ batches; the network; the optimizer's and the metrics' variables; the loss being
 learning rate, epochs, checkpoint and export settings, priority) may change and training goes on from the newest
 checkpoint."""
 
-KEPT_ON_DELETE = ("checkpoints", "final")
-"""What ``runner delete --keep-checkpoints`` keeps of a job folder."""
+KEPT_ON_DELETE = ("checkpoints", "final", "spec.yaml", "history.csv")
+"""What ``runner delete --keep-checkpoints`` keeps of a job folder: the trained variables and models, and the spec
+and history that say what they are."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Deletion:
     def describe(self) -> str:
         """One line for the console."""
         if self.kept is not None:
-            return f"deleted job {self.name!r}; its checkpoints and exports are kept in {self.kept}"
+            return f"deleted job {self.name!r}; its checkpoints, exports, spec and history are kept in {self.kept}"
         if self.asked_to_keep:
             return f"deleted job {self.name!r}; it had no checkpoints or exports to keep"
         return f"deleted job {self.name!r}"
@@ -118,7 +119,7 @@ def replace_spec(queue: Queue, spec: JobSpec) -> Replacement:
     """
     job = queue.job(spec.name)
     _refuse_done(job, job.read_state())
-    with queue.holding(spec.name, hint=_stop_first(spec.name, "its spec can be replaced")):
+    with queue.holding(spec.name, hint=_stop_first(spec.name, "its spec can be replaced")) as lease:
         state = job.read_state()  # again: it may have finished while the lease was being taken
         _refuse_done(job, state)
         try:
@@ -132,8 +133,10 @@ def replace_spec(queue: Queue, spec: JobSpec) -> Replacement:
         discard = tuple(field for field in changed if not field.startswith("(") and shapes_checkpoints(field))
         discard = discard or tuple(field for field in changed if field.startswith("("))
         generation = _fence_older_claims(job, state)
-        if discard:
-            _discard_training(job)
+        # Renamed aside first (quick), removed last (slow on Drive): a kill in between leaves the new spec and
+        # state written and only temporary folders behind, which the next replacement or deletion removes.
+        aside = _move_training_aside(job) if discard else []
+        _still_held(lease, job)
         storage.atomic_write_text(job.paths.spec, spec.to_yaml())
         now = job.clock()
         if discard:
@@ -150,6 +153,7 @@ def replace_spec(queue: Queue, spec: JobSpec) -> Replacement:
                     "updated_at": now,
                 }
             )
+        _still_held(lease, job)
         job.write_state(replaced, generation=None)  # the marker this replacement created fences every older claim
         job.clear_cancel_request()
         job.events.append(
@@ -160,11 +164,16 @@ def replace_spec(queue: Queue, spec: JobSpec) -> Replacement:
             discarded_because=list(discard),
             checkpoint=replaced.checkpoint,
         )
+    for path in aside:
+        storage.remove_tree(path)
     return Replacement(spec.name, tuple(changed), discard, replaced.checkpoint, replaced.status)
 
 
 def _stop_first(name: str, then: str) -> str:
-    return f"`runner cancel {name}` stops it at its next checkpoint, after which {then}"
+    return (
+        f"`runner cancel {name}` stops it at its next checkpoint, after which {then} (if its session died, "
+        "`runner work` takes the job over once its lease runs out)"
+    )
 
 
 def _refuse_done(job: Job, state: JobState) -> None:
@@ -187,15 +196,25 @@ def _fence_older_claims(job: Job, state: JobState) -> int:
     return generation
 
 
-def _discard_training(job: Job) -> None:
-    """Remove what training produced: each folder is renamed aside first, so none is ever seen half removed."""
+def _move_training_aside(job: Job) -> list[Path]:
+    """Rename what training produced to temporary names (never seen half removed); the folders to remove.
+
+    Temporary folders a killed replacement left behind are among them."""
     paths = job.paths
+    aside = [paths.folder / name for name in storage.list_dir(paths.folder) if is_temp_name(name)]
     for path in (paths.checkpoints, paths.final, paths.tensorboard):
         if storage.exists(path):
-            aside = temp_sibling(path)
-            os.rename(path, aside)
-            storage.remove_tree(aside)
+            aside.append(temp_sibling(path))
+            storage.rename(path, aside[-1])
     storage.remove_file(paths.history)
+    return aside
+
+
+def _still_held(lease: JobLease, job: Job) -> None:
+    """:class:`Fenced` when the lease was lost while the replacement worked (a long removal on a failing Drive):
+    another worker may have claimed the job since."""
+    if (lost := lease.lost) is not None:
+        raise Fenced(job.name, 0, f"lease lost while its spec was being replaced ({lost.reason}): try again")
 
 
 def delete_job(queue: Queue, name: str, *, keep_checkpoints: bool = False) -> Deletion:
@@ -204,18 +223,19 @@ def delete_job(queue: Queue, name: str, *, keep_checkpoints: bool = False) -> De
     With ``keep_checkpoints``, its checkpoints and exports stay in ``<queue>/deleted/<name>-<time>/``.
     """
     job = queue.job(name)
+    keep = keep_checkpoints and any(storage.exists(job.paths.folder / entry) for entry in KEPT_ON_DELETE)
     with queue.holding(name, hint=_stop_first(name, "it can be deleted")):
-        aside = temp_sibling(job.paths.folder, f"{name}-deleted")
-        os.rename(job.paths.folder, aside)  # one step: the job leaves the queue whole, and its name is free
-    kept = None
-    if keep_checkpoints and any(storage.exists(aside / entry) for entry in KEPT_ON_DELETE):
-        kept = queue.paths.deleted(name, job.clock())
-        storage.make_dirs(kept.parent)
-        for entry in storage.list_dir(aside):
-            if entry not in KEPT_ON_DELETE:
-                path = aside / entry
-                storage.remove_tree(path) if path.is_dir() else storage.remove_file(path)
-        os.rename(aside, kept)
-    else:
+        if keep:
+            aside = queue.paths.deleted(name, job.clock())
+            storage.make_dirs(aside.parent)
+        else:
+            aside = temp_sibling(job.paths.folder, f"{name}-deleted")
+        storage.rename(job.paths.folder, aside)  # one step: the job leaves the queue whole, and its name is free
+    if not keep:
         storage.remove_tree(aside)
-    return Deletion(name, kept, asked_to_keep=keep_checkpoints)
+        return Deletion(name, None, asked_to_keep=keep_checkpoints)
+    for entry in storage.list_dir(aside):
+        if entry not in KEPT_ON_DELETE:
+            path = aside / entry
+            storage.remove_tree(path) if path.is_dir() else storage.remove_file(path)
+    return Deletion(name, aside, asked_to_keep=keep_checkpoints)

@@ -42,8 +42,9 @@ _CLAIM_FIELDS = (
     "session_started_at",
     "session_start_epoch",
     "device",
+    "fresh_from",
 )
-"""What a claim sets in state.json, and so owns until the next claim."""
+"""What a claim sets in state.json (or takes from it, as ``fresh_from``), and so owns until the next claim."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ _TERMINAL_EVENTS = {
     "cancelled": JobStatus.CANCELLED,
     "retried": JobStatus.QUEUED,
     "claimed": JobStatus.RUNNING,
+    "replaced": JobStatus.QUEUED,
 }
 """Events that set the status, by the status they leave the job in."""
 
@@ -31,7 +32,9 @@ def rebuild_state(job: Job) -> JobState:
         if event.get("event") in _TERMINAL_EVENTS:
             status = _TERMINAL_EVENTS[event["event"]]
             error = event.get("error") if status is JobStatus.FAILED else None
-    committed = CheckpointStore(job, keep=1).committed()
+    replaced = [event for event in events if event.get("event") == "replaced" and event.get("discarded_because")]
+    fresh_from = max((int(event.get("generation") or 0) for event in replaced), default=0)
+    committed = [info for info in CheckpointStore(job, keep=1).committed() if info.generation >= fresh_from]
     generations = [int(event.get("generation") or 0) for event in events] + [info.generation for info in committed]
     claims = sum(1 for event in events if event.get("event") == "claimed")
     newest = committed[0] if committed else None
@@ -45,6 +48,7 @@ def rebuild_state(job: Job) -> JobState:
         epoch=newest.epoch if newest else 0,
         step=newest.step if newest else 0,
         checkpoint=newest.id if newest else None,
+        fresh_from=fresh_from,
     )
 
 
@@ -58,6 +62,10 @@ def repair_damaged_state(job: Job) -> JobState | None:
     state = rebuild_state(job)
     job.write_state(state, generation=None)
     job.events.append(
-        "state-recovered", reason=reason, status=state.status.value, generation=state.generation, checkpoint=state.checkpoint
+        "state-recovered",
+        reason=reason,
+        status=state.status.value,
+        generation=state.generation,
+        checkpoint=state.checkpoint,
     )
     return state

@@ -333,6 +333,12 @@ def make_dirs(path: Path) -> None:
     Path(path).mkdir(parents=True, exist_ok=True)
 
 
+@retry_io
+def rename(source: Path, target: Path) -> None:
+    """Rename a file or a folder in one step (same file system), retried on a transient error."""
+    os.rename(source, target)
+
+
 def tree_size(path: Path) -> int | None:
     """Bytes held by the files under ``path`` (one stat each; no retries: for a display); ``None`` when the folder
     cannot be read at all."""

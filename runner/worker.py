@@ -7,6 +7,7 @@ goes on with the next one. SIGTERM or SIGINT asks the trainer to checkpoint and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import signal
@@ -199,6 +200,13 @@ class Worker:
         acquired = lease.try_acquire() or (wait and self._wait_for(name, lease))
         if not acquired:
             return None
+        if not storage.exists(self.queue.paths.job(name).spec):
+            # Deleted between the listing and the lease, which made the job's folder again for its marker: leave
+            # no trace of it (the folder holds nothing but the marker, gone with the release).
+            lease.release()
+            with contextlib.suppress(OSError):
+                self.queue.paths.job(name).folder.rmdir()
+            return None
         try:
             if (recovered := repair_damaged_state(self.queue.job(name))) is not None:
                 self.console.print(
@@ -278,7 +286,13 @@ class Worker:
 
     def _run_claimed(self, claim: Claim, job_log: logging.Logger) -> None:
         job, name = claim.job, claim.job.name
-        store = CheckpointStore(job, keep=claim.spec.checkpoint.keep, fence=claim.fence, claim_token=claim.token)
+        store = CheckpointStore(
+            job,
+            keep=claim.spec.checkpoint.keep,
+            fence=claim.fence,
+            claim_token=claim.token,
+            fresh_from=claim.claimed.fresh_from,
+        )
         if garbage := store.collect_garbage():
             job_log.info("removed %d unfinished checkpoint folder(s) of an earlier session", len(garbage))
         if job.cancel_requested():

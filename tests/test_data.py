@@ -747,3 +747,27 @@ def test_work_refresh_data_forgets_the_copies_of_the_jobs_it_runs(tmp_path: Path
     assert worked.returncode == 0, worked.stderr
     assert f"dataset: forgot the cached copy of {url}" in " ".join(worked.stderr.split())
     assert not (entry_of(cache) / "READY.json").exists()
+
+
+def test_a_changed_file_that_cannot_be_fetched_leaves_the_cached_copy_in_use(tmp_path: Path, cache: Path) -> None:
+    first, fixed = served_archive(tmp_path, "first", TRAIN), served_archive(tmp_path, "fixed", {"a": 3, "b": 3})
+    console = Console(file=io.StringIO(), width=200)
+    with serve({"/data.zip": first}) as server:
+        spec = make_spec(server.url("/data.zip"))
+        prepare_dataset(spec, seed=7, cache_dir=cache)
+        server.files["/data.zip"] = fixed
+        server.faults.append("404")  # the new file's download fails
+        data = prepare_dataset(spec, seed=7, cache_dir=cache, console=console, sleep=Sleeps())
+
+    assert data.num_train == 15  # the copy of before, still whole
+    assert "could not fetch the changed file" in said(console) and "using the cached copy" in said(console)
+    assert (entry_of(cache) / "READY.json").exists()
+
+
+def test_etags_that_differ_by_server_but_agree_on_time_and_size_are_the_same_file() -> None:
+    same = {"etag": '"a"', "last_modified": "Fri, 04 Dec 2026 10:00:00 GMT", "size": 3}
+    assert download_module.same_file(same, {**same, "etag": '"b"'}) is True
+    assert download_module.same_file({**same, "etag": 'W/"a"'}, same) is True
+    assert download_module.same_file(same, {**same, "etag": '"b"', "size": 4}) is False
+    assert download_module.same_file({"etag": '"a"', "size": 3}, {"etag": '"b"', "size": 3}) is False
+    assert download_module.same_file(None, same) is None

@@ -11,15 +11,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.edit import replace_spec, shapes_checkpoints, spec_changes
+from runner.edit import delete_job, replace_spec, shapes_checkpoints, spec_changes
 from runner.errors import Fenced
 from runner.job import JobStatus
 from runner.kept import find_kept, keep_snapshot, publish_kept
 from runner.queue import Queue
+from runner.recovery import rebuild_state
+from runner.worker import Worker
 from tests.conftest import REPO, make_spec, make_spec_dict, run_cli, runner_env, start_cli
-from tests.support.counting_trainer import expected_value
+from tests.support.counting_trainer import CountingTrainer, expected_value, weights_bytes
 from tests.support.worker_helpers import (
     events,
+    quiet_console,
     reaped,
     result_value,
     state,
@@ -167,6 +170,52 @@ def test_submit_replace_replaces_an_existing_job_and_submits_a_new_one(queue: Qu
     assert f"replaced the spec of job {name!r}" in said and "submitted another" in said
     assert state(queue, name).status is JobStatus.QUEUED
     assert state(queue, "another").status is JobStatus.QUEUED
+
+
+def test_a_checkpoint_of_the_old_spec_committed_late_by_a_stale_worker_is_never_restored(
+    queue: Queue, tmp_path: Path
+) -> None:
+    name = failed_job(queue, tmp_path)
+    old = state(queue, name).generation
+    replace_spec(queue, make_spec(name, model={"params": {"steps": 4}}))
+    # A worker of the old claim that passed its fence before the replacement, its commit landing after it.
+    folder = tmp_path / "late"
+    folder.mkdir()
+    (folder / "state.json").write_text('{"epoch": 2, "step": 0, "value": 1}')
+    (folder / "weights.bin").write_bytes(weights_bytes(1))
+    late = store(queue, name).commit(folder, generation=old, epoch=2, step=0, meta={})
+
+    done = run_cli("work", "--queue", str(queue.root))
+
+    assert done.returncode == 0, done.stderr
+    assert events(queue, name, "resumed") == []  # it started from the beginning, not from the late checkpoint
+    assert result_value(queue, name) == expected_value(3, 4)
+    assert late.id not in [event.get("checkpoint") for event in events(queue, name)][-3:]
+
+
+def test_a_replacement_removes_what_a_killed_replacement_left_aside(queue: Queue, tmp_path: Path) -> None:
+    name = failed_job(queue, tmp_path)
+    left = queue.job(name).paths.folder / ".tmp-checkpoints-1234-abcd"
+    (left / "g000001-e000001-s000000000").mkdir(parents=True)
+
+    replace_spec(queue, make_spec(name, model={"params": {"steps": 4}}))
+
+    assert not left.exists()
+    assert [entry for entry in os.listdir(queue.job(name).paths.folder) if entry.startswith(".tmp-")] == []
+
+
+def test_a_damaged_state_after_a_replacement_is_rebuilt_queued_from_the_replacement(
+    queue: Queue, tmp_path: Path
+) -> None:
+    name = failed_job(queue, tmp_path)
+    replace_spec(queue, make_spec(name, model={"params": {"steps": 4}}))
+    replaced = state(queue, name)
+    queue.job(name).paths.state.write_bytes(b"\x00 not json")
+
+    rebuilt = rebuild_state(queue.job(name))
+
+    assert rebuilt.status is JobStatus.QUEUED and rebuilt.error is None
+    assert rebuilt.fresh_from == replaced.fresh_from and rebuilt.checkpoint is None
 
 
 def test_edit_with_the_same_spec_changes_nothing_and_points_at_retry(queue: Queue, tmp_path: Path) -> None:
@@ -324,8 +373,8 @@ def test_delete_keep_checkpoints_keeps_checkpoints_and_exports_outside_the_queue
     assert deleted.returncode == 0, deleted.stderr
     (kept,) = (queue.root / "deleted").iterdir()
     assert kept.name.startswith(f"{name}-")
-    assert f"its checkpoints and exports are kept in {kept}" in one_line(deleted.stderr)
-    assert os.listdir(kept) == ["checkpoints"]
+    assert f"its checkpoints, exports, spec and history are kept in {kept}" in one_line(deleted.stderr)
+    assert {"checkpoints", "spec.yaml"} <= set(os.listdir(kept)) <= {"checkpoints", "spec.yaml", "history.csv"}
     assert sorted(entry for entry in os.listdir(kept / "checkpoints")) == checkpoints
     assert all((kept / "checkpoints" / checkpoint / "MANIFEST.json").is_file() for checkpoint in checkpoints)
     assert os.listdir(queue.paths.jobs) == []
@@ -390,3 +439,43 @@ def test_delete_yes_does_not_ask(queue: Queue, tmp_path: Path) -> None:
     assert code == 0, output
     assert "[y/N]" not in output
     assert not queue.paths.job(name).folder.exists()
+
+
+@pytest.mark.parametrize(("answer", "replaced"), [(b"n\n", False), (b"y\n", True)])
+def test_edit_that_discards_checkpoints_asks_on_a_terminal(
+    queue: Queue, tmp_path: Path, answer: bytes, replaced: bool
+) -> None:
+    name = failed_job(queue, tmp_path)
+    before = state(queue, name)
+    fixed = spec_file(tmp_path, name, model={"params": {"steps": 4}})
+
+    code, output = run_on_a_terminal(["edit", name, str(fixed), "--queue", str(queue.root)], answer)
+
+    said = " ".join(output.split())
+    assert f"job {name!r}: the new model.params.fail_at_epoch discards its 1 checkpoint" in said, output
+    assert code == (0 if replaced else 1), output
+    assert (state(queue, name).status is JobStatus.QUEUED) is replaced
+    if not replaced:
+        assert "nothing was changed" in said and state(queue, name) == before
+
+
+def test_submit_replace_of_the_same_spec_is_a_plain_submit_even_for_a_done_job(queue: Queue, tmp_path: Path) -> None:
+    spec = spec_file(tmp_path, "job-a")
+    assert run_cli("submit", "--queue", str(queue.root), str(spec)).returncode == 0
+    assert run_cli("work", "--queue", str(queue.root)).returncode == 0
+
+    again = run_cli("submit", "--replace", "--queue", str(queue.root), str(spec))
+
+    assert again.returncode == 0, again.stderr
+    assert "already in the queue, unchanged: job-a" in one_line(again.stderr)
+    assert state(queue, "job-a").status is JobStatus.DONE
+
+
+def test_a_worker_that_reaches_a_job_deleted_since_it_listed_the_queue_leaves_no_trace(queue: Queue) -> None:
+    queue.submit(make_spec("gone"))
+    worker = Worker(queue, CountingTrainer, console=quiet_console())
+    delete_job(queue, "gone")  # after the worker would have listed it, before it takes the lease
+
+    assert worker._try_claim("gone", wait=False) is None  # noqa: SLF001 (the moment between listing and lease)
+
+    assert os.listdir(queue.paths.jobs) == []  # no folder made again for the lease's marker, no state rebuilt

@@ -157,13 +157,16 @@ def _fill(source: DatasetSource, entry: CacheEntry, console: Console | None, sle
     if entry.is_ready(stamp) and _still_current(source, entry, console):
         _say(console, f"dataset: using the cached copy of {source.text} ({entry.data})")
         return entry.data
-    changed = entry.is_ready(stamp)  # ready, but the server's file is another one now
-    entry.clear(keep_archive=source.kind == "url" and not changed)
+    fetched = None
+    if entry.is_ready(stamp):  # ready, but the server's file is another one now
+        if (fetched := _fetched_again(source, entry, console, sleep)) is None:
+            return entry.data
+    entry.clear(keep_archive=source.kind == "url")
     remote = None
     if source.kind == "folder":
         _copy_folder(source, entry, console)
     else:
-        archive, remote = _stage(source, entry, console, sleep)
+        archive, remote = _stage(source, entry, console, sleep, fetched)
         _unpack(source, archive, entry, console)
     entry.commit(stamp, remote)
     return entry.data
@@ -184,6 +187,19 @@ def _still_current(source: DatasetSource, entry: CacheEntry, console: Console | 
         _say(console, f"dataset: {source.text} has changed since it was cached ({difference}): fetching it again")
         return False
     return True
+
+
+def _fetched_again(
+    source: DatasetSource, entry: CacheEntry, console: Console | None, sleep: Callable[[float], None]
+) -> Identity | None:
+    """Download the changed file, keeping the copy in use until it is here: its identity, or ``None`` (and a line)
+    when the download fails, and the cached copy goes on being used."""
+    storage.remove_file(entry.archive)
+    try:
+        return download(source.text, entry.archive, console=console, sleep=sleep)
+    except DatasetError as error:
+        _say(console, f"dataset: could not fetch the changed file ({error}): using the cached copy")
+        return None
 
 
 def _difference(cached: Identity, current: Identity) -> str:
@@ -240,13 +256,19 @@ def _first_problem(error: OSError) -> str:
 
 
 def _stage(
-    source: DatasetSource, entry: CacheEntry, console: Console | None, sleep: Callable[[float], None]
+    source: DatasetSource,
+    entry: CacheEntry,
+    console: Console | None,
+    sleep: Callable[[float], None],
+    fetched: Identity | None = None,
 ) -> tuple[Path, Identity | None]:
     """The archive on local disk, checked against ``sha256`` (downloaded, copied off Drive, or where it is), and
-    the identity the server gave a downloaded one."""
-    remote = None
+    the identity the server gave a downloaded one (``fetched``: it has just been downloaded)."""
+    remote = fetched
     if source.kind == "url":
-        if entry.archive.exists():  # downloaded by a run killed before it was unpacked
+        if fetched is not None:
+            pass
+        elif entry.archive.exists():  # downloaded by a run killed before it was unpacked
             remote = probe(source.text)[0]
         else:
             remote = download(source.text, entry.archive, console=console, sleep=sleep)

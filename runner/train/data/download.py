@@ -69,16 +69,26 @@ def identity_of(headers: Message) -> Identity:
 
 
 def same_file(cached: Identity | None, current: Identity) -> bool | None:
-    """Whether two identities name the same file: by ETag when both have one, else by Last-Modified and size;
-    ``None`` when they have nothing to compare."""
+    """Whether two identities name the same file; ``None`` when they have nothing to compare.
+
+    The same ETag (weak or strong) is the same file. Different ETags with the same Last-Modified and size are too:
+    servers behind a load balancer may each make their own ETag for one file, and fetching a large dataset again
+    at every resume would be worse than missing a change that kept both its size and its time."""
     if not cached:
         return None
-    if cached.get("etag") and current.get("etag"):
-        return bool(cached["etag"] == current["etag"])
+    etags = [_strong(identity.get("etag")) for identity in (cached, current)]
+    if None not in etags and etags[0] == etags[1]:
+        return True
     compared = [key for key in ("last_modified", "size") if None not in (cached.get(key), current.get(key))]
+    if None not in etags and len(compared) < 2:
+        return False
     if not compared:
         return None
     return all(cached[key] == current[key] for key in compared)
+
+
+def _strong(etag: str | None) -> str | None:
+    return etag[2:] if etag and etag.startswith("W/") else etag
 
 
 def probe(url: str) -> tuple[Identity | None, str | None]:
