@@ -400,7 +400,11 @@ def _logs(queue: Queue, name: str, *, follow: bool) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    if not show_log(queue.job(name), write, follow=follow):
+    job = queue.job(name)
+    waiting = follow and not job.paths.log.exists()
+    if waiting:
+        print(f"(job {name!r} has no log yet: waiting for its first lines; Ctrl-C stops)", file=sys.stderr, flush=True)
+    if not show_log(job, write, follow=follow) and not waiting:
         print(f"(job {name!r} has no log yet)", file=sys.stderr)
     return 0
 

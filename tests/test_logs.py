@@ -80,7 +80,8 @@ def test_ctrl_c_stops_following_without_a_traceback(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "job-a")
     run_cli("submit", "--queue", str(queue_dir), str(spec))
     follower = start_cli("logs", "-f", "job-a", "--queue", str(queue_dir))
-    time.sleep(1.5)  # a queued job: the follower waits for lines
+    waiting = follower.stderr.readline()  # type: ignore[union-attr]  # a queued job: the follower waits for lines
+    assert "has no log yet: waiting for its first lines; Ctrl-C stops" in waiting, waiting
     assert follower.poll() is None
     follower.send_signal(signal.SIGINT)
     out, err = follower.communicate(timeout=30)
