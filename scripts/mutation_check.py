@@ -46,6 +46,7 @@ KEPT = "tests/test_kept_snapshot.py"
 TWO_VMS = "tests/test_two_vms.py"
 FINAL_RECORD = f"{KILL}::test_a_kill_between_the_final_commit_and_its_record_ends_with_status_on_that_checkpoint"
 FIT = "tests/test_metrics_match_fit.py::test_epoch_metrics_and_weights_equal_model_fit_on_the_same_batches"
+EDIT = "tests/test_edit.py"
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ MUTATIONS = (
     ),
     Mutation(
         "resume", "restore takes the oldest checkpoint, not the newest", CHECKPOINTS,
-        (("        for info in self.committed():\n            scratch", "        for info in self.committed()[::-1]:\n            scratch"),),
+        (("        for info in self.committed():\n            if info.generation < self.fresh_from:", "        for info in self.committed()[::-1]:\n            if info.generation < self.fresh_from:"),),
         (PUBLISHING_KILLS,),
     ),
     Mutation(
@@ -191,8 +192,23 @@ MUTATIONS = (
     ),
     Mutation(
         "end", "a kept snapshot published although a newer claim committed", "runner/kept.py",
-        (("    if newer:\n", "    if False:\n"),),
+        (("    if reason is None and newer:\n", "    if False:\n"),),
         (KEPT,),
+    ),
+    Mutation(
+        "edit", "a restore takes a checkpoint of a replaced spec", CHECKPOINTS,
+        (("            if info.generation < self.fresh_from:\n", "            if False:\n"),),
+        (EDIT,),
+    ),
+    Mutation(
+        "edit", "a replacement does not take a generation of its own", "runner/edit.py",
+        (("    generation = max(state.generation, job.newest_claim_marker()) + 1\n", "    generation = state.generation\n"),),
+        (EDIT,),
+    ),
+    Mutation(
+        "edit", "a kept snapshot of a replaced or deleted job published", "runner/kept.py",
+        (("    reason = _not_this_jobs(job, kept)\n", "    reason = None\n"),),
+        (EDIT,),
     ),
 )  # fmt: skip
 
