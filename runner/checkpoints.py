@@ -87,9 +87,9 @@ class CheckpointStore:
             raise ValueError(f"keep must be at least 1, got {keep!r}")
         self.job, self.keep, self.fence, self.clock = job, keep, fence, clock
         self.claim_token = claim_token
+        """Written into each manifest: a restore skips checkpoints whose claim lost its generation's marker."""
         self.fresh_from = fresh_from
         """Checkpoints of claims before this generation belong to a spec that `runner edit` replaced: never restored."""
-        """Written into each manifest: a restore skips checkpoints whose claim lost its generation's marker."""
         self.fallbacks: list[tuple[str, str]] = []
         """``(checkpoint id, reason)`` of each checkpoint the last :meth:`restore` passed over as damaged."""
         self.folder = job.paths.checkpoints

@@ -22,7 +22,7 @@ from runner.api import open_queue
 from runner.checkpoints import CheckpointStore
 from runner.console import queue_failing, render_status, status_records, watch_status
 from runner.edit import delete_job, replace_spec, shapes_checkpoints, spec_changes
-from runner.errors import LeaseHeld, RunnerError, SpecError, StorageError, UsageError
+from runner.errors import JobExists, LeaseHeld, RunnerError, SpecError, StorageError, UsageError
 from runner.images import first_bytes, is_image
 from runner.queue import Queue
 from runner.session import SessionOptions, run_session
@@ -245,22 +245,17 @@ def _submit(queue: Queue, paths: list[Path], err: Console, *, replace: bool = Fa
     if problems:
         raise SpecError("submit", problems)
     for spec in specs:
-        if replace and spec.name in queue.names() and not _unchanged(queue, spec):
+        try:
+            job, new = queue.submit(spec)
+        except JobExists:  # the name is taken by another spec
+            if not replace:
+                raise
             if _discarding_confirmed(queue, spec, err):
                 err.print(replace_spec(queue, spec).describe(), soft_wrap=True, markup=False)
             continue
-        job, new = queue.submit(spec)
         verb = "submitted" if new else "already in the queue, unchanged:"
         err.print(f"{verb} {spec.name} → {job.paths.folder}", soft_wrap=True, markup=False)
     return 0
-
-
-def _unchanged(queue: Queue, spec: JobSpec) -> bool:
-    """Whether the job already has this spec (a notebook cell run again): then --replace is a plain submit."""
-    try:
-        return queue.job(spec.name).read_spec() == spec
-    except RunnerError:
-        return False
 
 
 def _edit(queue: Queue, name: str, path: Path, *, ask: bool, err: Console) -> int:
@@ -370,12 +365,12 @@ def _predict(queue: Queue, name: str, images: list[Path], *, as_json: bool, out:
     job = queue.job(name)  # a wrong name or path is said before TensorFlow takes seconds to load
     if missing := next((path for path in images if not path.exists()), None):
         raise UsageError(f"no such image or folder: {missing}")
-    for path in images:  # a wrong file, too, is said before TensorFlow loads
+    for path in (path for path in images if path.is_file()):  # a wrong file, too, is said before TensorFlow loads
         try:
-            head = first_bytes(path) if path.is_file() else b""
+            head = first_bytes(path)
         except OSError as error:
             raise UsageError(f"cannot read {path} ({error.strerror}): pass image files you can read") from None
-        if path.is_file() and not is_image(head):
+        if not is_image(head):
             raise UsageError(
                 f"{path} is not a JPEG, PNG, GIF or BMP image (it begins with {head[:4]!r}): pass image files, or "
                 "folders of them"

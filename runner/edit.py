@@ -237,5 +237,5 @@ def delete_job(queue: Queue, name: str, *, keep_checkpoints: bool = False) -> De
     for entry in storage.list_dir(aside):
         if entry not in KEPT_ON_DELETE:
             path = aside / entry
-            storage.remove_tree(path) if path.is_dir() else storage.remove_file(path)
+            storage.remove(path)
     return Deletion(name, aside, asked_to_keep=keep_checkpoints)

@@ -379,6 +379,11 @@ def remove_tree(path: Path) -> None:
 
 
 @retry_io
+def remove(path: Path) -> None:
+    """Remove a folder with everything in it, or a file."""
+    remove_tree(path) if Path(path).is_dir() else remove_file(path)
+
+
 def remove_file(path: Path) -> None:
     """Delete a file; a missing file is fine."""
     Path(path).unlink(missing_ok=True)

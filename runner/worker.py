@@ -200,12 +200,13 @@ class Worker:
         acquired = lease.try_acquire() or (wait and self._wait_for(name, lease))
         if not acquired:
             return None
-        if not storage.exists(self.queue.paths.job(name).spec):
+        paths = self.queue.paths.job(name)
+        if not storage.exists(paths.spec):
             # Deleted between the listing and the lease, which made the job's folder again for its marker: leave
             # no trace of it (the folder holds nothing but the marker, gone with the release).
             lease.release()
             with contextlib.suppress(OSError):
-                self.queue.paths.job(name).folder.rmdir()
+                paths.folder.rmdir()
             return None
         try:
             if (recovered := repair_damaged_state(self.queue.job(name))) is not None:

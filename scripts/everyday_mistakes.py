@@ -12,9 +12,7 @@ script exits 1 when any mistake did not pass. It needs no network: URLs point at
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import http.server
 import json
 import os
 import shutil
@@ -22,13 +20,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.data_server import serve  # noqa: E402 (the tests' own server on 127.0.0.1)
+
 DIGITS = REPO / "runner" / "datasets" / "digits.tar.gz"
 
 
@@ -75,32 +76,6 @@ def tree_digest(folder: Path) -> str:
         if path.is_file():
             digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def file_server(files: dict[str, bytes]) -> Iterator[str]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            body = files.get(self.path)
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def closed_port() -> int:
@@ -202,26 +177,14 @@ def run_all(root: Path) -> list[Outcome]:
     user.mistake("status from another folder, without --queue", ["status"], expected=1, cwd=Path(tempfile.gettempdir()))
     user.mistake("work on a queue folder that does not exist", ["work", *q], expected=1)
     user.mistake("submit a spec file that does not exist", ["submit", *q, "nope.yaml"], expected=2)
-    user.mistake(
-        "submit a spec with a typo in a field",
-        ["submit", *q, str(user.write("typo.yaml", "name: t\ndataset: {source: x}\ntrainig: {epochs: 3}\n"))],
-        expected=2,
-    )
-    user.mistake(
-        "submit epochs written as a word",
-        ["submit", *q, str(user.write("word.yaml", "name: w\ndataset: {source: x}\ntraining: {epochs: ten}\n"))],
-        expected=2,
-    )
-    user.mistake(
-        "submit a name with spaces and capitals",
-        ["submit", *q, str(user.write("name.yaml", "name: My Job\ndataset: {source: x}\n"))],
-        expected=2,
-    )
-    user.mistake(
-        "submit YAML that does not parse",
-        ["submit", *q, str(user.write("tab.yaml", "name: t\n\tdataset: x\n"))],
-        expected=2,
-    )
+    bad_specs = {
+        "submit a spec with a typo in a field": ("typo.yaml", "name: t\ndataset: {source: x}\ntrainig: {epochs: 3}\n"),
+        "submit epochs written as a word": ("word.yaml", "name: w\ndataset: {source: x}\ntraining: {epochs: ten}\n"),
+        "submit a name with spaces and capitals": ("name.yaml", "name: My Job\ndataset: {source: x}\n"),
+        "submit YAML that does not parse": ("tab.yaml", "name: t\n\tdataset: x\n"),
+    }
+    for what, (file_name, text) in bad_specs.items():
+        user.mistake(what, ["submit", *q, str(user.write(file_name, text))], expected=2)
     user.mistake(
         "learning_rate: 1e-3 (YAML 1.1 reads a string)",
         [
@@ -274,7 +237,8 @@ def run_all(root: Path) -> list[Outcome]:
     user.mistake("plot a job that does not exist", ["plot", "nope", *q], expected=2)
 
     # --- jobs that fail when they run: one line each, the others go on -----------------------------------------------
-    with file_server({"/digits.tar.gz": (root / "digits.tar.gz").read_bytes()}) as base:
+    with serve({"/digits.tar.gz": (root / "digits.tar.gz").read_bytes()}) as server:
+        base = server.base_url
         failing = {
             "missing-source": spec("missing-source", str(root / "no-such.zip")),
             "wrong-train-folder": spec("wrong-train-folder", archive, dataset={"train": "train"}),

@@ -123,7 +123,7 @@ class CacheEntry(DatasetCachePaths):
         for name in storage.list_dir(self.folder):
             if is_temp_name(name):
                 path = self.folder / name
-                storage.remove_tree(path) if path.is_dir() else storage.remove_file(path)
+                storage.remove(path)
 
     def commit(self, stamp: dict[str, Any], remote: Identity | None = None) -> None:
         """Mark the tree complete; the archive it came from is no longer needed."""
@@ -154,13 +154,13 @@ def fetch_source(
 
 def _fill(source: DatasetSource, entry: CacheEntry, console: Console | None, sleep: Callable[[float], None]) -> Path:
     stamp = source.stamp()
-    if entry.is_ready(stamp) and _still_current(source, entry, console):
+    ready = entry.is_ready(stamp)
+    if ready and _still_current(source, entry, console):
         _say(console, f"dataset: using the cached copy of {source.text} ({entry.data})")
         return entry.data
     fetched = None
-    if entry.is_ready(stamp):  # ready, but the server's file is another one now
-        if (fetched := _fetched_again(source, entry, console, sleep)) is None:
-            return entry.data
+    if ready and (fetched := _fetched_again(source, entry, console, sleep)) is None:  # the server's file changed
+        return entry.data
     entry.clear(keep_archive=source.kind == "url")
     remote = None
     if source.kind == "folder":
@@ -266,11 +266,9 @@ def _stage(
     the identity the server gave a downloaded one (``fetched``: it has just been downloaded)."""
     remote = fetched
     if source.kind == "url":
-        if fetched is not None:
-            pass
-        elif entry.archive.exists():  # downloaded by a run killed before it was unpacked
+        if fetched is None and entry.archive.exists():  # downloaded by a run killed before it was unpacked
             remote = probe(source.text)[0]
-        else:
+        elif fetched is None:
             remote = download(source.text, entry.archive, console=console, sleep=sleep)
         archive = entry.archive
     elif source.on_drive:

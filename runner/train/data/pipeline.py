@@ -138,9 +138,9 @@ def _encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.T
     return labels
 
 
-def _naming_the_copy(error: DatasetError, root: Path, spec: DatasetSpec) -> DatasetError:
+def _naming_the_copy(error: DatasetError, root: Path, cache_dir: Path) -> DatasetError:
     """``error``, naming the local copy it was found in when runner reads one (not the user's own folder)."""
-    if str(root) == str(Path(spec.source).expanduser().absolute()):
+    if not root.is_relative_to(cache_dir):
         return error
     return DatasetError(f"{error} (in the local copy {root}; `runner work --refresh-data` fetches the source again)")
 
@@ -159,11 +159,12 @@ def prepare_dataset(
     ``memory_budget`` (default :data:`MEMORY_BUDGET_BYTES`) bounds the decoded images kept in memory;
     ``sleep`` is the pause between download retries.
     """
-    root = fetch_source(spec, cache_dir=cache_dir or default_cache_dir(), console=console, sleep=sleep)
+    cache_dir = cache_dir or default_cache_dir()
+    root = fetch_source(spec, cache_dir=cache_dir, console=console, sleep=sleep)
     try:
         data = _read_images(root, spec, seed=seed, console=console, memory_budget=memory_budget)
     except DatasetError as error:
-        raise _naming_the_copy(error, root, spec) from None
+        raise _naming_the_copy(error, root, cache_dir) from None
     _describe(data, console)
     return data
 
