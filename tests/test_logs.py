@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from runner.joblog import read_from, show_log
 from runner.queue import Queue
-from tests.conftest import make_spec, run_cli, start_cli, write_spec
+from tests.conftest import REPO, make_spec, run_cli, runner_env, start_cli, write_spec
 
 
 def wait_for(condition, what: str, timeout: float = 60.0) -> None:
@@ -79,7 +81,21 @@ def test_ctrl_c_stops_following_without_a_traceback(tmp_path: Path) -> None:
     queue_dir = tmp_path / "queue"
     spec = write_spec(tmp_path, "job-a")
     run_cli("submit", "--queue", str(queue_dir), str(spec))
-    follower = start_cli("logs", "-f", "job-a", "--queue", str(queue_dir))
+    # As a person's terminal has it: Ctrl-C raises KeyboardInterrupt, even where this suite runs in a background
+    # job of a shell, whose children inherit SIGINT ignored (and Python then never installs its handler).
+    interactive = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv = ['runner', *sys.argv[1:]]; runpy.run_module('runner', run_name='__main__')"
+    )
+    follower = subprocess.Popen(
+        [sys.executable, "-c", interactive, "logs", "-f", "job-a", "--queue", str(queue_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=runner_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
     waiting = follower.stderr.readline()  # type: ignore[union-attr]  # a queued job: the follower waits for lines
     assert "has no log yet: waiting for its first lines; Ctrl-C stops" in waiting, waiting
     assert follower.poll() is None
