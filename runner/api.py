@@ -118,14 +118,19 @@ def plot(name: str | None = None, *, queue: QueueLike = None) -> Picture:
     return Picture(figure_for_queue(resolved) if name is None else figure_for_job(resolved, name))
 
 
-def predict(name: str, images: str | Path | Sequence[str | Path], *, queue: QueueLike = None) -> list[dict[str, Any]]:
+def predict(
+    name: str, images: str | Path | Sequence[str | Path], *, queue: QueueLike = None, last: bool = False
+) -> list[dict[str, Any]]:
     """Classify images (files, or folders of them) with a finished job's exported model, decoded and resized as
-    the job's own were: one ``{"image", "class", "probabilities"}`` per image."""
+    the job's own were: one ``{"image", "class", "probabilities", "model"}`` per image.
+
+    The model is the best epoch's (``final/best.keras``) when the job exported one, unless ``last`` is true;
+    ``model`` says which (``best`` or ``last``)."""
     from runner.train.outputs.predict import predict_images  # noqa: PLC0415 (TensorFlow loads only when asked)
 
     given = [images] if isinstance(images, (str, Path)) else list(images)
     job = open_queue(queue, must_exist=True).job(name)
-    return [prediction.as_dict() for prediction in predict_images(job, given)]
+    return [prediction.as_dict() for prediction in predict_images(job, given, last=last)]
 
 
 def digits_spec() -> JobSpec:

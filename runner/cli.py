@@ -122,7 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("name", metavar="NAME")
     predict.add_argument("images", nargs="+", metavar="IMAGE", type=Path, help="an image file, or a folder of them")
-    predict.add_argument("--json", action="store_true", help="print a JSON array: image, class, probabilities")
+    predict.add_argument("--json", action="store_true", help="print a JSON array: image, class, probabilities, model")
+    predict.add_argument(
+        "--last", action="store_true", help="use the last epoch's model even when the job exported its best epoch's"
+    )
     predict.add_argument("--verbose", action="store_true", help="show TensorFlow's and Keras' start-up messages too")
 
     commands.add_parser("schema", help="print the JSON Schema of job specs")
@@ -228,7 +231,7 @@ def _dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.command == "plot":
         return _plot(queue, args.name, args.output, err)
     if args.command == "predict":
-        return _predict(queue, args.name, args.images, as_json=args.json, out=out)
+        return _predict(queue, args.name, args.images, last=args.last, as_json=args.json, out=out, err=err)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -361,7 +364,9 @@ def _plot(queue: Queue, name: str | None, output: Path | None, err: Console) -> 
     return 0
 
 
-def _predict(queue: Queue, name: str, images: list[Path], *, as_json: bool, out: Console) -> int:
+def _predict(  # noqa: PLR0913 (the command's own options)
+    queue: Queue, name: str, images: list[Path], *, last: bool, as_json: bool, out: Console, err: Console
+) -> int:
     job = queue.job(name)  # a wrong name or path is said before TensorFlow takes seconds to load
     if missing := next((path for path in images if not path.exists()), None):
         raise UsageError(f"no such image or folder: {missing}")
@@ -377,7 +382,9 @@ def _predict(queue: Queue, name: str, images: list[Path], *, as_json: bool, out:
             )
     from runner.train.outputs.predict import predict_images  # noqa: PLC0415 (TensorFlow loads for this command only)
 
-    predictions = predict_images(job, images)
+    predictions = predict_images(job, images, last=last)
+    if predictions[0].model == "best":
+        err.print("(the best epoch's model, final/best.keras; --last uses the last epoch's)", markup=False)
     if as_json:
         print(json.dumps([prediction.as_dict() for prediction in predictions], indent=2))
         return 0

@@ -228,6 +228,11 @@ class ExportSpec(_Section):
     formats: tuple[ExportFormat, ...] = Field(
         default=("keras",), min_length=1, description="files written to final/ when the job is done"
     )
+    optimizer: bool = Field(
+        default=False,
+        description="also the optimizer's state, compiled: with Adam 3x the size; only to train on from the export "
+        "outside runner, whose checkpoints hold it",
+    )
 
     @field_validator("formats")
     @classmethod

@@ -6,7 +6,9 @@ used as a user would, by a real `runner predict` process and from Python.
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,27 @@ def test_the_export_describes_its_input_and_classes(finished: tuple[Path, Path, 
     }  # fmt: skip
     assert "do not divide by 255" in description["input"]["pixels"]
     assert description["epochs"] == 2 and "val_accuracy" in description["metrics"]
+
+
+def test_the_export_leaves_the_optimizer_to_the_checkpoints(finished: tuple[Path, Path, dict[str, str]]) -> None:
+    """Adam's two slots per weight are two thirds of an export that keeps them; predictions need none of it. The
+    file loads as an uncompiled model, with no warning about skipped optimizer variables."""
+    import warnings  # noqa: PLC0415
+
+    import h5py  # noqa: PLC0415
+    import keras  # noqa: PLC0415 (TensorFlow in this test process only here)
+
+    queue, _, _ = finished
+    exported = job_of(queue, JOB).paths.final / "model.keras"
+    with zipfile.ZipFile(exported) as archive:
+        assert json.loads(archive.read("config.json"))["compile_config"] == {}
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+            assert "optimizer" not in weights, list(weights)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model = keras.models.load_model(exported)
+    assert not model.compiled and [str(warning.message) for warning in said] == []
+    assert json.loads((exported.parent / "model.json").read_text())["optimizer"] is False
 
 
 def test_predictions_on_the_validation_folder_score_the_jobs_own_validation_accuracy(
@@ -111,6 +134,33 @@ def test_bad_input_is_one_line(finished: tuple[Path, Path, dict[str, str]], tmp_
         [line] = result.stderr.splitlines()
         assert line.startswith("error: ") and said in line, line
         assert result.stdout == ""
+
+
+def test_the_best_epochs_export_is_used_when_there_is_one(finished: tuple[Path, Path, dict[str, str]]) -> None:
+    """A ``final/best.keras`` beside ``model.keras`` answers by default, and says so; ``--last`` takes the last
+    epoch's. The planted best model always says class "2", so either answer is told from the other."""
+    import keras  # noqa: PLC0415 (TensorFlow in this test process only here)
+
+    queue, data, env = finished
+    final = job_of(queue, JOB).paths.final
+    model = keras.models.load_model(final / "model.keras", compile=False)
+    head = model.layers[-1]
+    head.set_weights([np.zeros_like(head.get_weights()[0]), np.array([0.0, 0.0, 9.0], dtype="float32")])
+    model.save(final / "best.keras")
+    try:
+        images = sorted((data / "validation" / "0").iterdir())[:3]
+        best = run_cli("predict", JOB, *map(str, images), "--json", "--queue", str(queue), env=env)
+        last = run_cli("predict", JOB, *map(str, images), "--json", "--last", "--queue", str(queue), env=env)
+        from_python = runner.predict(JOB, images, queue=queue)
+    finally:
+        (final / "best.keras").unlink()
+
+    assert best.returncode == 0 and last.returncode == 0, best.stderr[-3000:] + last.stderr[-3000:]
+    assert [(p["class"], p["model"]) for p in json.loads(best.stdout)] == [("2", "best")] * 3
+    assert best.stderr.strip() == "(the best epoch's model, final/best.keras; --last uses the last epoch's)"
+    assert {p["model"] for p in json.loads(last.stdout)} == {"last"} and last.stderr == ""
+    assert [p["class"] for p in json.loads(last.stdout)] != ["2"] * 3, "the trained model tells zeros from twos"
+    assert from_python == json.loads(best.stdout)
 
 
 def test_logits_are_told_from_probabilities_by_the_model_not_by_the_values() -> None:

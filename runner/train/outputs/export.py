@@ -23,6 +23,9 @@ from runner.spec import JobSpec
 FILE_NAMES = {"keras": "model.keras", "h5": "model.h5", "saved_model": "saved_model"}
 """What each export format is called inside ``final/``."""
 
+BEST_FILE = "best.keras"
+"""The best epoch's model beside the last one in ``final/``, when the job exports it: what predictions use first."""
+
 DESCRIPTION_FILE = "model.json"
 """Beside the exported model: what it takes (raw pixels, the size, the channels) and what it gives (the classes)."""
 
@@ -61,6 +64,7 @@ def describe_model(spec: JobSpec, class_names: tuple[str, ...], history: list[di
         "output": OUTPUTS[spec.dataset.label_mode],
         "epochs": len(history),
         "metrics": last,
+        "optimizer": spec.export.optimizer,
     }
 
 
@@ -71,13 +75,28 @@ def write_exports(model: keras.Model, spec: JobSpec, folder: Path, description: 
         target = folder / FILE_NAMES[kind]
         if kind == "saved_model":
             model.export(str(target), verbose=False)  # a TF SavedModel for serving
-        elif kind == "h5":
-            with _without_legacy_warning():
-                model.save(str(target))
-        else:
-            model.save(str(target))
+            continue
+        with _without_legacy_warning(), _optimizer_left_out(model, unless=spec.export.optimizer):
+            model.save(str(target), **({"include_optimizer": spec.export.optimizer} if kind == "h5" else {}))
     (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     return [FILE_NAMES[kind] for kind in spec.export.formats] + [DESCRIPTION_FILE]
+
+
+@contextlib.contextmanager
+def _optimizer_left_out(model: keras.Model, *, unless: bool) -> Iterator[None]:
+    """Save ``model`` as if it had never been compiled: the optimizer's state (two slots per weight with Adam)
+    is two thirds of the tutorial network's file and serves only training, which the job's checkpoints already
+    hold. Keras' ``.keras`` writer has no switch for it, and a compile config without the optimizer's state makes
+    every later load warn that the optimizer's variables were skipped; so both are hidden while it writes."""
+    if unless or model.optimizer is None:
+        yield
+        return
+    optimizer, compiled = model.optimizer, model.compiled
+    model.optimizer, model.compiled = None, False
+    try:
+        yield
+    finally:
+        model.optimizer, model.compiled = optimizer, compiled
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from runner.images import IMAGE_EXTENSIONS, first_bytes, is_image
 from runner.job import Job
 from runner.train.data.pipeline import image_loader
 from runner.train.models.factory import import_factory
-from runner.train.outputs.export import DESCRIPTION_FILE, DESCRIPTION_FORMAT, FILE_NAMES
+from runner.train.outputs.export import BEST_FILE, DESCRIPTION_FILE, DESCRIPTION_FORMAT, FILE_NAMES
 from runner.words import counted
 
 BATCH = 32
@@ -33,23 +33,25 @@ BATCH = 32
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's class and the probability of every class."""
+    """One image's class and the probability of every class, and which export gave them (``best`` or ``last``)."""
 
     image: str
     label: str
     probabilities: dict[str, float]
+    model: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"image": self.image, "class": self.label, "probabilities": self.probabilities}
+        return {"image": self.image, "class": self.label, "probabilities": self.probabilities, "model": self.model}
 
 
-def predict_images(job: Job, images: Sequence[str | Path]) -> list[Prediction]:
-    """Classify ``images`` (files, or folders searched for images) with ``job``'s exported model."""
+def predict_images(job: Job, images: Sequence[str | Path], *, last: bool = False) -> list[Prediction]:
+    """Classify ``images`` (files, or folders searched for images) with ``job``'s exported model: the best epoch's
+    when the job exported one, unless ``last`` asks for the last epoch's."""
     description = _description(job)
     files = list(_image_files(images))
     if not files:
         raise UsageError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, images))}")
-    model = _load_model(job)
+    model, which = _load_model(job, last=last)
     logits = _gives_logits(model)
     classes: list[str] = description["classes"]
     size = (int(description["input"]["height"]), int(description["input"]["width"]))
@@ -62,7 +64,7 @@ def predict_images(job: Job, images: Sequence[str | Path]) -> list[Prediction]:
         rows = _probabilities(outputs, description["label_mode"], len(classes), logits=logits)
         for path, row in zip(chunk, rows, strict=True):
             chances = {name: float(value) for name, value in zip(classes, row, strict=True)}
-            predictions.append(Prediction(str(path), classes[int(np.argmax(row))], chances))
+            predictions.append(Prediction(str(path), classes[int(np.argmax(row))], chances, which))
     return predictions
 
 
@@ -82,26 +84,34 @@ def _description(job: Job) -> dict[str, Any]:
     return description
 
 
-def _load_model(job: Job) -> keras.Model:
-    """The exported model, read from a local copy: Keras reads a zip by seeking, which Drive serves slowly.
+def _load_model(job: Job, *, last: bool) -> tuple[keras.Model, str]:
+    """The exported model and which one it is (``best`` or ``last``), read from a local copy: Keras reads a zip
+    by seeking, which Drive serves slowly.
 
     A factory's module is imported first, so that the custom layers it registers load; ``safe_mode`` is off, so
     that a ``Lambda`` layer loads too: the file is this job's own export, not someone else's download."""
     factory = job.read_spec().model.factory
     if factory is not None:
         import_factory(factory)
-    for kind in ("keras", "h5"):
-        exported = job.paths.final / FILE_NAMES[kind]
+    candidates = [("last", FILE_NAMES["keras"]), ("last", FILE_NAMES["h5"])]
+    if not last:
+        candidates.insert(0, ("best", BEST_FILE))
+    for which, name in candidates:
+        exported = job.paths.final / name
         if storage.is_file(exported):
-            with tempfile.TemporaryDirectory(prefix="runner-predict-") as scratch:
-                local = Path(scratch) / exported.name
-                storage.copy_file(exported, local, durable=False)
-                try:
-                    return keras.models.load_model(local, compile=False, safe_mode=False)
-                except (ValueError, TypeError, KeyError, OSError) as error:
-                    reason = " ".join(str(error).split())[:300]
-                    raise NoExport(job.name, f"Keras cannot load {exported}: {reason}") from None
+            return _loaded(job, exported), which
     raise NoExport(job.name, "its export.formats has neither keras nor h5, which Keras loads (saved_model is for serving)")
+
+
+def _loaded(job: Job, exported: Path) -> keras.Model:
+    with tempfile.TemporaryDirectory(prefix="runner-predict-") as scratch:
+        local = Path(scratch) / exported.name
+        storage.copy_file(exported, local, durable=False)
+        try:
+            return keras.models.load_model(local, compile=False, safe_mode=False)
+        except (ValueError, TypeError, KeyError, OSError) as error:
+            reason = " ".join(str(error).split())[:300]
+            raise NoExport(job.name, f"Keras cannot load {exported}: {reason}") from None
 
 
 def _image_files(images: Sequence[str | Path]) -> Iterator[Path]:
