@@ -13,6 +13,7 @@ from the queue at once and a kill midway leaves only a temporary folder, which t
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,11 +133,12 @@ def replace_spec(queue: Queue, spec: JobSpec) -> Replacement:
             return Replacement(spec.name, (), (), state.checkpoint, state.status)
         discard = tuple(field for field in changed if not field.startswith("(") and shapes_checkpoints(field))
         discard = discard or tuple(field for field in changed if field.startswith("("))
-        generation = _fence_older_claims(job, state)
+        generation, token = _fence_older_claims(job, state)
+        _still_ours(lease, job, generation, token)
         # Renamed aside first (quick), removed last (slow on Drive): a kill in between leaves the new spec and
         # state written and only temporary folders behind, which the next replacement or deletion removes.
         aside = _move_training_aside(job) if discard else []
-        _still_held(lease, job)
+        _still_ours(lease, job, generation, token)
         storage.atomic_write_text(job.paths.spec, spec.to_yaml())
         now = job.clock()
         if discard:
@@ -153,7 +155,7 @@ def replace_spec(queue: Queue, spec: JobSpec) -> Replacement:
                     "updated_at": now,
                 }
             )
-        _still_held(lease, job)
+        _still_ours(lease, job, generation, token)
         job.write_state(replaced, generation=None)  # the marker this replacement created fences every older claim
         job.clear_cancel_request()
         job.events.append(
@@ -186,14 +188,34 @@ def _refuse_done(job: Job, state: JobState) -> None:
         )
 
 
-def _fence_older_claims(job: Job, state: JobState) -> int:
-    """Take a claim generation for this replacement: a worker of an older one (one that lost its lease without
-    knowing it) can then no longer write state.json or commit a checkpoint of the old spec."""
+def _fence_older_claims(job: Job, state: JobState) -> tuple[int, str]:
+    """Take a claim generation for this replacement, and the token in its marker: a worker of an older one (one
+    that lost its lease without knowing it) can then no longer write state.json or commit a checkpoint of the old
+    spec."""
     generation = max(state.generation, job.newest_claim_marker()) + 1
     storage.make_dirs(job.paths.claims)
-    if not storage.create_exclusive(job.paths.claim_marker(generation), f"replaced {worker_identity()}".encode()):
-        raise RunnerError(f"job {job.name!r} was claimed while its spec was being replaced: try again")
-    return generation
+    token = f"replaced {worker_identity()} {secrets.token_hex(8)}"
+    if not storage.create_exclusive(job.paths.claim_marker(generation), token.encode()):
+        raise _claimed_meanwhile(job)
+    return generation, token
+
+
+def _still_ours(lease: JobLease, job: Job, generation: int, token: str) -> None:
+    """Before each write: the lease is still held, and the generation's marker still names this replacement. Two
+    VMs can both create the marker, each in its own view of Drive, and the version uploaded last wins; the one
+    that lost must write nothing."""
+    _still_held(lease, job)
+    try:
+        job.check_claim(generation, token)
+    except Fenced:
+        raise _claimed_meanwhile(job) from None
+
+
+def _claimed_meanwhile(job: Job) -> RunnerError:
+    return RunnerError(
+        f"job {job.name!r} was claimed or replaced on another machine while its spec was being replaced: "
+        "`runner status` shows it now; run the command again if it is still needed"
+    )
 
 
 def _move_training_aside(job: Job) -> list[Path]:

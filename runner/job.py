@@ -197,8 +197,11 @@ class Job:
         On one machine the marker's exclusive create decides who claims a generation. Two VMs on one Drive can
         both create it, each in its own view, and Drive keeps the version uploaded last: once that version reaches
         the other VM, the claim it does not name is fenced. A marker without a token (written by an older runner,
-        or unreadable for now) fences nobody.
+        or unreadable for now) fences nobody. A marker that is gone fences its claim: the job was deleted (its
+        folder moved away) since, and a job of the same name submitted again must not receive this claim's writes.
         """
+        if not storage.exists(self.paths.claim_marker(generation)):
+            raise Fenced(self.name, generation, "its claim marker is gone: the job was deleted (or submitted again) since")
         holder = self.claim_token(generation)
         if holder is not None and holder != token:
             raise Fenced(self.name, generation, f"another machine claimed generation {generation} at the same time")

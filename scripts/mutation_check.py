@@ -210,6 +210,16 @@ MUTATIONS = (
         (("    reason = _not_this_jobs(job, kept)\n", "    reason = None\n"),),
         (EDIT,),
     ),
+    Mutation(
+        "edit", "a replacement whose marker lost to another machine's still writes", "runner/edit.py",
+        (("        job.check_claim(generation, token)\n", "        pass\n"),),
+        (EDIT,),
+    ),
+    Mutation(
+        "edit", "a claim whose marker is gone (job deleted, name submitted again) fences nobody", "runner/job.py",
+        (("        if not storage.exists(self.paths.claim_marker(generation)):\n", "        if False:\n"),),
+        (EDIT,),
+    ),
 )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from runner.edit import delete_job, replace_spec, shapes_checkpoints, spec_changes
-from runner.errors import Fenced
+from runner.errors import Fenced, RunnerError
 from runner.job import JobStatus
 from runner.kept import find_kept, keep_snapshot, publish_kept
 from runner.queue import Queue
@@ -297,6 +297,54 @@ def test_a_claim_from_before_a_replacement_is_fenced(queue: Queue) -> None:
     with pytest.raises(Fenced):
         claim.update(epoch=5)
     assert state(queue, "job-a").status is JobStatus.QUEUED
+
+
+def test_a_claim_of_a_deleted_job_is_fenced_after_its_name_is_submitted_again(queue: Queue) -> None:
+    """A worker frozen past its lease wakes up after its job was deleted and a new one of the same name submitted:
+    the new job has no marker of that generation, and no newer one either, which fenced nobody before."""
+    queue.submit(make_spec("job-a"))
+    lease = queue.lease("job-a")
+    assert lease.try_acquire()
+    claim = queue.claim("job-a", lease)
+    assert claim is not None
+    claim.update(epoch=1)
+    lease.release()  # as a worker whose lease ran out while it was frozen: it does not know yet
+
+    assert run_cli("delete", "job-a", "--queue", str(queue.root)).returncode == 0
+    queue.submit(make_spec("job-a", training={"epochs": 7}))
+    assert not queue.job("job-a").paths.claim_marker(claim.generation).exists(), "precondition: no marker to find"
+
+    with pytest.raises(Fenced, match="its claim marker is gone"):
+        claim.fence()
+    with pytest.raises(Fenced):
+        claim.update(epoch=2)
+    assert state(queue, "job-a").status is JobStatus.QUEUED and state(queue, "job-a").epoch == 0
+
+
+def test_of_two_machines_replacing_a_spec_at_once_the_one_whose_marker_lost_writes_nothing(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drive has no exclusive create across VMs: both replacements create the generation's marker, and the version
+    uploaded last wins. Stood in for here by the other machine's token arriving right after this one's create."""
+    from runner import storage  # noqa: PLC0415
+
+    queue.submit(make_spec("job-a", **FAILING))
+    original_create = storage.create_exclusive
+    overwritten: list[Path] = []
+
+    def create_then_lose(path: Path, data: bytes = b"") -> bool:
+        created = original_create(path, data)
+        path.write_bytes(b"replaced other-vm:1 0123456789abcdef")
+        overwritten.append(path)
+        return created
+
+    monkeypatch.setattr(storage, "create_exclusive", create_then_lose)
+    with pytest.raises(RunnerError, match="claimed or replaced on another machine"):
+        replace_spec(queue, make_spec("job-a", training={"epochs": 9}))
+
+    assert overwritten, "precondition: the other machine's marker arrived"
+    assert queue.job("job-a").read_spec().training.epochs != 9, "the spec is not written by the losing replacement"
+    assert events(queue, "job-a", "replaced") == []
 
 
 def test_a_snapshot_kept_on_this_machine_from_before_a_discarding_replacement_is_dropped(
