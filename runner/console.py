@@ -157,6 +157,7 @@ def status_record(view: JobView, now: float, size_bytes: int | None = None) -> d
         "publishing": _publishing(view, now),
         "device": state.device if state else None,
         "size_bytes": size_bytes,
+        "stopped_early": state.stopped_early if state else None,
     }
 
 
@@ -249,6 +250,8 @@ def status_table(
             notes = Text("kept locally (below)", style="yellow")
         else:
             notes = Text(_metrics_text(record["metrics"]))
+        if record["stopped_early"]:
+            errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["stopped_early"], "green")))
         if spec_batch := (view.spec.dataset.batch_size if view.spec else None):
             if record["batch_size"] and record["batch_size"] != spec_batch:
                 halved = (

@@ -36,6 +36,10 @@ SUBPLOT_SIZE_IN = (5.0, 4.0)
 """Width and height of one subplot, in inches."""
 
 RESTART_COLOUR = "grey"
+EARLY_STOP_COLOUR = "firebrick"
+LOWERED_COLOUR = "darkorange"
+LEARNING_RATE = "lr"
+"""history.csv's column of the learning rate: drawn on a subplot of its own when it moved."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class Curves:
         names: list[str] = []
         for column in self.columns:
             name = column.removeprefix("val_")
+            if name == LEARNING_RATE:
+                continue  # drawn on its own, not as a metric
             if name not in names and (self.has(name) or self.has(f"val_{name}")):
                 names.append(name)
         return names
@@ -120,26 +126,44 @@ def read_restarts(queue: Queue, name: str) -> list[Restart]:
 
 
 def figure_for_job(queue: Queue, name: str) -> Figure:
-    """One job's learning curves: a subplot for the loss and one per metric, train and validation, restarts
-    as dashed lines, the best epoch starred; :class:`~runner.errors.NoHistory` before its first epoch."""
+    """One job's learning curves: a subplot for the loss and one per metric, train and validation, and one for
+    the learning rate when it moved; restarts as dashed lines, an early stop as a solid one, the best epoch
+    starred; :class:`~runner.errors.NoHistory` before its first epoch."""
     curves = read_curves(queue, name)
     if curves.empty:
         raise NoHistory(str(queue.root), name)
     restarts = read_restarts(queue, name)
+    events = queue.job(name).events.read()
+    stopped = next((event for event in events if event.get("event") == "early-stopped"), None)
     metrics = curves.metrics
-    figure = _new_figure(len(metrics))
-    for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
+    rates = curves.columns.get(LEARNING_RATE, [])
+    moving = curves.has(LEARNING_RATE) and len({value for value in rates if not math.isnan(value)}) > 1
+    panels = [*metrics, LEARNING_RATE] if moving else metrics
+    figure = _new_figure(len(panels))
+    for axes, metric in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         handles = []
-        for column, label in ((metric, "train"), (f"val_{metric}", "validation")):
-            if curves.has(column):
-                handles += axes.plot(curves.epochs, curves.columns[column], marker="o", markersize=3, label=label)
-        if metric == "loss" and (best := curves.best_epoch()) is not None:
-            handles.append(_mark_best(axes, *best))
+        if metric == LEARNING_RATE:
+            handles += axes.plot(curves.epochs, rates, marker="o", markersize=3, label="rate of the epoch's last step")
+            lowered = [event for event in events if event.get("event") == "lr-reduced"]
+            for event in lowered:
+                axes.axvline(_number(event.get("epoch")), color=LOWERED_COLOUR, linestyle=":", linewidth=1)
+            if lowered:
+                handles.append(axes.plot([], [], color=LOWERED_COLOUR, linestyle=":", label="lowered on a plateau")[0])
+            axes.set_yscale("log")
+        else:
+            for column, label in ((metric, "train"), (f"val_{metric}", "validation")):
+                if curves.has(column):
+                    handles += axes.plot(curves.epochs, curves.columns[column], marker="o", markersize=3, label=label)
+            if metric == "loss" and (best := curves.best_epoch()) is not None:
+                handles.append(_mark_best(axes, *best))
         _mark_restarts(axes, restarts)
-        _finish_axes(axes, metric, handles)
+        if stopped is not None:
+            handles.append(_mark_early_stop(axes, stopped))
+        _finish_axes(axes, "learning rate" if metric == LEARNING_RATE else metric, handles)
     done = counted(len(curves.epochs), "epoch")
     resumed = f", {counted(len(restarts), 'restart')}" if restarts else ""
-    figure.suptitle(f"{name}: {done}{resumed}")
+    early = ", stopped early" if stopped is not None else ""
+    figure.suptitle(f"{name}: {done}{resumed}{early}")
     return figure
 
 
@@ -232,6 +256,12 @@ def _mark_best(axes: Axes, monitor: str, epoch: int, value: float) -> Any:
     marker = axes.plot([epoch], [value], linestyle="none", marker="*", markersize=14, color="gold", label=label)[0]
     marker.set_markeredgecolor("black")
     return marker
+
+
+def _mark_early_stop(axes: Axes, stopped: dict[str, Any]) -> Any:
+    epoch = _number(stopped.get("epoch"))
+    label = f"stopped early after epoch {epoch:.0f}"
+    return axes.axvline(epoch, color=EARLY_STOP_COLOUR, linestyle="-", linewidth=1.5, label=label)
 
 
 def _mark_restarts(axes: Axes, restarts: list[Restart]) -> None:

@@ -75,6 +75,9 @@ class JobState(BaseModel):
     session_started_at: float | None = Field(default=None, description="when the current claim began")
     session_start_epoch: float = Field(default=0.0, description="progress, in epochs, when the current claim began")
     device: str | None = Field(default=None, description="what the current or last claim trains on: GPUs or CPU")
+    stopped_early: str | None = Field(
+        default=None, description="why a done job ended before its last epoch (training.early_stopping), one line"
+    )
     fresh_from: int = Field(
         default=0,
         ge=0,

@@ -54,6 +54,8 @@ def loss_label_problem(loss: str, label_mode: str) -> str | None:
         f"training.loss {loss!r} does not fit dataset.label_mode {label_mode!r}: "
         f"use {LOSSES_FOR_LABELS[label_mode][0]}, or label_mode: {fitting_modes}"
     )
+
+
 ExportFormat = Literal["keras", "h5", "saved_model"]
 
 
@@ -122,6 +124,158 @@ class ModelSpec(_Section):
 MAX_STEPS_PER_EXECUTION = 10_000
 
 
+ScheduleKind = Literal["constant", "cosine", "exponential", "step", "polynomial"]
+
+_SCHEDULE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "cosine": ("alpha",),
+    "exponential": ("decay_rate", "decay_epochs"),
+    "step": ("factor", "decay_epochs"),
+    "polynomial": ("end_learning_rate", "power"),
+}
+"""Which parameters each schedule takes (``warmup_epochs`` goes with every one)."""
+
+
+class LrScheduleSpec(_Section):
+    """How the learning rate moves from `training.learning_rate`, counted in optimizer steps."""
+
+    kind: ScheduleKind = Field(default="constant", description="constant, cosine, exponential, step or polynomial")
+    warmup_epochs: float = Field(
+        default=0, strict=True, ge=0, description="first rise linearly from 0 to learning_rate over this many epochs"
+    )
+    alpha: float = Field(
+        default=0.0, strict=True, ge=0, le=1, description="cosine: the last rate, as a fraction of learning_rate"
+    )
+    decay_rate: float = Field(
+        default=0.9,
+        strict=True,
+        gt=0,
+        lt=1,
+        description="exponential: the rate is multiplied by this every decay_epochs",
+    )
+    decay_epochs: float = Field(default=1, strict=True, gt=0, description="exponential and step: epochs per decay")
+    factor: float = Field(
+        default=0.1, strict=True, gt=0, lt=1, description="step: the rate is multiplied by this every decay_epochs"
+    )
+    end_learning_rate: float = Field(
+        default=0.0, strict=True, ge=0, description="polynomial: the rate at the last step"
+    )
+    power: float = Field(default=1.0, strict=True, gt=0, description="polynomial: 1 is a straight line down")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_alone(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value  # `lr_schedule: cosine`
+
+    @model_validator(mode="after")
+    def _parameters_of_its_kind(self) -> LrScheduleSpec:
+        # Compared with the defaults, not with what was given: a frozen spec.yaml holds every field.
+        given = {name for name in self.model_fields_set if getattr(self, name) != type(self).model_fields[name].default}
+        given -= {"kind", "warmup_epochs"}
+        if stray := sorted(given - set(_SCHEDULE_PARAMETERS[self.kind])):
+            takes = ", ".join(_SCHEDULE_PARAMETERS[self.kind]) or "no parameters"
+            raise ValueError(
+                f"{', '.join(stray)} is not a parameter of the {self.kind} schedule, which takes {takes} (and "
+                "warmup_epochs): remove it or change kind"
+            )
+        return self
+
+    @property
+    def moves(self) -> bool:
+        """Whether the rate changes during training at all."""
+        return self.kind != "constant" or self.warmup_epochs > 0
+
+
+class PlateauSpec(_Section):
+    """Lower the learning rate when a metric stops improving, as Keras' ReduceLROnPlateau."""
+
+    monitor: str | None = Field(
+        default=None,
+        description="an epoch metric (loss, val_accuracy, ...); by default val_loss, or loss without validation data",
+    )
+    factor: float = Field(default=0.1, strict=True, gt=0, lt=1, description="the rate is multiplied by this")
+    patience: int = Field(default=5, strict=True, ge=0, description="epochs without improvement before lowering it")
+    min_delta: float = Field(default=0.0001, strict=True, ge=0, description="smaller changes are no improvement")
+    cooldown: int = Field(
+        default=0, strict=True, ge=0, description="epochs to wait after lowering it before counting again"
+    )
+    min_lr: float = Field(default=0.0, strict=True, ge=0, description="the rate is never lowered below this")
+
+
+class EarlyStoppingSpec(_Section):
+    """Stop when a metric stops improving, as Keras' EarlyStopping."""
+
+    monitor: str | None = Field(
+        default=None,
+        description="an epoch metric (loss, val_accuracy, ...); by default val_loss, or loss without validation data",
+    )
+    patience: int = Field(default=5, strict=True, ge=0, description="epochs without improvement before stopping")
+    min_delta: float = Field(default=0.0, strict=True, ge=0, description="smaller changes are no improvement")
+    mode: Literal["auto", "min", "max"] = Field(
+        default="auto",
+        description="whether lower or higher is better; auto: higher for accuracy, auc, precision, recall",
+    )
+    restore_best: bool = Field(
+        default=False, strict=True, description="end with the best epoch's weights (kept in every checkpoint)"
+    )
+
+
+HIGHER_IS_BETTER = ("acc", "accuracy", "auc", "precision", "recall", "f1", "iou")
+"""Metric names (without ``val_``) whose higher values are better: ``mode: auto`` maximises them."""
+
+
+def monitor_mode(monitor: str, mode: str = "auto") -> str:
+    """``"min"`` or ``"max"``: which way ``monitor`` improves."""
+    if mode != "auto":
+        return mode
+    name = monitor.removeprefix("val_")
+    return "max" if any(name == word or name.startswith(f"{word}_") for word in HIGHER_IS_BETTER) else "min"
+
+
+def resolved_monitor(spec: JobSpec, monitor: str | None) -> str:
+    """The metric a plateau or an early stop watches: the one given, else val_loss (loss without validation)."""
+    if monitor is not None:
+        return monitor
+    validated = spec.dataset.validation is not None or spec.dataset.validation_split is not None
+    return "val_loss" if validated else "loss"
+
+
+def training_problem(spec: JobSpec) -> str | None:
+    """One line when the schedule, the plateau or the early stop contradicts the rest of the spec."""
+    training = spec.training
+    schedule = training.lr_schedule
+    if schedule.warmup_epochs >= training.epochs:
+        return (
+            f"training.lr_schedule.warmup_epochs ({schedule.warmup_epochs:g}) must be less than training.epochs "
+            f"({training.epochs}): the warm-up would take the whole training"
+        )
+    if schedule.kind == "polynomial" and schedule.end_learning_rate >= training.learning_rate:
+        return (
+            f"training.lr_schedule.end_learning_rate ({schedule.end_learning_rate:g}) must be below "
+            f"training.learning_rate ({training.learning_rate:g}): the polynomial schedule goes down to it"
+        )
+    plateau = training.reduce_lr_on_plateau
+    if plateau is not None and plateau.min_lr >= training.learning_rate:
+        return (
+            f"training.reduce_lr_on_plateau.min_lr ({plateau.min_lr:g}) must be below training.learning_rate "
+            f"({training.learning_rate:g}): the rate could never be lowered"
+        )
+    validated = spec.dataset.validation is not None or spec.dataset.validation_split is not None
+    for where, watcher in (("reduce_lr_on_plateau", plateau), ("early_stopping", training.early_stopping)):
+        if watcher is None or (monitor := watcher.monitor) is None:
+            continue
+        if monitor.startswith("val_") and not validated:
+            return (
+                f"training.{where}.monitor {monitor!r} needs validation data: set dataset.validation or "
+                f"dataset.validation_split, or monitor {monitor.removeprefix('val_')!r}"
+            )
+        known = ("loss", *training.metrics)
+        if spec.model.factory is None and monitor.removeprefix("val_") not in known:
+            names = ", ".join(f"{prefix}{name}" for name in known for prefix in ("", "val_"))
+            return f"training.{where}.monitor {monitor!r} is not a metric of this job: use one of {names}"
+    return None
+
+
 class TrainingSpec(_Section):
     """How long and how to train."""
 
@@ -133,7 +287,9 @@ class TrainingSpec(_Section):
     seed: int = Field(
         default=0, strict=True, ge=0, lt=2**31, description="seeds the data order, initial weights and random layers"
     )
-    deterministic: bool = Field(default=False, strict=True, description="op determinism: bit-identical resumes on the CPU")
+    deterministic: bool = Field(
+        default=False, strict=True, description="op determinism: bit-identical resumes on the CPU"
+    )
     on_oom: Literal["fail", "halve_batch"] = Field(
         default="fail",
         description="on a GPU out-of-memory error: fail with advice, or go back to the last checkpoint and go on "
@@ -155,6 +311,11 @@ class TrainingSpec(_Section):
         description="mixed_float16: float16 compute, float32 weights, dynamic loss scaling (needs a GPU; the loss "
         "scale is in every checkpoint)",
     )
+    lr_schedule: LrScheduleSpec = Field(
+        default_factory=LrScheduleSpec, description="how the learning rate moves: `cosine`, or a mapping with kind"
+    )
+    reduce_lr_on_plateau: PlateauSpec | None = Field(default=None, description="lower the rate when a metric stalls")
+    early_stopping: EarlyStoppingSpec | None = Field(default=None, description="stop when a metric stops improving")
 
     @model_validator(mode="after")
     def _xla_without_op_determinism(self) -> TrainingSpec:
@@ -202,7 +363,9 @@ class CheckpointSpec(_Section):
     every_epochs: int = Field(
         default=1, strict=True, ge=1, description="checkpoint after every this many epochs (and after the last)"
     )
-    every_minutes: float | None = Field(default=None, strict=True, gt=0, description="also checkpoint mid-epoch this often")
+    every_minutes: float | None = Field(
+        default=None, strict=True, gt=0, description="also checkpoint mid-epoch this often"
+    )
     keep: int = Field(default=2, strict=True, ge=1, le=1000, description="committed checkpoints kept")
     keep_done: int = Field(
         default=1,
@@ -233,6 +396,12 @@ class ExportSpec(_Section):
         description="also the optimizer's state, compiled: with Adam 3x the size; only to train on from the export "
         "outside runner, whose checkpoints hold it",
     )
+    best: bool = Field(
+        default=False,
+        strict=True,
+        description="also final/best.keras, the best epoch's model (by early_stopping's monitor, else val_loss): its "
+        "weights are then kept in every checkpoint",
+    )
 
     @field_validator("formats")
     @classmethod
@@ -250,7 +419,9 @@ class JobSpec(_Section):
         # In the schema for editors; validated by _folder_safe, whose message says what is allowed.
         json_schema_extra={"pattern": NAME_PATTERN},
     )
-    priority: int = Field(default=0, strict=True, ge=-1000, le=1000, description="higher runs first; ties by submission time")
+    priority: int = Field(
+        default=0, strict=True, ge=-1000, le=1000, description="higher runs first; ties by submission time"
+    )
     dataset: DatasetSpec
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(builtin="simple_cnn"))
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -271,6 +442,12 @@ class JobSpec(_Section):
     def _loss_fits_labels(self) -> JobSpec:
         # Checked at submit, not only when a worker starts the job hours later on a GPU.
         if (problem := loss_label_problem(self.training.loss, self.dataset.label_mode)) is not None:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_and_monitors_fit(self) -> JobSpec:
+        if (problem := training_problem(self)) is not None:
             raise ValueError(problem)
         return self
 
@@ -338,7 +515,10 @@ class _SpecLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in a job spec: write the value out", self.peek_event().start_mark
+                None,
+                None,
+                "aliases (*name) are not allowed in a job spec: write the value out",
+                self.peek_event().start_mark,
             )
         return super().compose_node(parent, index)
 
@@ -397,9 +577,12 @@ def _allowed_fields(location: tuple[Any, ...]) -> list[str]:
     for part in location:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # An optional section (`X | None`) is the section X here.
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        section = next((kind for kind in candidates if isinstance(kind, type) and issubclass(kind, BaseModel)), None)
+        if section is None:
             break
-        model = annotation
+        model = section
     return list(model.model_fields)
 
 

@@ -181,6 +181,21 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {
         {"training.metrics": ["Accuracy"]},
     ),
     "ExportSpec._unique": ("no format twice", {"export.formats": ["keras", "keras"]}),
+    "JobSpec._loss_fits_labels": (
+        "`training.loss` fits `dataset.label_mode` (the table under `dataset`)",
+        {"training.loss": "sparse_categorical_crossentropy"},
+    ),
+    "CheckpointSpec._keep_done_within_keep": ("`keep_done` is at most `keep`", {"checkpoint.keep_done": 3}),
+    "JobSpec._schedule_and_monitors_fit": (
+        "the warm-up is shorter than the training, a polynomial ends below `learning_rate`, `min_lr` is below it, "
+        "and a `monitor` is a metric of the job (`val_` ones need validation data)",
+        {"training.early_stopping": {"monitor": "val_auc"}},
+    ),
+    "LrScheduleSpec._kind_alone": ("`lr_schedule: cosine` stands for `lr_schedule: {kind: cosine}`", {}),
+    "LrScheduleSpec._parameters_of_its_kind": (
+        "only the parameters of its `kind` (and `warmup_epochs`)",
+        {"training.lr_schedule": {"kind": "cosine", "decay_rate": 0.5}},
+    ),
 }
 
 # model.params of the built-in networks: what each one does (the names and defaults are read from the code).
@@ -220,13 +235,32 @@ def _sections() -> dict[str, type[BaseModel] | None]:
     return found
 
 
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field's annotation (``X`` of ``X | None`` too), or ``None``."""
+    for kind in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            return kind
+    return None
+
+
+def _section_field(section: str) -> tuple[type[BaseModel], Any] | None:
+    """The model and the field info of a section given by its dotted path (``training.lr_schedule``)."""
+    model: type[BaseModel] | None = spec_module.JobSpec
+    info = None
+    for part in section.split("."):
+        if model is None or (info := model.model_fields.get(part)) is None:
+            return None
+        model = _model_of(info.annotation)
+    return (model, info) if model is not None else None
+
+
 def _field_schema(section: str | None) -> tuple[dict[str, Any], type[BaseModel]]:
     schema = spec_module.json_schema()
     if section is None:
         return schema["properties"], spec_module.JobSpec
-    model = _sections()[section]
-    assert model is not None
-    return schema["$defs"][model.__name__]["properties"], model
+    found = _section_field(section)
+    assert found is not None
+    return schema["$defs"][found[0].__name__]["properties"], found[0]
 
 
 def _schema_type(node: dict[str, Any]) -> str:
@@ -361,8 +395,8 @@ def _section_part(section: str | None) -> str:
         )
     parts = []
     if section is not None:
-        info = spec_module.JobSpec.model_fields[section]
-        doc = (_sections()[section].__doc__ or "").strip()  # type: ignore[union-attr]
+        model_of_section, info = _section_field(section)  # type: ignore[misc]
+        doc = (model_of_section.__doc__ or "").strip()
         if info.is_required():
             parts.append(f"{doc} Required.\n")
         else:
@@ -371,12 +405,12 @@ def _section_part(section: str | None) -> str:
     refusals = []
     for validator in dict.fromkeys(name for names in per_field.values() for name in names):  # once each, in order
         rule = RULES.get(f"{model.__name__}.{validator}")
-        if rule is not None:
+        if rule is not None and rule[1]:
             refusals.append((rule[1], _refusal(rule[1])))
     for validator in cross:
         rule = RULES.get(f"{model.__name__}.{validator}")
         parts.append(f"Also: {rule[0] if rule else _rule_text(model, validator)}.\n")
-        if rule is not None:
+        if rule is not None and rule[1]:
             refusals.append((rule[1], _refusal(rule[1])))
     if refusals:
         lines = ["Refused, for example (the tutorial's spec with one change, as `runner submit` reports it):", ""]
@@ -432,7 +466,7 @@ def render_spec() -> str:
 
     def section(argument: str | None) -> str:
         name = None if argument in (None, "top") else argument
-        if name is not None and _sections().get(name) is None:
+        if name is not None and _section_field(name) is None:
             raise SystemExit(f"spec template: {argument!r} is not a section of JobSpec any more")
         placed.add(argument or "top")
         return _section_part(name)
@@ -484,6 +518,7 @@ STATUS_KEYS: dict[str, str] = {
     "halved it",
     "device": "what the current or last session trained on (`CPU`, or GPUs as nvidia-smi names them), or null",
     "size_bytes": "bytes the job's folder holds (checkpoints, exports, logs), or null when it cannot be read",
+    "stopped_early": "null, or one line: why a done job ended before its last epoch (`training.early_stopping`)",
 }
 
 

@@ -47,6 +47,7 @@ TWO_VMS = "tests/test_two_vms.py"
 FINAL_RECORD = f"{KILL}::test_a_kill_between_the_final_commit_and_its_record_ends_with_status_on_that_checkpoint"
 FIT = "tests/test_metrics_match_fit.py::test_epoch_metrics_and_weights_equal_model_fit_on_the_same_batches"
 EDIT = "tests/test_edit.py"
+SCHEDULES = "tests/test_schedules.py::test_kills_after_commits_end_as_the_uninterrupted_run"
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,17 @@ MUTATIONS = (
         "edit", "a kept snapshot of a replaced or deleted job published", "runner/kept.py",
         (("    reason = _not_this_jobs(job, kept)\n", "    reason = None\n"),),
         (EDIT,),
+    ),
+    Mutation("schedule", "the plateau's factor forgotten on resume", SNAPSHOT, _state_field("lr_scale", "1.0"), (SCHEDULES,)),
+    Mutation("schedule", "the plateau's state forgotten on resume", SNAPSHOT, _state_field("plateau", "None"), (SCHEDULES,)),
+    Mutation(
+        "schedule", "the early stop's state forgotten on resume", SNAPSHOT, _state_field("early_stopping", "None"),
+        (SCHEDULES,),
+    ),
+    Mutation(
+        "schedule", "the best epoch's weights not kept in the snapshot", SNAPSHOT,
+        (("    if state.best_weights is not None:\n", "    if False:\n"),),
+        (SCHEDULES,),
     ),
     Mutation(
         "edit", "a replacement whose marker lost to another machine's still writes", "runner/edit.py",

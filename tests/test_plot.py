@@ -459,3 +459,34 @@ def test_runner_plot_in_a_notebook_is_a_png_picture_and_can_be_called_again(queu
     assert len(first.figure.axes) == 2 and len(again.figure.axes) >= 1
     saved = first.save(tmp_path / "curves.svg")
     assert saved.read_text().lstrip().startswith("<?xml")
+
+
+def test_a_moving_learning_rate_gets_its_own_subplot_and_an_early_stop_its_line(queue: Queue) -> None:
+    rows = history_rows(LOSS, VAL_LOSS)
+    rates = [0.001, 0.002, 0.002, 0.001, 0.0005, 0.0005, 0.00025]
+    for row, rate in zip(rows, rates, strict=True):
+        row["lr"] = rate
+    job = make_job(queue, "job-a", rows)
+    job.events.append("lr-reduced", epoch=4, monitor="val_loss", lr=0.0005, scale=0.5)
+    job.events.append("early-stopped", epoch=7, monitor="val_loss", best=0.32, best_epoch=4, patience=3)
+
+    figure = figure_for_job(queue, "job-a")
+
+    loss_axes, accuracy_axes, rate_axes = figure.axes
+    assert rate_axes.get_title() == "learning rate" and rate_axes.get_yscale() == "log"
+    assert list(line_by_label(rate_axes, "rate of the epoch's last step").get_ydata()) == rates
+    assert "lr" not in [axes.get_title() for axes in figure.axes[:2]], "the rate is not drawn as a metric"
+    dotted = [line for line in rate_axes.get_lines() if line.get_linestyle() == ":" and len(line.get_xdata())]
+    assert [list(line.get_xdata()) for line in dotted] == [[4, 4]]
+    for axes in figure.axes:
+        assert list(line_by_label(axes, "stopped early after epoch 7").get_xdata()) == [7, 7]
+    assert figure.get_suptitle() == "job-a: 7 epochs, stopped early"
+
+
+def test_a_constant_learning_rate_is_not_drawn(queue: Queue) -> None:
+    rows = history_rows(LOSS, VAL_LOSS)
+    for row in rows:
+        row["lr"] = 0.001
+    make_job(queue, "job-a", rows)
+
+    assert [axes.get_title() for axes in figure_for_job(queue, "job-a").axes] == ["loss", "accuracy"]

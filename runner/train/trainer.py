@@ -18,25 +18,30 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from rich.markup import escape
 
 from runner import defaults, killpoints
-from runner.errors import StorageError
+from runner.errors import ModelError, StorageError
 from runner.history import check_history, write_history
 from runner.kept import keep_snapshot, publish_kept
 from runner.paths import default_cache_dir, publish_note, work_folder
+from runner.spec import resolved_monitor
 from runner.settings import seconds_from_environment
 from runner.train.backends.tensorflow import configure_determinism, is_out_of_memory, warn_if_gpu_unused
 from runner.train.data.pipeline import ImageFolderData, prepare_dataset
 from runner.train.engine.acceleration import configure_precision, resolve_jit_compile
 from runner.train.engine.loop import StepLoop, build_metrics, resolve_steps_per_execution
 from runner.train.engine.oom import go_back, halved_batch_size, out_of_memory_building, report_halving
+from runner.train.engine.schedule import LearningRate
+from runner.train.engine.watchers import best_monitor, early_stopping_epoch_end, plateau_epoch_end
 from runner.train.models.build import (
     Compiled,
     build_model,
     check_loss_matches_labels,
     compile_model,
+    current_learning_rate,
     unscaled_input_warning,
     use_learning_rate,
 )
@@ -72,7 +77,9 @@ class KerasTrainer:
         policy = configure_precision(spec)
         try:
             model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
-            jit_compile = resolve_jit_compile(spec.training.jit_compile, model, deterministic=spec.training.deterministic)
+            jit_compile = resolve_jit_compile(
+                spec.training.jit_compile, model, deterministic=spec.training.deterministic
+            )
             steps = resolve_steps_per_execution(spec.training.steps_per_execution, data.steps_per_epoch)
             compiled = compile_model(model, spec, jit_compile=jit_compile, steps_per_execution=steps)
             model.optimizer.build(model.trainable_variables)
@@ -89,11 +96,33 @@ class KerasTrainer:
         workdir = work_folder(self.cache_dir, context.job.name, context.generation)
         shutil.rmtree(workdir, ignore_errors=True)
         try:
-            loop = StepLoop(model, jit_compile=jit_compile)
-            rate = spec.training.learning_rate if compiled.by == "spec" else None
+            # The schedule counts steps of the spec's batch size; one halved after running out of memory takes
+            # more steps per epoch, and the curve then runs ahead of the epochs.
+            rate = LearningRate(spec, steps_per_epoch=data.steps_per_epoch) if compiled.by == "spec" else None
+            loop = StepLoop(model, jit_compile=jit_compile, learning_rate=rate)
             return _Session(context, loop, data, workdir, self.clock, self.cache_dir, rate).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _monitored(metrics: dict[str, float], monitor: str, where: str) -> float:
+    if monitor not in metrics:
+        names = ", ".join(name for name in metrics if name != "lr")
+        raise ModelError(f"training.{where}.monitor {monitor!r} is not a metric of this job: its epochs log {names}")
+    return metrics[monitor]
+
+
+def early_stop_reason(stopped: dict[str, Any]) -> str:
+    """One line: why and where the early stop ended training (for the console, the log and status)."""
+    best = (
+        f"; best {stopped['monitor']} {stopped['best']:.4g} at epoch {stopped['best_epoch']}"
+        if stopped.get("best") is not None
+        else ""
+    )
+    return (
+        f"stopped early after epoch {stopped['epoch']}: {stopped['monitor']} did not improve for "
+        f"{counted(max(stopped['patience'], 1), 'epoch')}{best}"
+    )
 
 
 def _say_how_it_was_compiled(context: RunContext, compiled: Compiled) -> None:
@@ -102,7 +131,11 @@ def _say_how_it_was_compiled(context: RunContext, compiled: Compiled) -> None:
         context.console.print(compiled.describe(), markup=False, soft_wrap=True)
     context.log.info("%s", compiled.describe())
     context.job.events.append(
-        "compiled", by=compiled.by, optimizer=compiled.optimizer, learning_rate=compiled.learning_rate, loss=compiled.loss
+        "compiled",
+        by=compiled.by,
+        optimizer=compiled.optimizer,
+        learning_rate=compiled.learning_rate,
+        loss=compiled.loss,
     )
 
 
@@ -126,16 +159,22 @@ class _Session:
         workdir: Path,
         clock: Callable[[], float],
         cache_dir: Path,
-        learning_rate: float | None = None,
+        rate: LearningRate | None = None,
     ) -> None:
         self.context, self.loop, self.data, self.workdir, self.clock = context, loop, data, workdir, clock
-        self.learning_rate = learning_rate
-        """The spec's learning rate, which a restored optimizer is given; ``None`` when a factory compiled it."""
+        self.rate = rate
+        """The spec's learning rate over the steps; ``None`` when a factory compiled the model."""
+        self.learning_rate = rate.base if rate is not None and not rate.moves else None
+        """The spec's constant learning rate, which a restored optimizer is given; ``None`` when a factory compiled
+        the model, or when the rate moves (the loop sets it before every step)."""
         self.model = loop.model
         self.cache_dir = cache_dir
         self.spec = context.spec
         self.epochs = self.spec.training.epochs
-        self.monitor = "val_loss" if data.num_validation else "loss"
+        self.monitor, self.monitor_mode = best_monitor(self.spec, validated=bool(data.num_validation))
+        stopping = self.spec.training.early_stopping
+        self.keep_best = self.spec.export.best or (stopping is not None and stopping.restore_best)
+        """Whether the best epoch's weights are kept (in memory and in every snapshot)."""
         self.progress = EpochProgress(context.console, job=context.job.name, epochs=self.epochs)
         self.started = clock()
         self.elapsed_before = 0.0
@@ -184,7 +223,7 @@ class _Session:
     def _train_epochs(self, state: TrainingState, publisher: Publisher) -> Outcome:
         context = self.context
         every_minutes = self.spec.checkpoint.every_minutes
-        while state.epoch < self.epochs:
+        while state.epoch < self.epochs and state.stopped_early is None:
             if context.should_stop():
                 return self._stop(state, publisher)
             epoch_started = self.clock()
@@ -211,7 +250,9 @@ class _Session:
                     self._snapshot(state, publisher)
             self.progress.stop()
             self._end_epoch(state, self.clock() - epoch_started)
-            last = state.epoch == self.epochs
+            last = state.epoch == self.epochs or state.stopped_early is not None
+            if last:
+                self._restore_best(state)
             if state.epoch % self.spec.checkpoint.every_epochs == 0 or last:
                 self._snapshot(state, publisher)
         return Outcome.DONE
@@ -227,10 +268,71 @@ class _Session:
         if validation is not None:
             results = self.model.evaluate(validation, verbose=0, return_dict=True)
             metrics |= {f"val_{name}": float(value) for name, value in results.items()}
+        if (rate := current_learning_rate(self.model.optimizer)) is not None:
+            metrics["lr"] = rate  # the rate of the epoch's last step, as Keras' callbacks log it
         epoch = state.epoch
-        state.end_epoch(metrics, self.monitor)
+        best = state.end_epoch(metrics, self.monitor, self.monitor_mode)
         line = self.progress.summary(epoch, metrics, seconds)
         self.context.log.info("%s", line)
+        if self._watch(state, metrics, epoch, best) and self.keep_best:
+            state.best_weights = [np.array(variable.numpy()) for variable in self.model.variables]
+        if state.stopped_early is not None:
+            self._say_stopped_early(state.stopped_early)
+
+    def _watch(self, state: TrainingState, metrics: dict[str, float], epoch: int, best: bool) -> bool:
+        """The plateau and the early stop at the end of the 0-based ``epoch``; whether it is the best epoch (the
+        early stop's own judgement, with its min_delta, when there is one)."""
+        training = self.spec.training
+        if (plateau := training.reduce_lr_on_plateau) is not None and self.rate is not None:
+            monitor = resolved_monitor(self.spec, plateau.monitor)
+            value = _monitored(metrics, monitor, "reduce_lr_on_plateau")
+            step = plateau_epoch_end(plateau, monitor, state.plateau, value, rate=metrics["lr"], scale=state.lr_scale)
+            state.plateau, state.lr_scale = step.state, step.scale
+            if step.lowered:
+                self.rate.scale.assign(step.scale)
+                lowered = float(self.rate.at(self.model.optimizer.iterations))
+                waited = counted(max(plateau.patience, 1), "epoch")
+                message = f"{monitor} has not improved for {waited}: learning rate lowered to {lowered:.3g}"
+                self.context.console.print(f"{self.context.job.name}: {message}", markup=False, highlight=False)
+                self.context.log.info("%s", message)
+                self.context.job.events.append(
+                    "lr-reduced", epoch=epoch + 1, monitor=monitor, lr=lowered, scale=step.scale
+                )
+        if (stopping := training.early_stopping) is None:
+            return best
+        monitor = resolved_monitor(self.spec, stopping.monitor)
+        value = _monitored(metrics, monitor, "early_stopping")
+        decided = early_stopping_epoch_end(stopping, monitor, state.early_stopping, value, epoch=epoch)
+        state.early_stopping = decided.state
+        if decided.best:
+            state.best = {"monitor": monitor, "value": value, "epoch": epoch}
+        if decided.stop and state.epoch < self.epochs:
+            best_epoch = decided.state["best_epoch"]
+            state.stopped_early = {
+                "epoch": epoch + 1,
+                "monitor": monitor,
+                "best": decided.state["best"],
+                "best_epoch": None if best_epoch is None else best_epoch + 1,
+                "patience": stopping.patience,
+            }
+        return decided.best
+
+    def _say_stopped_early(self, stopped: dict[str, Any]) -> None:
+        message = early_stop_reason(stopped)
+        self.context.console.print(f"{self.context.job.name}: {message}", markup=False, highlight=False)
+        self.context.log.info("%s", message)
+        self.context.job.events.append("early-stopped", **stopped)
+        self.context.claim.update(stopped_early=message)  # for status: why a done job has epochs left
+
+    def _restore_best(self, state: TrainingState) -> None:
+        """End with the best epoch's weights, when the early stop is asked to (as Keras' restore_best_weights)."""
+        stopping = self.spec.training.early_stopping
+        if stopping is None or not stopping.restore_best or state.best_weights is None:
+            return
+        for variable, value in zip(self.model.variables, state.best_weights, strict=True):
+            variable.assign(value)
+        epoch = (state.best or {}).get("epoch")
+        self.context.log.info("restored the weights of the best epoch (%s)", "?" if epoch is None else epoch + 1)
 
     def _stop(self, state: TrainingState, publisher: Publisher) -> Outcome:
         if self.snapshot_position != (state.epoch, state.step):
@@ -257,6 +359,7 @@ class _Session:
         )
         if self.learning_rate is not None:
             use_learning_rate(self.model, self.learning_rate)  # said at the resume already, if it differs
+        self._use_lr_scale(back)
         # Fresh step functions: one whose trace failed cannot be called again.
         self.loop.reset()
         self.model.make_test_function(force=True)
@@ -295,6 +398,11 @@ class _Session:
 
     # --- checkpoints ----------------------------------------------------------------------------------------
 
+    def _use_lr_scale(self, state: TrainingState) -> None:
+        """Give the schedule the factor a plateau had lowered the rate to (the snapshot's state holds it)."""
+        if self.rate is not None:
+            self.rate.scale.assign(state.lr_scale)
+
     def _use_spec_learning_rate(self, checkpoint: str) -> None:
         if self.learning_rate is None or (before := use_learning_rate(self.model, self.learning_rate)) is None:
             return
@@ -329,6 +437,7 @@ class _Session:
             state = load_snapshot(self.model, scratch, checkpoint=info.id)
             self._use_batch_size(state)
             self._use_spec_learning_rate(info.id)
+            self._use_lr_scale(state)
             self.snapshot_position = (state.epoch, state.step)
             context.job.events.append(
                 "resumed",
@@ -383,8 +492,9 @@ class _Session:
         folder only once that checkpoint has."""
         paths = self.context.job.paths
         local = self.workdir / "final"
-        description = describe_model(self.spec, self.data.class_names, state.history)
-        names = write_exports(self.model, self.spec, local, description)
+        description = describe_model(self.spec, self.data.class_names, state.history, best=state.best)
+        best = state.best_weights if self.spec.export.best else None
+        names = write_exports(self.model, self.spec, local, description, best_weights=best)
         if not publisher.flush(timeout := flush_timeout()):
             raise StorageError(
                 f"{paths.checkpoints}: the last checkpoint was not published within {timeout:.0f}s; the job stays "

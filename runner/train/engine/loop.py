@@ -22,6 +22,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from runner.train.engine.schedule import LearningRate
+
 AUTO_STEPS_PER_EXECUTION = 32
 """Steps per call for ``steps_per_execution: auto``, at most an epoch's: enough that the per-call dispatch of a
 small model no longer shows; snapshots land between calls, so at most this many steps late."""
@@ -42,9 +44,11 @@ def build_metrics(model: keras.Model, element_spec: Any) -> None:
 class StepLoop:
     """Runs ``steps`` training steps per call on one model, with no host sync inside."""
 
-    def __init__(self, model: keras.Model, *, jit_compile: bool) -> None:
+    def __init__(self, model: keras.Model, *, jit_compile: bool, learning_rate: LearningRate | None = None) -> None:
         self.model = model
         self.jit_compile = jit_compile
+        self.learning_rate = learning_rate if learning_rate is not None and learning_rate.moves else None
+        """Sets the optimizer's rate before every step, in the graph; ``None`` when the rate never changes."""
         self._function: Any = None
 
     def reset(self) -> None:
@@ -62,12 +66,15 @@ class StepLoop:
         return {name: float(value) for name, value in self.model.get_metrics_result().items()}
 
     def _make(self) -> Any:
-        model = self.model
+        model, rate = self.model, self.learning_rate
         one_step = tf.function(model.train_step, reduce_retracing=True, jit_compile=self.jit_compile)
+        optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # a LossScaleOptimizer's
 
         @tf.function
         def run_steps(iterator: Any, steps: tf.Tensor) -> None:
             for _ in tf.range(steps):
+                if rate is not None:
+                    optimizer.learning_rate.assign(rate.at(optimizer.iterations))
                 one_step(next(iterator))
 
         return run_steps

@@ -69,7 +69,7 @@ class Compiled:
         if self.by == "factory":
             return (
                 f"model: compiled by its factory ({self.optimizer}{rate}, loss {self.loss}); the spec's "
-                "training.optimizer, learning_rate, loss and metrics are not used"
+                "training.optimizer, learning_rate, lr_schedule, reduce_lr_on_plateau, loss and metrics are not used"
             )
         return f"model: compiled from the spec ({self.optimizer}{rate}, loss {self.loss})"
 
@@ -83,7 +83,9 @@ def compile_model(
     own = _factory_compile_arguments(model) if spec.model.factory is not None else None
     if own is not None:
         model.compile(**own, jit_compile=jit_compile, steps_per_execution=steps_per_execution)
-        return Compiled("factory", _optimizer_name(model.optimizer), _learning_rate(model.optimizer), _loss_name(own))
+        return Compiled(
+            "factory", _optimizer_name(model.optimizer), current_learning_rate(model.optimizer), _loss_name(own)
+        )
     training = spec.training
     for metric in training.metrics:
         _check_metric(metric)
@@ -115,7 +117,8 @@ def _optimizer_name(optimizer: Any) -> str:
     return type(inner).__name__
 
 
-def _learning_rate(optimizer: Any) -> float | None:
+def current_learning_rate(optimizer: Any) -> float | None:
+    """The optimizer's learning rate now (``None`` where it cannot be read as one number)."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     try:
         return float(keras.ops.convert_to_numpy(inner.learning_rate))
@@ -127,7 +130,7 @@ def use_learning_rate(model: keras.Model, rate: float) -> float | None:
     """Give the model's optimizer ``rate`` (restoring a checkpoint brought back the rate it was saved with, and
     `runner edit` may have changed it since); the rate it had, or ``None`` when it had this one already or follows
     a schedule."""
-    before = _learning_rate(model.optimizer)
+    before = current_learning_rate(model.optimizer)
     if before is None or np.float32(before) == np.float32(rate):
         return None
     getattr(model.optimizer, "inner_optimizer", model.optimizer).learning_rate = rate

@@ -43,8 +43,11 @@ OUTPUTS = {
 }
 
 
-def describe_model(spec: JobSpec, class_names: tuple[str, ...], history: list[dict[str, float]]) -> dict[str, Any]:
-    """The exported model's input contract and classes: what ``final/model.json`` holds."""
+def describe_model(
+    spec: JobSpec, class_names: tuple[str, ...], history: list[dict[str, float]], *, best: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The exported model's input contract and classes: what ``final/model.json`` holds; with ``export.best``,
+    which epoch ``best.keras`` is (1-based) and its monitored value."""
     height, width = spec.dataset.image_size
     last = dict(history[-1]) if history else {}
     last.pop("epoch", None)
@@ -65,12 +68,29 @@ def describe_model(spec: JobSpec, class_names: tuple[str, ...], history: list[di
         "epochs": len(history),
         "metrics": last,
         "optimizer": spec.export.optimizer,
+        "best": None
+        if not (spec.export.best and best)
+        else {
+            "file": BEST_FILE,
+            "epoch": best["epoch"] + 1,
+            "monitor": best["monitor"],
+            "value": best["value"],
+        },
     }
 
 
-def write_exports(model: keras.Model, spec: JobSpec, folder: Path, description: dict[str, Any]) -> list[str]:
-    """Save ``model`` in every format the spec asks for into ``folder`` (local disk), and its description."""
+def write_exports(
+    model: keras.Model,
+    spec: JobSpec,
+    folder: Path,
+    description: dict[str, Any],
+    *,
+    best_weights: list[Any] | None = None,
+) -> list[str]:
+    """Save ``model`` in every format the spec asks for into ``folder`` (local disk), and its description; with
+    ``best_weights``, the model with those weights as ``best.keras`` too (the model keeps them afterwards)."""
     folder.mkdir(parents=True, exist_ok=True)
+    names = [FILE_NAMES[kind] for kind in spec.export.formats]
     for kind in spec.export.formats:
         target = folder / FILE_NAMES[kind]
         if kind == "saved_model":
@@ -78,8 +98,14 @@ def write_exports(model: keras.Model, spec: JobSpec, folder: Path, description: 
             continue
         with _without_legacy_warning(), _optimizer_left_out(model, unless=spec.export.optimizer):
             model.save(str(target), **({"include_optimizer": spec.export.optimizer} if kind == "h5" else {}))
+    if best_weights is not None:
+        for variable, value in zip(model.variables, best_weights, strict=True):
+            variable.assign(value)
+        with _optimizer_left_out(model, unless=False):
+            model.save(str(folder / BEST_FILE))
+        names.append(BEST_FILE)
     (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    return [FILE_NAMES[kind] for kind in spec.export.formats] + [DESCRIPTION_FILE]
+    return [*names, DESCRIPTION_FILE]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import json
 import threading
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,6 +31,8 @@ from runner.errors import CheckpointCorrupt
 STATE_FILE = "state.json"
 VARIABLES_FILE = "variables.npz"
 SNAPSHOT_FORMAT = 2
+BEST = "best"
+"""The prefix of the best epoch's model variables in ``variables.npz`` (only when the spec keeps them)."""
 
 
 @dataclass
@@ -55,6 +57,18 @@ class TrainingState:
     batch_size: int | None = None
     """The batch size training goes on with (halved after running out of memory); ``None`` in snapshots written
     before it was recorded, which means the spec's."""
+    lr_scale: float = 1.0
+    """What a plateau has lowered the learning rate to, as a factor of the schedule's."""
+    plateau: dict[str, Any] | None = None
+    """ReduceLROnPlateau's state: ``best``, ``wait``, ``cooldown``."""
+    early_stopping: dict[str, Any] | None = None
+    """EarlyStopping's state: ``best``, ``best_epoch``, ``wait``."""
+    stopped_early: dict[str, Any] | None = None
+    """Set when the early stop ended training: ``epoch`` (1-based, the last trained), ``monitor``, ``best``,
+    ``best_epoch`` (1-based)."""
+    best_weights: list[np.ndarray] | None = field(default=None, repr=False, compare=False)
+    """The model's variables at the best epoch (see :attr:`best`), kept when the spec restores or exports them:
+    in the snapshot's variables file, not in its state.json."""
 
     def advance(self, steps: int, samples: int) -> None:
         """Account for ``steps`` trained batches holding ``samples`` images."""
@@ -62,13 +76,22 @@ class TrainingState:
         self.step += steps
         self.global_step += steps
 
-    def end_epoch(self, metrics: dict[str, float], monitor: str) -> None:
-        """Close the epoch: record its metrics, update the best value, move to the next epoch's start."""
+    def end_epoch(self, metrics: dict[str, float], monitor: str, mode: str = "min") -> bool:
+        """Close the epoch: record its metrics, update the best value, move to the next epoch's start; whether
+        this epoch is the best so far."""
         self.history.append({"epoch": self.epoch, **metrics})
         value = metrics.get(monitor)
-        if value is not None and (self.best is None or value < self.best["value"]):
+        best = self.best is None or self.best.get("monitor") != monitor
+        if value is not None and not best:
+            best = value > self.best["value"] if mode == "max" else value < self.best["value"]  # type: ignore[index]
+        if value is not None and best:
             self.best = {"monitor": monitor, "value": value, "epoch": self.epoch}
         self.epoch, self.step, self.seen = self.epoch + 1, 0, 0
+        return value is not None and best
+
+    def document(self) -> dict[str, Any]:
+        """What ``state.json`` holds: every field but the best weights."""
+        return {field.name: getattr(self, field.name) for field in fields(self) if field.name != "best_weights"}
 
 
 def _model_variables(model: keras.Model) -> list[Any]:
@@ -147,7 +170,9 @@ def capture_snapshot(model: keras.Model, state: TrainingState) -> CapturedSnapsh
     arrays = _named_arrays("model", _model_variables(model))
     arrays |= _named_arrays("optimizer", _optimizer_variables(model))
     arrays |= _named_arrays("metrics", _metric_variables(model))
-    return CapturedSnapshot(arrays, {"format": SNAPSHOT_FORMAT, **asdict(state)})  # asdict copies the history
+    if state.best_weights is not None:
+        arrays |= {f"{BEST}/{index:05d}": value for index, value in enumerate(state.best_weights)}
+    return CapturedSnapshot(arrays, {"format": SNAPSHOT_FORMAT, **state.document()})  # serialised at once
 
 
 def save_snapshot(model: keras.Model, state: TrainingState, folder: Path) -> None:
@@ -200,6 +225,8 @@ def load_snapshot(model: keras.Model, folder: Path, *, checkpoint: str) -> Train
             model.reset_metrics()
             if any(name.startswith("metrics/") for name in arrays.files):
                 _assign(_metric_variables(model), arrays, "metrics", checkpoint)
+            best = sorted(name for name in arrays.files if name.startswith(f"{BEST}/"))
+            state.best_weights = [arrays[name] for name in best] or None
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as error:  # BadZipFile: a torn array
         raise CheckpointCorrupt(checkpoint, f"cannot load the training snapshot ({error})") from None
     return state
