@@ -179,7 +179,7 @@ def test_tutorial_job_runs_end_to_end_from_a_flaky_server(scratch: Path, tutoria
 
     rows = read_history(job.paths.history)
     assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(TUTORIAL_EPOCHS)]
-    assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
+    assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"}
     for row in rows:
         for column in ("loss", "accuracy", "val_loss", "val_accuracy"):
             assert math.isfinite(float(row[column])), f"{column} in {row}"

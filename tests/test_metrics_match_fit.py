@@ -46,7 +46,8 @@ def fit_history(spec_path: Path, cache: Path) -> tuple[list[dict[str, float]], l
     history = []
     for epoch in range(spec.training.epochs):
         logs = model.fit(data.train_batches(epoch=epoch), validation_data=data.validation_batches(), shuffle=False, verbose=0)
-        history.append({"epoch": epoch, **{name: values[-1] for name, values in logs.history.items()}})
+        rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))  # runner's lr column
+        history.append({"epoch": epoch, **{name: values[-1] for name, values in logs.history.items()}, "lr": rate})
     return history, [np.asarray(variable.numpy()) for variable in model.variables]
 
 

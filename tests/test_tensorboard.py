@@ -29,7 +29,7 @@ from tests.support.tensorboard_files import raw_scalars, tensorboard_scalars
 EPOCHS = 8
 """Enough epochs for three kills to land before the job is done (after the first, an epoch takes ~0.1 s)."""
 
-TAGS = {"train": ("loss", "accuracy"), "validation": ("val_loss", "val_accuracy")}
+TAGS = {"train": ("loss", "accuracy", "lr"), "validation": ("val_loss", "val_accuracy")}
 """history.csv's column behind each run's ``epoch_<metric>`` tags."""
 
 
