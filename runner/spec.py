@@ -314,6 +314,10 @@ class TrainingSpec(_Section):
     lr_schedule: LrScheduleSpec = Field(
         default_factory=LrScheduleSpec, description="how the learning rate moves: `cosine`, or a mapping with kind"
     )
+    class_weight: Literal["balanced"] | dict[str, float] | None = Field(
+        default=None,
+        description="weigh each class's loss: `balanced` (by how rare it is), or class name -> weight (others 1)",
+    )
     reduce_lr_on_plateau: PlateauSpec | None = Field(default=None, description="lower the rate when a metric stalls")
     early_stopping: EarlyStoppingSpec | None = Field(default=None, description="stop when a metric stops improving")
 
@@ -347,6 +351,32 @@ class TrainingSpec(_Section):
         if value != "auto" and not isinstance(value, bool):
             raise ValueError(f"must be 'auto', true or false, got {value!r}")
         return value
+
+    @field_validator("class_weight", mode="before")
+    @classmethod
+    def _balanced_or_mapping(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name, weight in value.items():
+                try:
+                    if isinstance(weight, bool):
+                        raise TypeError  # yes/no is no weight, whatever YAML makes of it
+                    float(weight)
+                except (TypeError, ValueError):
+                    raise ValueError(f"the weight of {name!r} must be a number, got {weight!r}") from None
+            return value
+        if value is None or value == "balanced":
+            return value
+        raise ValueError(f"must be `balanced` or a mapping of class name to weight, got {value!r}")
+
+    @field_validator("class_weight")
+    @classmethod
+    def _positive_weights(cls, weights: str | dict[str, float] | None) -> str | dict[str, float] | None:
+        if isinstance(weights, dict):
+            if not weights:
+                raise ValueError("give at least one class name and its weight, or `balanced`")
+            if bad := [name for name, weight in weights.items() if not (math.isfinite(weight) and weight > 0)]:
+                raise ValueError(f"weights must be positive finite numbers, got {weights[bad[0]]!r} for {bad[0]!r}")
+        return weights
 
     @field_validator("metrics")
     @classmethod

@@ -36,7 +36,9 @@ from tests.support.kill_harness import newest_training_state, newest_variables  
 pytestmark = pytest.mark.slow
 
 
-def fit_history(spec_path: Path, cache: Path) -> tuple[list[dict[str, float]], list[np.ndarray]]:
+def fit_history(
+    spec_path: Path, cache: Path, class_weight: dict[int, float] | None = None
+) -> tuple[list[dict[str, float]], list[np.ndarray]]:
     """``model.fit``, one epoch per call on that epoch's batches (runner's data order), as an idiomatic script."""
     spec = load_spec(spec_path)
     data = prepare_dataset(spec.dataset, seed=spec.training.seed, cache_dir=cache)
@@ -45,7 +47,13 @@ def fit_history(spec_path: Path, cache: Path) -> tuple[list[dict[str, float]], l
     compile_model(model, spec)
     history = []
     for epoch in range(spec.training.epochs):
-        logs = model.fit(data.train_batches(epoch=epoch), validation_data=data.validation_batches(), shuffle=False, verbose=0)
+        logs = model.fit(
+            data.train_batches(epoch=epoch),
+            validation_data=data.validation_batches(),
+            shuffle=False,
+            verbose=0,
+            class_weight=class_weight,
+        )
         rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))  # runner's lr column
         history.append({"epoch": epoch, **{name: values[-1] for name, values in logs.history.items()}, "lr": rate})
     return history, [np.asarray(variable.numpy()) for variable in model.variables]
@@ -70,6 +78,29 @@ def test_epoch_metrics_and_weights_equal_model_fit_on_the_same_batches(tmp_path:
     ours_model = [variables[name] for name in sorted(variables) if name.startswith("model/")]
     assert len(ours_model) == len(weights)
     assert all(np.array_equal(a, b) for a, b in zip(ours_model, weights)), "runner's weights differ from fit's"
+
+
+def test_class_weights_train_as_fit_with_class_weight(tmp_path: Path) -> None:
+    """`training.class_weight` weighs the loss as ``fit(class_weight=...)`` does: the same weights, bit for bit."""
+    digits = make_digit_folders(tmp_path / "digits", train_per_class=16)
+    env = keras_env(tmp_path / "cache")
+    weighted = {"0": 3.0, "2": 0.25}  # class "1" is left out: it weighs 1
+    overrides = {"training": {"epochs": 2, "class_weight": weighted}}
+    submit_keras_spec(tmp_path, tmp_path / "queue", digits, "weighted", env, **overrides)
+    result = run_cli("work", "--queue", str(tmp_path / "queue"), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "class weights: 0 3, 1 1, 2 0.25" in result.stdout + result.stderr
+
+    spec_path = write_keras_spec(tmp_path, "weighted", digits, **overrides)
+    expected, weights = fit_history(spec_path, tmp_path / "fit-cache", class_weight={0: 3.0, 1: 1.0, 2: 0.25})
+    unweighted, _ = fit_history(write_keras_spec(tmp_path, "plain", digits, training={"epochs": 2}), tmp_path / "c2")
+    job = job_of(tmp_path / "queue", "weighted")
+    got = newest_training_state(job)["history"]
+    assert got[0]["loss"] == pytest.approx(expected[0]["loss"], rel=1e-6)
+    assert got[0]["loss"] != pytest.approx(unweighted[0]["loss"], rel=1e-3), "the weights changed nothing"
+    variables = newest_variables(job)
+    ours_model = [variables[name] for name in sorted(variables) if name.startswith("model/")]
+    assert all(np.array_equal(a, b) for a, b in zip(ours_model, weights, strict=True)), "weights differ from fit's"
 
 
 def test_keras_own_metric_state_is_built_before_the_first_step(tmp_path: Path) -> None:

@@ -183,6 +183,20 @@ def test_contradicting_settings_are_one_line_at_submit(tmp_path: Path, training:
     assert not (tmp_path / "queue" / "jobs" / "bad").exists()
 
 
+def test_a_class_weight_for_a_class_the_dataset_lacks_fails_the_job_at_claim_with_one_line(tmp_path: Path) -> None:
+    digits = make_digit_folders(tmp_path / "digits", train_per_class=4, val_per_class=2)
+    env = keras_env(tmp_path / "cache")
+    submit_keras_spec(tmp_path, tmp_path / "queue", digits, "weighted", env, training={"class_weight": {"cats": 2}})
+    result = run_cli("work", "--queue", str(tmp_path / "queue"), env=env, timeout=600)
+
+    assert result.returncode == 1
+    said = " ".join((result.stdout + result.stderr).split())
+    assert "training.class_weight names 'cats', not a class of the dataset (its classes: 0, 1, 2)" in said, said
+    assert "Traceback" not in said
+    state = job_of(tmp_path / "queue", "weighted").read_state()
+    assert state.status.value == "failed" and "class_weight" in (state.error or "")
+
+
 # --- exact across kills -------------------------------------------------------------------------------------
 
 SCHEDULED = {
@@ -192,11 +206,12 @@ SCHEDULED = {
         "reduce_lr_on_plateau": {"monitor": "loss", "patience": 0, "min_delta": 0.3, "factor": 0.5},
         "early_stopping": {"monitor": "val_accuracy", "patience": 3, "restore_best": True},
         "steps_per_execution": 3,
+        "class_weight": {"0": 2.0},
     },
     "export": {"best": True},
 }
-"""A warm-up, a cosine, a plateau that lowers the rate, an early stop with the best weights restored, and the
-best epoch exported. On these digits the loss rarely falls by 0.3 in an epoch, so the plateau lowers the rate
+"""A warm-up, a cosine, a plateau that lowers the rate, an early stop with the best weights restored, the best
+epoch exported, and a class weighed double. On these digits the loss rarely falls by 0.3 in an epoch, so the plateau lowers the rate
 from epoch 2 on, and val_accuracy reaches its best early and stays, so the early stop ends the run: all of it
 happens, and the kills land before, between and after the lowerings."""
 

@@ -73,6 +73,9 @@ class KerasTrainer:
         check_loss_matches_labels(spec)
         warn_if_gpu_unused(context)
         data = prepare_dataset(spec.dataset, seed=spec.training.seed, cache_dir=self.cache_dir, console=context.console)
+        if spec.training.class_weight is not None:
+            data = dataclasses.replace(data, class_weights=class_weights(spec.training.class_weight, data))
+            _say_class_weights(context, data)
         configure_determinism(spec)
         policy = configure_precision(spec)
         try:
@@ -103,6 +106,28 @@ class KerasTrainer:
             return _Session(context, loop, data, workdir, self.clock, self.cache_dir, rate).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def class_weights(setting: str | dict[str, float], data: ImageFolderData) -> tuple[float, ...]:
+    """A loss weight per class: ``balanced`` is sklearn's (images / (classes x images of the class)); a mapping
+    names classes of the dataset, and the classes it leaves out weigh 1."""
+    if setting == "balanced":
+        total, classes = sum(data.train_counts), data.num_classes
+        return tuple(total / (classes * count) if count else 1.0 for count in data.train_counts)
+    assert isinstance(setting, dict)
+    if unknown := [name for name in setting if name not in data.class_names]:
+        raise ModelError(
+            f"training.class_weight names {', '.join(repr(name) for name in unknown)}, not a class of the dataset "
+            f"(its classes: {', '.join(data.class_names)}): use the names of dataset.train's subfolders"
+        )
+    return tuple(float(setting.get(name, 1.0)) for name in data.class_names)
+
+
+def _say_class_weights(context: RunContext, data: ImageFolderData) -> None:
+    weights = data.class_weights or ()
+    shown = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(data.class_names, weights, strict=True))
+    context.log.info("class weights: %s", shown)
+    context.console.print(f"class weights: {shown}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _monitored(metrics: dict[str, float], monitor: str, where: str) -> float:
@@ -142,7 +167,7 @@ def _say_how_it_was_compiled(context: RunContext, compiled: Compiled) -> None:
 def _warn_if_unscaled(context: RunContext, model: keras.Model, data: ImageFolderData) -> None:
     if context.spec.model.factory is None:
         return  # the built-in networks rescale inside
-    images, _ = next(iter(data.train_batches(epoch=0).take(1)))
+    images = next(iter(data.train_batches(epoch=0).take(1)))[0]
     if (warning := unscaled_input_warning(model, context.spec, float(tf.reduce_max(images)))) is not None:
         context.console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
         context.log.warning("%s", warning)

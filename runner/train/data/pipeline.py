@@ -75,8 +75,12 @@ class ImageFolderData:
     num_validation: int
     seed: int
     in_memory: bool
-    _train: _Batcher = field(repr=False, compare=False)
-    _validation: _Batcher | None = field(repr=False, compare=False)
+    train_counts: tuple[int, ...] = ()
+    """Training images per class, in the order of :attr:`class_names`."""
+    class_weights: tuple[float, ...] | None = None
+    """A loss weight per class for the training batches (``training.class_weight``); ``None``: all 1."""
+    _train: _Batcher = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    _validation: _Batcher | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -109,7 +113,7 @@ class ImageFolderData:
             limits = f"between 0 and {self.num_train}, without start_step"
             raise ValueError(f"start_sample must be {limits}, got {start_sample!r}")
         order = epoch_order(self.seed, epoch, self.num_train)
-        return self._finish(self._train.batches(order[start_sample:], self.batch_size))
+        return self._finish(self._train.batches(order[start_sample:], self.batch_size), self.class_weights)
 
     def validation_batches(self) -> tf.data.Dataset | None:
         """Validation batches in a fixed order; ``None`` when the dataset has no validation images."""
@@ -117,11 +121,17 @@ class ImageFolderData:
             return None
         return self._finish(self._validation.batches(np.arange(self.num_validation), self.batch_size))
 
-    def _finish(self, batches: tf.data.Dataset) -> tf.data.Dataset:
+    def _finish(self, batches: tf.data.Dataset, class_weights: tuple[float, ...] | None = None) -> tf.data.Dataset:
+        """Keras' (images, labels) batches; with ``class_weights``, (images, labels, sample weights), as ``fit``
+        makes of its ``class_weight``: the loss is weighted, the metrics are not."""
         mode, classes = self.label_mode, self.num_classes
+        weights = None if class_weights is None else tf.constant(class_weights, dtype=tf.float32)
 
-        def to_keras(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            return tf.cast(images, tf.float32), _encode_labels(labels, mode, classes)
+        def to_keras(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+            keras_batch = (tf.cast(images, tf.float32), _encode_labels(labels, mode, classes))
+            if weights is None:
+                return keras_batch
+            return (*keras_batch, tf.gather(weights, tf.cast(labels, tf.int32)))
 
         options = tf.data.Options()
         options.deterministic = True
@@ -194,6 +204,7 @@ def _read_images(
         num_validation=len(folder.validation) if folder.validation is not None else 0,
         seed=seed,
         in_memory=in_memory,
+        train_counts=tuple(int(count) for count in np.bincount(folder.train.labels, minlength=len(folder.class_names))),
         _train=batcher(folder.train),
         _validation=batcher(folder.validation) if folder.validation is not None else None,
     )
