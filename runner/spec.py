@@ -63,6 +63,29 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class AugmentSpec(_Section):
+    """Random changes to each training image, the same on every resume (validation images are left as they are)."""
+
+    flip: Literal["horizontal", "vertical", "both"] | None = Field(default=None, description="mirror half the images")
+    rotation: float = Field(
+        default=0.0, strict=True, ge=0, le=0.5, description="turn by up to this fraction of a full turn, either way"
+    )
+    zoom: float = Field(default=0.0, strict=True, ge=0, lt=1, description="zoom in or out by up to this fraction")
+    translation: float = Field(
+        default=0.0, strict=True, ge=0, le=0.5, description="shift by up to this fraction of the height and width"
+    )
+    contrast: float = Field(default=0.0, strict=True, ge=0, lt=1, description="scale the contrast by 1 ± up to this")
+    brightness: float = Field(
+        default=0.0, strict=True, ge=0, le=1, description="shift the brightness by up to this fraction of 255"
+    )
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> AugmentSpec:
+        if self.flip is None and not any((self.rotation, self.zoom, self.translation, self.contrast, self.brightness)):
+            raise ValueError("changes nothing: give flip, rotation, zoom, translation, contrast or brightness")
+        return self
+
+
 class DatasetSpec(_Section):
     """Where the images come from and how they are batched."""
 
@@ -79,6 +102,7 @@ class DatasetSpec(_Section):
         default="binary", description="binary: 2 classes, one 0/1 output; categorical: one-hot; int: class numbers"
     )
     batch_size: int = Field(default=20, strict=True, ge=1, le=65536, description="images per training step")
+    augment: AugmentSpec | None = Field(default=None, description="random changes to the training images")
 
     @field_validator("image_size")
     @classmethod

@@ -191,6 +191,12 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {
         "and a `monitor` is a metric of the job (`val_` ones need validation data)",
         {"training.early_stopping": {"monitor": "val_auc"}},
     ),
+    "AugmentSpec._changes_something": ("at least one change", {"dataset.augment": {"flip": None}}),
+    "TrainingSpec._balanced_or_mapping": (
+        "`balanced` or a mapping of class names to numbers",
+        {"training.class_weight": "balance"},
+    ),
+    "TrainingSpec._positive_weights": ("each weight a positive finite number", {"training.class_weight": {"cats": 0}}),
     "LrScheduleSpec._kind_alone": ("`lr_schedule: cosine` stands for `lr_schedule: {kind: cosine}`", {}),
     "LrScheduleSpec._parameters_of_its_kind": (
         "only the parameters of its `kind` (and `warmup_epochs`)",

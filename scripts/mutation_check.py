@@ -218,6 +218,12 @@ MUTATIONS = (
         (SCHEDULES,),
     ),
     Mutation(
+        "schedule", "augmentation drawn from a stateful generator, not from (seed, epoch, image)",
+        "runner/train/data/augment.py",
+        (("lambda pair: tf.random.stateless_uniform([_DRAWS], seed=pair)", "lambda pair: tf.random.uniform([_DRAWS])"),),
+        (SCHEDULES,),
+    ),
+    Mutation(
         "schedule", "the best epoch's weights not kept in the snapshot", SNAPSHOT,
         (("    if state.best_weights is not None:\n", "    if False:\n"),),
         (SCHEDULES,),

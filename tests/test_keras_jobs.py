@@ -43,6 +43,7 @@ from tests.support.keras_jobs_archives import (
 pytestmark = pytest.mark.slow
 
 TUTORIAL_SPEC = REPO / "jobs" / "cats_vs_dogs.yaml"
+AUGMENTED_SPEC = REPO / "jobs" / "cats_vs_dogs_augmented.yaml"
 TUTORIAL_EPOCHS = 2
 ARCHIVE_PATH = f"/{TUTORIAL_ROOT}.zip"
 SIMPLE_CNN_150_PARAMS = (3 * 3 * 3 * 32 + 32) + (74 * 74 * 32 * 512 + 512) + (512 + 1)
@@ -197,6 +198,42 @@ def test_tutorial_job_runs_end_to_end_from_a_flaky_server(scratch: Path, tutoria
     predictions = model.predict(tf.stack(images), verbose=0)
     assert predictions.shape == (3, 1)
     assert np.all((predictions >= 0) & (predictions <= 1)), "the head is one sigmoid unit"
+
+
+def test_the_augmented_tutorial_job_runs_end_to_end(scratch: Path, tutorial_zip: bytes) -> None:
+    """jobs/cats_vs_dogs_augmented.yaml as shipped, on the look-alike archive, with only the source, the checksum
+    and the epochs changed: augmentation, dropout, a warm-up and cosine, the early stop's watch and the best
+    epoch's export all run on the tutorial's 89.7-million-parameter network."""
+    import keras  # noqa: PLC0415 (TensorFlow only where a test needs it)
+
+    shipped = yaml.safe_load(AUGMENTED_SPEC.read_text())
+    env, queue = keras_env(scratch / "cache"), scratch / "queue"
+    with serve({ARCHIVE_PATH: tutorial_zip}) as served:
+        spec = copy.deepcopy(shipped)
+        spec["dataset"]["source"], spec["dataset"]["sha256"] = served.url(ARCHIVE_PATH), sha256_of(tutorial_zip)
+        spec["training"]["epochs"] = 3
+        submit(queue, env, scratch, spec)
+        result = work(queue, env)
+    console = console_of(result)
+    assert result.returncode == 0, console[-4000:]
+    assert "Traceback" not in console
+
+    job = job_of(queue, "cats-vs-dogs-augmented")
+    assert_only_changes(
+        parse_spec(shipped).model_dump(), job.read_spec().model_dump(),
+        {"dataset.source", "dataset.sha256", "training.epochs"},
+    )  # fmt: skip
+    state = job.read_state()
+    assert state.status is JobStatus.DONE, state.error
+    rows = read_history(job.paths.history)
+    rates = [float(row["lr"]) for row in rows]
+    assert rates[0] == pytest.approx(0.001, rel=1e-5), "the warm-up ends at the full rate"
+    assert rates[0] > rates[1] > rates[2] >= 0.001 * 0.05, rates
+    assert {path.name for path in job.paths.final.iterdir()} == {"model.keras", "best.keras", "model.json"}
+    description = json.loads((job.paths.final / "model.json").read_text())
+    assert description["best"]["monitor"] == "val_accuracy" and 1 <= description["best"]["epoch"] <= len(rows)
+    best = keras.models.load_model(job.paths.final / "best.keras")
+    assert best.count_params() == SIMPLE_CNN_150_PARAMS
 
 
 def test_tutorial_job_with_a_wrong_sha256_fails_with_one_line(scratch: Path, tutorial_zip: bytes) -> None:

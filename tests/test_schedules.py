@@ -200,6 +200,7 @@ def test_a_class_weight_for_a_class_the_dataset_lacks_fails_the_job_at_claim_wit
 # --- exact across kills -------------------------------------------------------------------------------------
 
 SCHEDULED = {
+    "dataset": {"augment": {"flip": "horizontal", "rotation": 0.05, "brightness": 0.05}},
     "training": {
         "epochs": 10,
         "lr_schedule": {"kind": "cosine", "warmup_epochs": 1, "alpha": 0.1},
@@ -211,7 +212,7 @@ SCHEDULED = {
     "export": {"best": True},
 }
 """A warm-up, a cosine, a plateau that lowers the rate, an early stop with the best weights restored, the best
-epoch exported, and a class weighed double. On these digits the loss rarely falls by 0.3 in an epoch, so the plateau lowers the rate
+epoch exported, a class weighed double, and augmented images. On these digits the loss rarely falls by 0.3 in an epoch, so the plateau lowers the rate
 from epoch 2 on, and val_accuracy reaches its best early and stays, so the early stop ends the run: all of it
 happens, and the kills land before, between and after the lowerings."""
 

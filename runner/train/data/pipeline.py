@@ -25,7 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from runner.errors import DatasetError
 from runner.paths import default_cache_dir
-from runner.spec import DatasetSpec
+from runner.spec import AugmentSpec, DatasetSpec
+from runner.train.data.augment import augmenter
 from runner.train.data.cache import fetch_source
 from runner.train.data.download import is_transient_download
 from runner.train.data.image_folder import Examples, find_images
@@ -58,7 +59,8 @@ def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
 
 class _Batcher(Protocol):
     def batches(self, indices: np.ndarray, batch_size: int) -> tf.data.Dataset:
-        """Batches of (uint8 images, int32 class indices) of the examples at ``indices``, in that order."""
+        """Batches of (uint8 images, int32 class indices, int64 ``indices``) of the examples at ``indices``, in
+        that order."""
         ...
 
 
@@ -79,6 +81,8 @@ class ImageFolderData:
     """Training images per class, in the order of :attr:`class_names`."""
     class_weights: tuple[float, ...] | None = None
     """A loss weight per class for the training batches (``training.class_weight``); ``None``: all 1."""
+    augment: AugmentSpec | None = None
+    """Random changes to the training images (``dataset.augment``)."""
     _train: _Batcher = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _validation: _Batcher | None = field(default=None, repr=False, compare=False)
 
@@ -113,7 +117,8 @@ class ImageFolderData:
             limits = f"between 0 and {self.num_train}, without start_step"
             raise ValueError(f"start_sample must be {limits}, got {start_sample!r}")
         order = epoch_order(self.seed, epoch, self.num_train)
-        return self._finish(self._train.batches(order[start_sample:], self.batch_size), self.class_weights)
+        augment = None if self.augment is None else augmenter(self.augment, seed=self.seed, epoch=epoch)
+        return self._finish(self._train.batches(order[start_sample:], self.batch_size), self.class_weights, augment)
 
     def validation_batches(self) -> tf.data.Dataset | None:
         """Validation batches in a fixed order; ``None`` when the dataset has no validation images."""
@@ -121,14 +126,22 @@ class ImageFolderData:
             return None
         return self._finish(self._validation.batches(np.arange(self.num_validation), self.batch_size))
 
-    def _finish(self, batches: tf.data.Dataset, class_weights: tuple[float, ...] | None = None) -> tf.data.Dataset:
+    def _finish(
+        self,
+        batches: tf.data.Dataset,
+        class_weights: tuple[float, ...] | None = None,
+        augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
+    ) -> tf.data.Dataset:
         """Keras' (images, labels) batches; with ``class_weights``, (images, labels, sample weights), as ``fit``
-        makes of its ``class_weight``: the loss is weighted, the metrics are not."""
+        makes of its ``class_weight``: the loss is weighted, the metrics are not. ``augment`` changes the images."""
         mode, classes = self.label_mode, self.num_classes
         weights = None if class_weights is None else tf.constant(class_weights, dtype=tf.float32)
 
-        def to_keras(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
-            keras_batch = (tf.cast(images, tf.float32), _encode_labels(labels, mode, classes))
+        def to_keras(images: tf.Tensor, labels: tf.Tensor, ids: tf.Tensor) -> tuple[tf.Tensor, ...]:
+            images = tf.cast(images, tf.float32)
+            if augment is not None:
+                images = augment(images, ids)
+            keras_batch = (images, _encode_labels(labels, mode, classes))
             if weights is None:
                 return keras_batch
             return (*keras_batch, tf.gather(weights, tf.cast(labels, tf.int32)))
@@ -204,6 +217,7 @@ def _read_images(
         num_validation=len(folder.validation) if folder.validation is not None else 0,
         seed=seed,
         in_memory=in_memory,
+        augment=spec.augment,
         train_counts=tuple(int(count) for count in np.bincount(folder.train.labels, minlength=len(folder.class_names))),
         _train=batcher(folder.train),
         _validation=batcher(folder.validation) if folder.validation is not None else None,
@@ -251,8 +265,8 @@ class _DecodedImages:
     def batches(self, indices: np.ndarray, batch_size: int) -> tf.data.Dataset:
         images, labels = self._images, self._labels
 
-        def gather(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            return tf.gather(images, batch), tf.gather(labels, batch)
+        def gather(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            return tf.gather(images, batch), tf.gather(labels, batch), batch
 
         batches = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64)).batch(batch_size)
         return batches.map(gather, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -269,9 +283,11 @@ class _ImageFiles:
     def batches(self, indices: np.ndarray, batch_size: int) -> tf.data.Dataset:
         load = self._load
         files = tf.data.Dataset.from_tensor_slices(
-            (tf.constant(list(self._paths[indices]), dtype=tf.string), self._labels[indices])
+            (tf.constant(list(self._paths[indices]), dtype=tf.string), self._labels[indices], indices.astype(np.int64))
         )
-        decoded = files.map(lambda path, label: (load(path), label), num_parallel_calls=AUTOTUNE, deterministic=True)
+        decoded = files.map(
+            lambda path, label, index: (load(path), label, index), num_parallel_calls=AUTOTUNE, deterministic=True
+        )
         return decoded.batch(batch_size)
 
 
