@@ -315,7 +315,8 @@ class _Session:
             state.plateau, state.lr_scale = step.state, step.scale
             if step.lowered:
                 self.rate.scale.assign(step.scale)
-                lowered = float(self.rate.at(self.model.optimizer.iterations))
+                optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+                lowered = float(self.rate.at(optimizer.iterations))
                 waited = counted(max(plateau.patience, 1), "epoch")
                 message = f"{monitor} has not improved for {waited}: learning rate lowered to {lowered:.3g}"
                 self.context.console.print(f"{self.context.job.name}: {message}", markup=False, highlight=False)
