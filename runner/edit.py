@@ -152,6 +152,7 @@ def replace_spec(queue: Queue, spec: JobSpec) -> Replacement:
                     "generation": generation,
                     "error": None,
                     "finished_at": None,
+                    "stopped_early": None,
                     "updated_at": now,
                 }
             )

@@ -224,6 +224,9 @@ class PlateauSpec(_Section):
         default=0, strict=True, ge=0, description="epochs to wait after lowering it before counting again"
     )
     min_lr: float = Field(default=0.0, strict=True, ge=0, description="the rate is never lowered below this")
+    mode: Literal["auto", "min", "max"] = Field(
+        default="auto", description="whether lower or higher is better; auto: higher for accuracy, auc, precision, recall"
+    )
 
 
 class EarlyStoppingSpec(_Section):
@@ -244,8 +247,10 @@ class EarlyStoppingSpec(_Section):
     )
 
 
-HIGHER_IS_BETTER = ("acc", "accuracy", "auc", "precision", "recall", "f1", "iou")
-"""Metric names (without ``val_``) whose higher values are better: ``mode: auto`` maximises them."""
+HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
+"""Parts of metric names whose higher values are better (``accuracy``, ``val_binary_accuracy``, ``mean_iou``,
+``r2_score``...): ``mode: auto`` maximises them, as Keras' callbacks do; every other metric (and the loss) is
+minimised."""
 
 
 def monitor_mode(monitor: str, mode: str = "auto") -> str:
@@ -253,7 +258,7 @@ def monitor_mode(monitor: str, mode: str = "auto") -> str:
     if mode != "auto":
         return mode
     name = monitor.removeprefix("val_")
-    return "max" if any(name == word or name.startswith(f"{word}_") for word in HIGHER_IS_BETTER) else "min"
+    return "max" if name != "loss" and any(word in name for word in HIGHER_IS_BETTER) else "min"
 
 
 def resolved_monitor(spec: JobSpec, monitor: str | None) -> str:
@@ -380,6 +385,7 @@ class TrainingSpec(_Section):
     @classmethod
     def _balanced_or_mapping(cls, value: Any) -> Any:
         if isinstance(value, dict):
+            value = {str(name): weight for name, weight in value.items()}  # class folders 0, 1, 2 read as numbers
             for name, weight in value.items():
                 try:
                     if isinstance(weight, bool):

@@ -333,10 +333,25 @@ def make_dirs(path: Path) -> None:
     Path(path).mkdir(parents=True, exist_ok=True)
 
 
-@retry_io
 def rename(source: Path, target: Path) -> None:
-    """Rename a file or a folder in one step (same file system), retried on a transient error."""
-    os.rename(source, target)
+    """Rename a file or a folder in one step (same file system), retried on a transient error; a retry that finds
+    the work done by its own earlier try (the mount renamed, then failed to answer) takes it as done."""
+    tried = False
+
+    @retry_io
+    def attempt() -> None:
+        nonlocal tried
+        earlier, tried = tried, True
+        if earlier and _renamed_already(source, target):
+            return
+        os.rename(source, target)
+
+    attempt()
+
+
+def _renamed_already(source: Path, target: Path) -> bool:
+    """Whether an earlier try of this rename did it: the source is gone and the target is there."""
+    return not os.path.lexists(source) and os.path.lexists(target)
 
 
 def tree_size(path: Path) -> int | None:
@@ -474,14 +489,28 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-@retry_io
 def commit_dir(source: Path, target: Path) -> None:
-    """Rename a fully written folder into place; fails with ``FileExistsError``-like errors if ``target`` exists."""
-    if target.exists():
-        # rename(2) would silently replace an empty target folder; a commit must never replace anything.
-        raise StorageError(f"{target}: already exists", path=str(target), errno_=errno.EEXIST)
-    os.rename(source, target)
-    fsync_dir(target.parent)
+    """Rename a fully written folder into place; fails with ``FileExistsError``-like errors if ``target`` exists.
+
+    A mount can rename and then fail to answer (Drive's errno 107): the retry then finds the source gone and the
+    target there, its own earlier try's work, and only makes it durable. On a first try an existing target is
+    always someone else's."""
+    tried = False
+
+    @retry_io
+    def attempt() -> None:
+        nonlocal tried
+        earlier, tried = tried, True
+        if earlier and _renamed_already(source, target):
+            fsync_dir(target.parent)
+            return
+        if target.exists():
+            # rename(2) would silently replace an empty target folder; a commit must never replace anything.
+            raise StorageError(f"{target}: already exists", path=str(target), errno_=errno.EEXIST)
+        os.rename(source, target)
+        fsync_dir(target.parent)
+
+    attempt()
 
 
 def free_bytes(path: Path) -> int | None:

@@ -67,6 +67,47 @@ def test_a_plateau_scales_the_curve_and_never_takes_it_below_min_lr() -> None:
     assert rate_of(falling, [50], scale=1.0) == pytest.approx([0.0], abs=1e-9)  # the schedule alone may go lower
 
 
+def test_a_warmup_of_a_fraction_of_a_step_never_goes_above_the_rate() -> None:
+    assert rate_of({"lr_schedule": {"kind": "constant", "warmup_epochs": 0.05}}, [0, 1]) == pytest.approx([0.1, 0.1])
+    three = rate_of({"lr_schedule": {"kind": "constant", "warmup_epochs": 0.25}}, [0, 1, 2, 3])  # 2.5 steps: 3
+    assert three == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1])
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode"),
+    [
+        ("val_loss", "min"), ("loss", "min"), ("val_mean_squared_error", "min"), ("accuracy", "max"),
+        ("val_binary_accuracy", "max"), ("sparse_categorical_accuracy", "max"), ("val_auc", "max"),
+        ("mean_iou", "max"), ("r2_score", "max"), ("val_precision", "max"), ("recall", "max"),
+    ],
+)  # fmt: skip
+def test_auto_mode_maximises_the_metrics_keras_maximises(monitor: str, mode: str) -> None:
+    from runner.spec import monitor_mode  # noqa: PLC0415
+
+    assert monitor_mode(monitor) == mode
+
+
+def test_a_changed_monitor_starts_its_watch_again() -> None:
+    """`runner edit` switched val_accuracy for val_loss: the stored best (an accuracy) means nothing for a loss."""
+    from runner.train.engine.watchers import early_stopping_epoch_end, plateau_epoch_end  # noqa: PLC0415
+
+    stop = early_stopping_epoch_end(
+        EarlyStoppingSpec(patience=1), "val_loss", {"best": 0.9, "best_epoch": 3, "wait": 1, "monitor": "val_accuracy",
+        "mode": "max"}, 1.2, epoch=5,
+    )  # fmt: skip
+    assert (stop.best, stop.stop, stop.state["best"], stop.state["wait"]) == (True, False, 1.2, 0)
+    lowered = plateau_epoch_end(
+        PlateauSpec(patience=0), "val_loss", {"best": 0.9, "wait": 0, "cooldown": 0, "monitor": "val_accuracy",
+        "mode": "max"}, 1.2, rate=0.1, scale=1.0,
+    )  # fmt: skip
+    assert not lowered.lowered and lowered.state["best"] == 1.2
+
+
+def test_class_weight_keys_written_as_numbers_name_the_class_folders() -> None:
+    spec = make_spec("a", training={"class_weight": {0: 2.0, 1: 0.5}})
+    assert spec.training.class_weight == {"0": 2.0, "1": 0.5}
+
+
 # --- the same decisions as Keras' callbacks --------------------------------------------------------------------
 
 SEQUENCES = [

@@ -424,6 +424,41 @@ def test_an_exclusive_create_whose_error_came_right_after_making_the_file_is_our
     assert marker.read_bytes() == b"host-a 1234 token-a"
 
 
+@pytest.mark.parametrize("operation", ["commit_dir", "rename"])
+def test_a_rename_whose_error_came_after_the_work_is_done_on_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    """The mount renamed the folder and then failed to answer: the retry finds the work done, instead of failing
+    on a source that is gone (a job failed that way in the chaos runs, pruning a checkpoint under faults)."""
+    source, target = tmp_path / "checkpoints" / "g000002-e000000-s000000002", tmp_path / "checkpoints" / ".old"
+    source.mkdir(parents=True)
+    (source / "MANIFEST.json").write_text("{}")
+    real_rename = os.rename
+    failed: list[str] = []
+
+    def rename_then_fail(old: object, new: object) -> None:
+        real_rename(old, new)
+        if not failed:
+            failed.append(str(old))
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+    monkeypatch.setattr(os, "rename", rename_then_fail)
+    getattr(storage, operation)(source, target)
+    monkeypatch.undo()
+
+    assert failed == [str(source)], "the fault was not injected"
+    assert not source.exists() and (target / "MANIFEST.json").read_text() == "{}"
+
+
+def test_a_commit_onto_an_existing_folder_on_its_first_try_is_refused(tmp_path: Path) -> None:
+    source, target = tmp_path / "new", tmp_path / "taken"
+    source.mkdir()
+    target.mkdir()
+    with pytest.raises(StorageError, match="already exists"):
+        storage.commit_dir(source, target)
+    assert source.exists()
+
+
 def test_an_empty_file_found_on_a_first_try_belongs_to_another_worker(tmp_path: Path) -> None:
     marker = tmp_path / "g000005"
     marker.write_bytes(b"")  # another worker between its create and its write

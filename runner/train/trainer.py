@@ -296,7 +296,9 @@ class _Session:
         if (rate := current_learning_rate(self.model.optimizer)) is not None:
             metrics["lr"] = rate  # the rate of the epoch's last step, as Keras' callbacks log it
         epoch = state.epoch
-        best = state.end_epoch(metrics, self.monitor, self.monitor_mode)
+        # With an early stop, the best epoch is its judgement (min_delta included), made in _watch.
+        judged = self.spec.training.early_stopping is None
+        best = state.end_epoch(metrics, self.monitor if judged else None, self.monitor_mode)
         line = self.progress.summary(epoch, metrics, seconds)
         self.context.log.info("%s", line)
         if self._watch(state, metrics, epoch, best) and self.keep_best:
@@ -483,6 +485,10 @@ class _Session:
             # when it was the last one, nothing would record it again and status would show an older one.
             context.record_checkpoint(info, metrics=state.history[-1] if state.history else {})
         shutil.rmtree(scratch, ignore_errors=True)
+        if state.stopped_early is None and context.claim.claimed.stopped_early is not None:
+            # The session before decided to stop early but died before that checkpoint was committed: training
+            # goes on from an earlier one, and decides again.
+            context.claim.update(stopped_early=None)
         state.generation = context.generation
         state.steps_per_epoch = self.data.steps_per_epoch
         self.elapsed_before = state.elapsed_s
@@ -518,8 +524,12 @@ class _Session:
         folder only once that checkpoint has."""
         paths = self.context.job.paths
         local = self.workdir / "final"
-        description = describe_model(self.spec, self.data.class_names, state.history, best=state.best)
         best = state.best_weights if self.spec.export.best else None
+        if self.spec.export.best and best is None:
+            self.context.log.warning("export.best: no best epoch's weights were kept (added by runner edit late?)")
+        description = describe_model(
+            self.spec, self.data.class_names, state.history, best=state.best if best is not None else None
+        )
         names = write_exports(self.model, self.spec, local, description, best_weights=best)
         if not publisher.flush(timeout := flush_timeout()):
             raise StorageError(

@@ -42,7 +42,8 @@ class LearningRate:
         self.min_lr = plateau.min_lr if plateau is not None else None
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = training.epochs * steps_per_epoch
-        self.warmup_steps = self.schedule.warmup_epochs * steps_per_epoch
+        # Whole steps, at least one when there is a warm-up: a fraction of a step would overshoot the rate.
+        self.warmup_steps = math.ceil(self.schedule.warmup_epochs * steps_per_epoch)
         self.decay_steps = self.schedule.decay_epochs * steps_per_epoch
         self.scale = keras.Variable(1.0, dtype="float32", trainable=False, name="lr_scale")
         """What a plateau has lowered the rate to, as a factor (1 until it does); set between compiled calls."""
@@ -57,7 +58,7 @@ class LearningRate:
         step = ops.cast(step, "float32")
         rate = self._after_warmup(step - self.warmup_steps)
         if self.warmup_steps > 0:
-            warming = self.base * (step + 1.0) / self.warmup_steps
+            warming = ops.minimum(self.base * (step + 1.0) / self.warmup_steps, self.base)
             rate = ops.where(step < self.warmup_steps, warming, rate)
         rate = rate * ops.convert_to_tensor(self.scale)
         if self.min_lr is not None:

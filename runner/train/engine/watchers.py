@@ -17,10 +17,21 @@ from runner.spec import EarlyStoppingSpec, JobSpec, PlateauSpec, monitor_mode, r
 
 
 def improved(value: float, best: float | None, *, mode: str, min_delta: float) -> bool:
-    """Whether ``value`` beats ``best`` by more than ``min_delta`` (anything beats no best yet)."""
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (anything beats no best yet), compared in float32
+    as Keras' callbacks compare them (``ops.less(value - delta, best)``)."""
     if best is None:
         return True
-    return value - min_delta > best if mode == "max" else value + min_delta < best
+    if mode == "max":
+        return bool(np.float32(value - min_delta) > np.float32(best))
+    return bool(np.float32(value + min_delta) < np.float32(best))
+
+
+def _fresh(state: dict[str, Any] | None, monitor: str, mode: str, empty: dict[str, Any]) -> dict[str, Any]:
+    """The state to go on from: a copy of ``state``, or ``empty`` when there is none or it watched another metric
+    or direction (`runner edit` changed the monitor: the old best means nothing for the new one)."""
+    if state is None or state.get("monitor", monitor) != monitor or state.get("mode", mode) != mode:
+        return {**empty, "monitor": monitor, "mode": mode}
+    return {**state, "monitor": monitor, "mode": mode}
 
 
 @dataclass(frozen=True)
@@ -37,8 +48,8 @@ def plateau_epoch_end(
     spec: PlateauSpec, monitor: str, state: dict[str, Any] | None, value: float, *, rate: float, scale: float
 ) -> PlateauStep:
     """ReduceLROnPlateau's ``on_epoch_end``: ``rate`` is the learning rate now, ``scale`` its factor so far."""
-    state = dict(state or {"best": None, "wait": 0, "cooldown": 0})
-    mode = monitor_mode(monitor)
+    mode = monitor_mode(monitor, spec.mode)
+    state = _fresh(state, monitor, mode, {"best": None, "wait": 0, "cooldown": 0})
     if state["cooldown"] > 0:
         state["cooldown"] -= 1
         state["wait"] = 0
@@ -68,9 +79,10 @@ def early_stopping_epoch_end(
     spec: EarlyStoppingSpec, monitor: str, state: dict[str, Any] | None, value: float, *, epoch: int
 ) -> StopStep:
     """EarlyStopping's ``on_epoch_end`` for the 0-based ``epoch``."""
-    state = dict(state or {"best": None, "best_epoch": None, "wait": 0})
+    mode = monitor_mode(monitor, spec.mode)
+    state = _fresh(state, monitor, mode, {"best": None, "best_epoch": None, "wait": 0})
     state["wait"] += 1
-    if improved(value, state["best"], mode=monitor_mode(monitor, spec.mode), min_delta=spec.min_delta):
+    if improved(value, state["best"], mode=mode, min_delta=spec.min_delta):
         state["best"], state["best_epoch"], state["wait"] = value, epoch, 0
         return StopStep(state, best=True, stop=False)
     return StopStep(state, best=False, stop=state["wait"] >= spec.patience and epoch > 0)

@@ -76,11 +76,11 @@ class TrainingState:
         self.step += steps
         self.global_step += steps
 
-    def end_epoch(self, metrics: dict[str, float], monitor: str, mode: str = "min") -> bool:
-        """Close the epoch: record its metrics, update the best value, move to the next epoch's start; whether
-        this epoch is the best so far."""
+    def end_epoch(self, metrics: dict[str, float], monitor: str | None, mode: str = "min") -> bool:
+        """Close the epoch: record its metrics, update the best value (unless ``monitor`` is ``None``: an early
+        stop judges it), move to the next epoch's start; whether this epoch is the best so far."""
         self.history.append({"epoch": self.epoch, **metrics})
-        value = metrics.get(monitor)
+        value = metrics.get(monitor) if monitor is not None else None
         best = self.best is None or self.best.get("monitor") != monitor
         if value is not None and not best:
             best = value > self.best["value"] if mode == "max" else value < self.best["value"]  # type: ignore[index]
