@@ -336,15 +336,25 @@ def make_dirs(path: Path) -> None:
 def rename(source: Path, target: Path) -> None:
     """Rename a file or a folder in one step (same file system), retried on a transient error; a retry that finds
     the work done by its own earlier try (the mount renamed, then failed to answer) takes it as done."""
+    _rename_retried(source, target, refuse_existing=False)
+
+
+def _rename_retried(source: Path, target: Path, *, refuse_existing: bool) -> None:
+    """``os.rename`` under the retry policy, where a retry that finds its own earlier try's work (the source gone,
+    the target there) takes it as done. With ``refuse_existing`` (a commit), a target found on the first try is
+    refused (rename(2) would silently replace an empty folder), and the rename is made durable."""
     tried = False
 
     @retry_io
     def attempt() -> None:
         nonlocal tried
         earlier, tried = tried, True
-        if earlier and _renamed_already(source, target):
-            return
-        os.rename(source, target)
+        if not (earlier and _renamed_already(source, target)):
+            if refuse_existing and target.exists():
+                raise StorageError(f"{target}: already exists", path=str(target), errno_=errno.EEXIST)
+            os.rename(source, target)
+        if refuse_existing:
+            fsync_dir(target.parent)
 
     attempt()
 
@@ -494,23 +504,8 @@ def commit_dir(source: Path, target: Path) -> None:
 
     A mount can rename and then fail to answer (Drive's errno 107): the retry then finds the source gone and the
     target there, its own earlier try's work, and only makes it durable. On a first try an existing target is
-    always someone else's."""
-    tried = False
-
-    @retry_io
-    def attempt() -> None:
-        nonlocal tried
-        earlier, tried = tried, True
-        if earlier and _renamed_already(source, target):
-            fsync_dir(target.parent)
-            return
-        if target.exists():
-            # rename(2) would silently replace an empty target folder; a commit must never replace anything.
-            raise StorageError(f"{target}: already exists", path=str(target), errno_=errno.EEXIST)
-        os.rename(source, target)
-        fsync_dir(target.parent)
-
-    attempt()
+    always someone else's (a commit must never replace anything)."""
+    _rename_retried(source, target, refuse_existing=True)
 
 
 def free_bytes(path: Path) -> int | None:
