@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from rich.markup import escape
 
@@ -42,8 +41,10 @@ from runner.train.models.build import (
     check_loss_matches_labels,
     compile_model,
     current_learning_rate,
+    model_weights,
     unscaled_input_warning,
     use_learning_rate,
+    use_model_weights,
 )
 from runner.train.outputs.export import describe_model, publish_exports, write_exports
 from runner.train.outputs.progress import EpochProgress
@@ -302,7 +303,7 @@ class _Session:
         line = self.progress.summary(epoch, metrics, seconds)
         self.context.log.info("%s", line)
         if self._watch(state, metrics, epoch, best) and self.keep_best:
-            state.best_weights = [np.array(variable.numpy()) for variable in self.model.variables]
+            state.best_weights = model_weights(self.model)
         if state.stopped_early is not None:
             self._say_stopped_early(state.stopped_early)
 
@@ -357,8 +358,7 @@ class _Session:
         stopping = self.spec.training.early_stopping
         if stopping is None or not stopping.restore_best or state.best_weights is None:
             return
-        for variable, value in zip(self.model.variables, state.best_weights, strict=True):
-            variable.assign(value)
+        use_model_weights(self.model, state.best_weights)
         epoch = (state.best or {}).get("epoch")
         self.context.log.info("restored the weights of the best epoch (%s)", "?" if epoch is None else epoch + 1)
 

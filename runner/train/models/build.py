@@ -126,6 +126,18 @@ def current_learning_rate(optimizer: Any) -> float | None:
         return None
 
 
+def model_weights(model: keras.Model) -> list[np.ndarray]:
+    """Host copies of every variable of the model (weights, batch-norm statistics, seed states), in the order
+    :func:`use_model_weights` takes them: how the best epoch's weights are kept."""
+    return [np.array(variable.numpy()) for variable in model.variables]
+
+
+def use_model_weights(model: keras.Model, values: list[np.ndarray]) -> None:
+    """Give the model the variables :func:`model_weights` copied."""
+    for variable, value in zip(model.variables, values, strict=True):
+        variable.assign(value)
+
+
 def use_learning_rate(model: keras.Model, rate: float) -> float | None:
     """Give the model's optimizer ``rate`` (restoring a checkpoint brought back the rate it was saved with, and
     `runner edit` may have changed it since); the rate it had, or ``None`` when it had this one already or follows

@@ -19,6 +19,7 @@ from runner import storage
 from runner.errors import StorageError
 from runner.paths import JobPaths, temp_sibling
 from runner.spec import JobSpec
+from runner.train.models.build import use_model_weights
 
 FILE_NAMES = {"keras": "model.keras", "h5": "model.h5", "saved_model": "saved_model"}
 """What each export format is called inside ``final/``."""
@@ -99,8 +100,7 @@ def write_exports(
         with _without_legacy_warning(), _optimizer_left_out(model, unless=spec.export.optimizer):
             model.save(str(target), **({"include_optimizer": spec.export.optimizer} if kind == "h5" else {}))
     if best_weights is not None:
-        for variable, value in zip(model.variables, best_weights, strict=True):
-            variable.assign(value)
+        use_model_weights(model, best_weights)
         with _optimizer_left_out(model, unless=False):
             model.save(str(folder / BEST_FILE))
         names.append(BEST_FILE)
