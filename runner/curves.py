@@ -38,6 +38,7 @@ SUBPLOT_SIZE_IN = (5.0, 4.0)
 RESTART_COLOUR = "grey"
 EARLY_STOP_COLOUR = "firebrick"
 LOWERED_COLOUR = "darkorange"
+FINE_TUNE_COLOUR = "seagreen"
 LEARNING_RATE = "lr"
 """history.csv's column of the learning rate: drawn on a subplot of its own when it moved."""
 
@@ -127,14 +128,16 @@ def read_restarts(queue: Queue, name: str) -> list[Restart]:
 
 def figure_for_job(queue: Queue, name: str) -> Figure:
     """One job's learning curves: a subplot for the loss and one per metric, train and validation, and one for
-    the learning rate when it moved; restarts as dashed lines, an early stop as a solid one, the best epoch
-    starred; :class:`~runner.errors.NoHistory` before its first epoch."""
+    the learning rate when it moved; restarts as dashed lines, an early stop as a solid one, the start of
+    fine-tuning as a dash-dotted one, the best epoch starred; :class:`~runner.errors.NoHistory` before its first epoch."""
     curves = read_curves(queue, name)
     if curves.empty:
         raise NoHistory(str(queue.root), name)
     restarts = read_restarts(queue, name)
     events = queue.job(name).events.read()
     stopped = next((event for event in events if event.get("event") == "early-stopped"), None)
+    # A session killed after the switch and before its checkpoint switches again: the same epoch, one mark.
+    tuned = next((event for event in events if event.get("event") == "fine-tuning"), None)
     metrics = curves.metrics
     rates = curves.columns.get(LEARNING_RATE, [])
     moving = curves.has(LEARNING_RATE) and len({value for value in rates if not math.isnan(value)}) > 1
@@ -159,11 +162,14 @@ def figure_for_job(queue: Queue, name: str) -> Figure:
         _mark_restarts(axes, restarts)
         if stopped is not None:
             handles.append(_mark_early_stop(axes, stopped))
+        if tuned is not None:
+            handles.append(_mark_fine_tune(axes, tuned))
         _finish_axes(axes, "learning rate" if metric == LEARNING_RATE else metric, handles)
     done = counted(len(curves.epochs), "epoch")
     resumed = f", {counted(len(restarts), 'restart')}" if restarts else ""
     early = ", stopped early" if stopped is not None else ""
-    figure.suptitle(f"{name}: {done}{resumed}{early}")
+    fine = f", fine-tuned from epoch {_number(tuned.get('epoch')):.0f}" if tuned is not None else ""
+    figure.suptitle(f"{name}: {done}{resumed}{fine}{early}")
     return figure
 
 
@@ -262,6 +268,13 @@ def _mark_early_stop(axes: Axes, stopped: dict[str, Any]) -> Any:
     epoch = _number(stopped.get("epoch"))
     label = f"stopped early after epoch {epoch:.0f}"
     return axes.axvline(epoch, color=EARLY_STOP_COLOUR, linestyle="-", linewidth=1.5, label=label)
+
+
+def _mark_fine_tune(axes: Axes, tuned: dict[str, Any]) -> Any:
+    """A line between the last epoch of the frozen base and the first fine-tuned one."""
+    epoch = _number(tuned.get("epoch"))
+    label = f"fine-tuning from epoch {epoch:.0f}"
+    return axes.axvline(epoch - 0.5, color=FINE_TUNE_COLOUR, linestyle="-.", linewidth=1.5, label=label)
 
 
 def _mark_restarts(axes: Axes, restarts: list[Restart]) -> None:

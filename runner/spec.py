@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from runner import storage
 from runner.errors import SpecError, StorageError
+from runner.networks import params_problem
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 """Job names: they become folder names on Drive, so no slashes, no leading dot, no spaces, no capitals."""
@@ -128,7 +129,7 @@ class DatasetSpec(_Section):
 class ModelSpec(_Section):
     """The network: a built-in one or a factory of the user's."""
 
-    builtin: Literal["simple_cnn", "mobilenet_v2"] | None = Field(
+    builtin: Literal["simple_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50"] | None = Field(
         default=None, description="a network that comes with runner"
     )
     factory: str | None = Field(
@@ -141,7 +142,10 @@ class ModelSpec(_Section):
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSpec:
         if (self.builtin is None) == (self.factory is None):
-            raise ValueError("give exactly one of builtin (simple_cnn | mobilenet_v2) or factory (package.module:fn)")
+            raise ValueError(
+                "give exactly one of builtin (simple_cnn | mobilenet_v2 | efficientnet_b0 | resnet50) or factory "
+                "(package.module:fn)"
+            )
         return self
 
 
@@ -511,6 +515,23 @@ class JobSpec(_Section):
             raise ValueError(problem)
         return self
 
+    @model_validator(mode="after")
+    def _builtin_params_fit(self) -> JobSpec:
+        # At submit, not when the job starts: a wrong name or a fine-tune that never happens is found at once.
+        if self.model.builtin is None:
+            return self
+        problem = params_problem(
+            self.model.builtin,
+            self.model.params,
+            image_size=self.dataset.image_size,
+            color_mode=self.dataset.color_mode,
+            epochs=self.training.epochs,
+            learning_rate=self.training.learning_rate,
+        )
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
     def to_yaml(self) -> str:
         """The spec as YAML with every field, defaults filled in."""
         # Python mode, not JSON mode: JSON mode would turn an infinite float in params into null.
@@ -602,7 +623,7 @@ def _parse_text(text: str, source: str, *, json_only: bool) -> Any:
         except json.JSONDecodeError as error:
             raise SpecError(source, [f"line {error.lineno}, column {error.colno}: invalid JSON: {error.msg}"]) from None
     try:
-        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader that also refuses aliases)
+        return yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -46,7 +46,7 @@ from runner.errors import SpecError  # noqa: E402
 
 TEMPLATES = REPO / "scripts" / "doc_templates"
 EXAMPLE_SPEC = REPO / "jobs" / "cats_vs_dogs.yaml"
-MODELS_SOURCE = REPO / "runner" / "train" / "models" / "builtin.py"
+MODELS_SOURCE = REPO / "runner" / "networks.py"
 EXPORT_SOURCE = REPO / "runner" / "train" / "outputs" / "export.py"
 REGENERATE = "python scripts/make_docs.py"
 
@@ -210,11 +210,23 @@ BUILTIN_PARAM_MEANINGS: dict[str, str] = {
     "dense": "units of the dense layer before the output",
     "dropout": "dropout rate before the output layer (0 for none)",
     "augment": "random horizontal flips and small rotations of the training images",
-    "weights": "path to a Keras `.h5` weights file for the base network (nothing is downloaded at run time), or null",
+    "weights": "`imagenet` (Keras' ImageNet weights, downloaded once into runner's cache and checked), the path of a "
+    "copy of that file (for a machine without the network), or null (random weights)",
+    "fine_tune": "after some epochs, unfreeze the top of the base and train on at a lower rate (below), or null",
+    "at_epoch": "epochs that train the head alone, before the base is unfrozen (required; less than "
+    "`training.epochs`)",
+    "layers": "how many of the base's top layers to unfreeze (BatchNormalization stays frozen), or `all`",
+    "learning_rate": "the new optimizer's rate (null: a tenth of `training.learning_rate`; at most that rate)",
     "alpha": "width multiplier of MobileNetV2 (0.35, 0.5, 0.75, 1.0, ...)",
     "trainable_base": "train the base network too (false: only the new output layer learns)",
 }
-BUILTIN_PARAMS = {"simple_cnn": "SIMPLE_CNN_PARAMS", "mobilenet_v2": "MOBILENET_V2_PARAMS"}
+BUILTIN_PARAMS = {
+    "simple_cnn": "SIMPLE_CNN_PARAMS",
+    "mobilenet_v2": "MOBILENET_V2_PARAMS",
+    "efficientnet_b0": "BASE_PARAMS",
+    "resnet50": "BASE_PARAMS",
+    "fine_tune": "FINE_TUNE_FIELDS",
+}
 
 
 def _example_spec() -> dict[str, Any]:
@@ -447,7 +459,7 @@ def _builtin_params(builtin: str | None) -> str:
         raise SystemExit(f"builtin-params: unknown network {builtin!r}")
     params: dict[str, Any] = _literal(MODELS_SOURCE, BUILTIN_PARAMS[builtin])
     rows = [[f"`{name}`", _code(_yaml(value)), BUILTIN_PARAM_MEANINGS.get(name, "-")] for name, value in params.items()]
-    return _table(["param", "default", "what it does"], rows)
+    return _table(["field" if builtin == "fine_tune" else "param", "default", "what it does"], rows)
 
 
 def _export_files(_: str | None) -> str:

@@ -48,6 +48,9 @@ FINAL_RECORD = f"{KILL}::test_a_kill_between_the_final_commit_and_its_record_end
 FIT = "tests/test_metrics_match_fit.py::test_epoch_metrics_and_weights_equal_model_fit_on_the_same_batches"
 EDIT = "tests/test_edit.py"
 SCHEDULES = "tests/test_schedules.py::test_kills_after_commits_end_as_the_uninterrupted_run"
+PRETRAINED = "tests/test_pretrained.py"
+FINE_TUNE_KILLS = f"{PRETRAINED}::test_kills_around_the_switch_end_as_the_uninterrupted_run_and_a_resume_downloads_nothing"
+FINE_TUNE_RUN = f"{PRETRAINED}::test_the_uninterrupted_run_trains_the_head_then_fine_tunes_the_top_of_the_base"
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,34 @@ MUTATIONS = (
         "edit", "a claim whose marker is gone (job deleted, name submitted again) fences nobody", "runner/job.py",
         (("        if not storage.exists(self.paths.claim_marker(generation)):\n", "        if False:\n"),),
         (EDIT,),
+    ),
+    Mutation(
+        "pretrained", "a resume loads a fine-tuned snapshot into the frozen model", TRAINER,
+        (("            state = load_snapshot(self.model, scratch, checkpoint=info.id, prepare=self._use_phase)\n",
+          "            state = load_snapshot(self.model, scratch, checkpoint=info.id)\n"),),
+        (FINE_TUNE_KILLS,),
+    ),
+    Mutation(
+        "pretrained", "the new optimizer's schedule starts again from step 0", TRAINER,
+        (("                state.step_offset += int(old.iterations.numpy())\n", "                pass\n"),),
+        (FINE_TUNE_RUN,),
+    ),
+    Mutation(
+        "pretrained", "a resume downloads the ImageNet weights again", TRAINER,
+        (("            model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, "
+          "pretrained=False)\n",
+          "            model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)\n"),),
+        (FINE_TUNE_KILLS,),
+    ),
+    Mutation(
+        "pretrained", "a loaded snapshot's Normalization keeps the statistics it was built with", SNAPSHOT,
+        (("        finalize_layers(model)\n", "        pass\n"),),
+        (f"{PRETRAINED}::test_a_snapshot_of_efficientnet_loads_into_a_network_built_without_its_weights",),
+    ),
+    Mutation(
+        "pretrained", "a download is kept without its hash checked", "runner/train/models/imagenet.py",
+        (("            if expected is not None and sha256 != expected.lower():\n", "            if False:\n"),),
+        (f"{PRETRAINED}::test_a_download_that_does_not_match_the_mirror_sums_is_one_line_naming_the_url_and_the_cache",),
     ),
 )  # fmt: skip
 

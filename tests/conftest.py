@@ -23,7 +23,8 @@ def make_spec_dict(name: str = "job-a", **sections: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "name": name,
         "dataset": {"source": "/data/unused"},
-        "model": {"builtin": "simple_cnn", "params": {"steps": 4}},
+        # The counting trainer reads its knobs from a factory's params (a built-in network's are checked at submit).
+        "model": {"factory": "tests.support.counting_trainer:counting_model", "params": {"steps": 4}},
         "training": {"epochs": 3},
     }
     return merge_sections(data, sections)

@@ -45,7 +45,7 @@ INVALID_SPECS = {
     "name-with-slash": (_spec_text("cats/dogs"), ["name: "]),
     "name-with-dots": (_spec_text("cats..dogs"), ["name: "]),
     "builtin-and-factory": (_spec_text(model={"builtin": "simple_cnn", "factory": "my.models:build"}), ["model: "]),
-    "neither-builtin-nor-factory": (_spec_text(model={"builtin": None, "params": {}}), ["model: "]),
+    "neither-builtin-nor-factory": (_spec_text(model={"builtin": None, "factory": None, "params": {}}), ["model: "]),
     "two-problems": (
         _spec_text(training={"epochs": -1, "colour": "red"}),
         ["training.epochs: ", "training.colour: unknown field"],

@@ -553,7 +553,7 @@ def test_which_download_errors_are_transient(error: BaseException, transient: bo
     ],
 )
 def test_only_unreachable_hosts_get_the_short_budget(error: BaseException, budget: float | None) -> None:
-    assert download_module._unreachable_budget(error) == budget
+    assert download_module.unreachable_budget(error) == budget
 
 
 # --- bad input: one line naming the cause and the fix ------------------------------------------------------------

@@ -44,6 +44,7 @@ pytestmark = pytest.mark.slow
 
 TUTORIAL_SPEC = REPO / "jobs" / "cats_vs_dogs.yaml"
 AUGMENTED_SPEC = REPO / "jobs" / "cats_vs_dogs_augmented.yaml"
+MOBILENET_SPEC = REPO / "jobs" / "cats_vs_dogs_mobilenet.yaml"
 TUTORIAL_EPOCHS = 2
 ARCHIVE_PATH = f"/{TUTORIAL_ROOT}.zip"
 SIMPLE_CNN_150_PARAMS = (3 * 3 * 3 * 32 + 32) + (74 * 74 * 32 * 512 + 512) + (512 + 1)
@@ -234,6 +235,53 @@ def test_the_augmented_tutorial_job_runs_end_to_end(scratch: Path, tutorial_zip:
     assert description["best"]["monitor"] == "val_accuracy" and 1 <= description["best"]["epoch"] <= len(rows)
     best = keras.models.load_model(job.paths.final / "best.keras")
     assert best.count_params() == SIMPLE_CNN_150_PARAMS
+
+
+def test_the_transfer_learning_tutorial_job_runs_end_to_end(scratch: Path, tutorial_zip: bytes) -> None:
+    """jobs/cats_vs_dogs_mobilenet.yaml as shipped, on the look-alike archive and with look-alike ImageNet weights
+    served from 127.0.0.1 (``$RUNNER_WEIGHTS_URL``); only the source, the checksum, the epochs and the fine-tune's
+    epoch changed: the weights are downloaded and checked, the head learns alone, then the top 54 layers of
+    MobileNetV2 are unfrozen at a tenth of the rate, and both exports are written."""
+    import keras  # noqa: PLC0415 (TensorFlow only where a test needs it)
+
+    from runner.networks import imagenet_weights  # noqa: PLC0415
+    from tests.support.imagenet_weights import sums_of, write_lookalike  # noqa: PLC0415
+
+    shipped = yaml.safe_load(MOBILENET_SPEC.read_text())
+    weights = write_lookalike(scratch / "weights", "mobilenet_v2", alpha=1.0, image_size=(160, 160))
+    assert weights.name == imagenet_weights("mobilenet_v2", alpha=1.0, image_size=(160, 160)).file
+    files = {ARCHIVE_PATH: tutorial_zip, f"/{weights.name}": weights.read_bytes()}
+    files["/SHA256SUMS"] = sums_of({f"/{weights.name}": files[f"/{weights.name}"]})
+    env, queue = keras_env(scratch / "cache"), scratch / "queue"
+    with serve(files) as served:
+        env["RUNNER_WEIGHTS_URL"] = served.base_url
+        spec = copy.deepcopy(shipped)
+        spec["dataset"]["source"], spec["dataset"]["sha256"] = served.url(ARCHIVE_PATH), sha256_of(tutorial_zip)
+        spec["training"]["epochs"] = 3
+        spec["model"]["params"]["fine_tune"]["at_epoch"] = 1
+        submit(queue, env, scratch, spec)
+        result = work(queue, env)
+    console = console_of(result)
+    assert result.returncode == 0, console[-4000:]
+    assert "Traceback" not in console
+    assert f"weights:downloading{served.base_url}/{weights.name}" in "".join(console.split())  # wrapped anywhere
+
+    job = job_of(queue, "cats-vs-dogs-mobilenet")
+    assert_only_changes(
+        parse_spec(shipped).model_dump(), job.read_spec().model_dump(),
+        {"dataset.source", "dataset.sha256", "training.epochs", "model.params"},
+    )  # fmt: skip
+    fine_tune = {**shipped["model"]["params"]["fine_tune"], "at_epoch": 1}
+    assert job.read_spec().model.params == {**shipped["model"]["params"], "fine_tune": fine_tune}
+    state = job.read_state()
+    assert state.status is JobStatus.DONE, state.error
+    [tuned] = events_of(job, "fine-tuning")
+    assert (tuned["epoch"], tuned["layers"]) == (2, 54 - 18), "the top 54 layers hold 18 BatchNormalization ones"
+    rates = [float(row["lr"]) for row in read_history(job.paths.history)]
+    assert rates == [pytest.approx(0.0001), pytest.approx(0.00001), pytest.approx(0.00001)]
+    assert {path.name for path in job.paths.final.iterdir()} == {"model.keras", "best.keras", "model.json"}
+    model = keras.models.load_model(job.paths.final / "model.keras")
+    assert model.name == "mobilenet_v2" and model.input_shape == (None, 160, 160, 3)
 
 
 def test_tutorial_job_with_a_wrong_sha256_fails_with_one_line(scratch: Path, tutorial_zip: bytes) -> None:

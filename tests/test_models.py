@@ -149,10 +149,17 @@ def test_the_same_seed_builds_the_same_weights_and_the_same_random_layers() -> N
     assert len(set(seeds)) == 3 and set(seeds).isdisjoint(other_seeds)
 
 
+def unchecked(spec: JobSpec, params: dict[str, Any]) -> JobSpec:
+    """``spec`` with ``params`` that skipped the spec's checks: a job folder written by an older runner."""
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"params": params})})
+
+
 def test_an_unknown_simple_cnn_param_is_refused_with_the_allowed_ones() -> None:
     allowed = "allowed: filters, dense, dropout, augment"
+    with pytest.raises(SpecError, match=rf"model.params: 'steps' not known to simple_cnn; {allowed}$"):
+        make_spec(params={"steps": 4})
     with pytest.raises(ModelError, match=rf"model.params: 'steps' not known to simple_cnn; {allowed}$"):
-        build_model(make_spec(params={"steps": 4}), input_shape=TINY, num_classes=2)
+        build_model(unchecked(make_spec(), {"steps": 4}), input_shape=TINY, num_classes=2)
 
 
 @pytest.mark.parametrize(
@@ -167,9 +174,11 @@ def test_an_unknown_simple_cnn_param_is_refused_with_the_allowed_ones() -> None:
         ({"augment": "yes"}, "augment"),
     ],
 )
-def test_a_bad_simple_cnn_param_value_is_a_model_error_naming_it(params: dict[str, Any], name: str) -> None:
+def test_a_bad_simple_cnn_param_value_is_refused_naming_it(params: dict[str, Any], name: str) -> None:
+    with pytest.raises(SpecError, match=rf"model\.params\.{name} must be .*, got {params[name]!r}"):
+        make_spec(params=params)
     with pytest.raises(ModelError, match=rf"model\.params\.{name} must be .*, got {params[name]!r}"):
-        build_model(make_spec(params=params), input_shape=TINY, num_classes=2)
+        build_model(unchecked(make_spec(), params), input_shape=TINY, num_classes=2)
 
 
 @pytest.mark.parametrize(("label_mode", "num_classes"), [("binary", 3), ("categorical", 1), ("int", 0)])
@@ -291,10 +300,9 @@ def test_mobilenet_v2_trainable_base_and_dropout_params() -> None:
     assert model.layers[4].rate == 0.4 and model.output_shape == (None, 1)
 
 
-@pytest.mark.parametrize("weights", ["imagenet", "no/such/weights.h5"])
-def test_mobilenet_v2_never_downloads_weights(weights: str) -> None:
-    with pytest.raises(ModelError, match=r"is not a file: runner downloads nothing at run time; download the weights"):
-        build_model(mobilenet_spec(weights=weights), input_shape=MOBILE, num_classes=2)
+def test_mobilenet_v2_weights_not_on_this_machine_are_a_model_error() -> None:
+    with pytest.raises(ModelError, match=r"'no/such/weights.h5' is not a file on this machine: give the path of"):
+        build_model(mobilenet_spec(weights="no/such/weights.h5"), input_shape=MOBILE, num_classes=2)
 
 
 def test_mobilenet_v2_loads_weights_from_a_local_file(tmp_path: Path) -> None:
@@ -333,19 +341,19 @@ def test_mobilenet_v2_weights_for_another_alpha_are_a_model_error_naming_params(
         build_model(mobilenet_spec(weights=str(path)), input_shape=MOBILE, num_classes=2)
 
     message = str(caught.value)
-    assert message.startswith(f"model.params.weights {str(path)!r} does not fit mobilenet_v2 with alpha 0.35 and ")
-    assert message.endswith(": give the weights file saved for these settings")
+    assert message.startswith(f"model.params.weights {str(path)!r} does not fit mobilenet_v2 with input shape [32, 32, 3]")
+    assert message.endswith(": give the weights file saved for these settings (for mobilenet_v2, the same alpha)")
     assert "\n" not in message and len(message) < 600
 
 
-def test_mobilenet_v2_params_are_checked(tmp_path: Path) -> None:
-    not_h5 = tmp_path / "weights.bin"
-    not_h5.write_bytes(b"")
+def test_mobilenet_v2_params_are_checked_at_submit_and_again_at_build(tmp_path: Path) -> None:
     cases = [({"steps": 1}, "not known to mobilenet_v2"), ({"alpha": "big"}, r"params\.alpha"),
-             ({"trainable_base": "no"}, r"params\.trainable_base"), ({"weights": str(not_h5)}, r"\.h5")]  # fmt: skip
+             ({"trainable_base": "no"}, r"params\.trainable_base"), ({"weights": "weights.bin"}, r"\.h5")]  # fmt: skip
     for params, match in cases:
+        with pytest.raises(SpecError, match=match):
+            mobilenet_spec(**params)
         with pytest.raises(ModelError, match=match):
-            build_model(mobilenet_spec(**params), input_shape=MOBILE, num_classes=2)
+            build_model(unchecked(mobilenet_spec(), {"alpha": 0.35, **params}), input_shape=MOBILE, num_classes=2)
     with pytest.raises(ModelError, match=r"at least 32x32 pixels, got 16x16: raise dataset.image_size"):
         build_model(mobilenet_spec(), input_shape=TINY, num_classes=2)
 

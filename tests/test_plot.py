@@ -490,3 +490,21 @@ def test_a_constant_learning_rate_is_not_drawn(queue: Queue) -> None:
     make_job(queue, "job-a", rows)
 
     assert [axes.get_title() for axes in figure_for_job(queue, "job-a").axes] == ["loss", "accuracy"]
+
+
+def test_the_start_of_fine_tuning_is_a_line_between_its_epochs_on_every_subplot(queue: Queue) -> None:
+    rows = history_rows(LOSS, VAL_LOSS)
+    for row, rate in zip(rows, [0.001] * 3 + [0.0001] * 4, strict=True):
+        row["lr"] = rate
+    job = make_job(queue, "job-a", rows)
+    fields = {"epoch": 4, "layers": 36, "learning_rate": 0.0001}
+    job.events.append("fine-tuning", **fields)
+    job.events.append("fine-tuning", **fields)  # a session killed after the switch switched again: one mark
+
+    figure = figure_for_job(queue, "job-a")
+
+    assert len(figure.axes) == 3
+    for axes in figure.axes:
+        marks = [line for line in axes.get_lines() if line.get_label() == "fine-tuning from epoch 4"]
+        assert [list(line.get_xdata()) for line in marks] == [[3.5, 3.5]], "not between epochs 3 and 4, once"
+    assert figure.get_suptitle() == "job-a: 7 epochs, fine-tuned from epoch 4"

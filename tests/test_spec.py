@@ -93,8 +93,11 @@ def datasets(draw: st.DrawFn) -> dict[str, Any]:
     return data
 
 
+# A built-in network's params are checked at submit (tests/test_pretrained.py): here, valid ones only.
+builtin_params = st.sampled_from([{}, {"dropout": 0.5}, {"filters": 8, "dense": 16}, {"augment": True}])
 models = st.one_of(
-    st.fixed_dictionaries({"builtin": st.sampled_from(["simple_cnn", "mobilenet_v2"])}, optional={"params": params}),
+    st.fixed_dictionaries({"builtin": st.just("simple_cnn")}, optional={"params": builtin_params}),
+    st.fixed_dictionaries({"builtin": st.sampled_from(["mobilenet_v2", "efficientnet_b0", "resnet50"])}),
     st.fixed_dictionaries({"factory": factories}, optional={"params": params}),
 )
 trainings = st.fixed_dictionaries(
@@ -311,7 +314,7 @@ def _both_validations(draw: st.DrawFn) -> tuple[Any, ...]:
 def _builtin_and_factory(draw: st.DrawFn, both: bool) -> tuple[Any, ...]:
     model: dict[str, Any] = {"params": draw(params)}
     if both:
-        model.update(builtin=draw(st.sampled_from(["simple_cnn", "mobilenet_v2"])), factory=draw(factories))
+        model.update(builtin=draw(st.sampled_from(["simple_cnn", "mobilenet_v2", "resnet50"])), factory=draw(factories))
     else:
         nulls = [{}, {"builtin": None}, {"factory": None}, {"builtin": None, "factory": None}]
         model.update(draw(st.sampled_from(nulls)))

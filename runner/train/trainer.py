@@ -14,6 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from runner.errors import ModelError, StorageError
 from runner.history import check_history, write_history
 from runner.kept import keep_snapshot, publish_kept
 from runner.paths import default_cache_dir, publish_note, work_folder
-from runner.spec import resolved_monitor
 from runner.settings import seconds_from_environment
+from runner.spec import resolved_monitor
 from runner.train.backends.tensorflow import configure_determinism, is_out_of_memory, warn_if_gpu_unused
 from runner.train.data.pipeline import ImageFolderData, prepare_dataset
 from runner.train.engine.acceleration import configure_precision, resolve_jit_compile
@@ -41,11 +42,13 @@ from runner.train.models.build import (
     check_loss_matches_labels,
     compile_model,
     current_learning_rate,
+    load_pretrained_weights,
     model_weights,
     unscaled_input_warning,
     use_learning_rate,
     use_model_weights,
 )
+from runner.train.models.fine_tune import FineTune
 from runner.train.outputs.export import describe_model, publish_exports, write_exports
 from runner.train.outputs.progress import EpochProgress
 from runner.train.outputs.tensorboard import TensorBoardLog
@@ -80,14 +83,24 @@ class KerasTrainer:
         configure_determinism(spec)
         policy = configure_precision(spec)
         try:
-            model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
+            # The base's pretrained weights are loaded only when training starts from the beginning (_restore):
+            # a checkpoint replaces them, and a resumed session on a fresh VM need not download them.
+            model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, pretrained=False)
             jit_compile = resolve_jit_compile(
                 spec.training.jit_compile, model, deterministic=spec.training.deterministic
             )
             steps = resolve_steps_per_execution(spec.training.steps_per_execution, data.steps_per_epoch)
-            compiled = compile_model(model, spec, jit_compile=jit_compile, steps_per_execution=steps)
-            model.optimizer.build(model.trainable_variables)
-            build_metrics(model, data.train_batches(epoch=0).element_spec)
+            element_spec = data.train_batches(epoch=0).element_spec
+
+            def recompile(learning_rate: float | None = None) -> Compiled:
+                compiled = compile_model(
+                    model, spec, jit_compile=jit_compile, steps_per_execution=steps, learning_rate=learning_rate
+                )
+                model.optimizer.build(model.trainable_variables)
+                build_metrics(model, element_spec)
+                return compiled
+
+            compiled = recompile()
         except (tf.errors.OpError, MemoryError) as error:
             if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
                 raise
@@ -99,12 +112,18 @@ class KerasTrainer:
         warn_if_short_of_space(context, model)
         workdir = work_folder(self.cache_dir, context.job.name, context.generation)
         shutil.rmtree(workdir, ignore_errors=True)
+        fine_tune = FineTune.of(spec)
         try:
             # The schedule counts steps of the spec's batch size; one halved after running out of memory takes
             # more steps per epoch, and the curve then runs ahead of the epochs.
-            rate = LearningRate(spec, steps_per_epoch=data.steps_per_epoch) if compiled.by == "spec" else None
+            rate = (
+                LearningRate(spec, steps_per_epoch=data.steps_per_epoch, fine_tunes=fine_tune is not None)
+                if compiled.by == "spec"
+                else None
+            )
             loop = StepLoop(model, jit_compile=jit_compile, learning_rate=rate)
-            return _Session(context, loop, data, workdir, self.clock, self.cache_dir, rate).run()
+            phases = _Phases(fine_tune, recompile) if fine_tune is not None else None
+            return _Session(context, loop, data, workdir, self.clock, self.cache_dir, rate, phases).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -174,6 +193,16 @@ def _warn_if_unscaled(context: RunContext, model: keras.Model, data: ImageFolder
         context.log.warning("%s", warning)
 
 
+@dataclass
+class _Phases:
+    """A fine-tune's two phases (the base frozen, then its top unfrozen) and which one the model is in."""
+
+    fine_tune: FineTune
+    recompile: Callable[[float | None], Compiled]
+    """Compile the model again (a new optimizer at the rate given, ``None``: the spec's) and build it."""
+    tuned: bool = False
+
+
 class _Session:
     """One claim's training of one job."""
 
@@ -186,9 +215,12 @@ class _Session:
         clock: Callable[[], float],
         cache_dir: Path,
         rate: LearningRate | None = None,
+        phases: _Phases | None = None,
     ) -> None:
         self.context, self.loop, self.data, self.workdir, self.clock = context, loop, data, workdir, clock
         self.rate = rate
+        self.phases = phases
+        """The fine-tune's two phases; ``None`` without one."""
         """The spec's learning rate over the steps; ``None`` when a factory compiled the model."""
         self.learning_rate = rate.base if rate is not None and not rate.moves else None
         """The spec's constant learning rate, which a restored optimizer is given; ``None`` when a factory compiled
@@ -276,6 +308,8 @@ class _Session:
                     self._snapshot(state, publisher)
             self.progress.stop()
             self._end_epoch(state, self.clock() - epoch_started)
+            # Before the epoch's snapshot: a snapshot at the fine-tune's epoch holds the new optimizer.
+            self._use_phase(state, now=True)
             last = state.epoch == self.epochs or state.stopped_early is not None
             if last:
                 self._restore_best(state)
@@ -383,7 +417,11 @@ class _Session:
                 transient=True,
             )
         back, checkpoint = go_back(
-            self.context, self.model, scratch=self.workdir / "oom-restore", initial=self.workdir / "initial"
+            self.context,
+            self.model,
+            scratch=self.workdir / "oom-restore",
+            initial=self.workdir / "initial",
+            prepare=self._use_phase,
         )
         if self.learning_rate is not None:
             use_learning_rate(self.model, self.learning_rate)  # said at the resume already, if it differs
@@ -426,6 +464,49 @@ class _Session:
 
     # --- checkpoints ----------------------------------------------------------------------------------------
 
+    def _load_pretrained(self) -> None:
+        """Give the base its starting weights (``params.weights``), when training starts from the beginning."""
+        path = load_pretrained_weights(self.model, self.spec, cache_dir=self.cache_dir, console=self.context.console)
+        if path is not None:
+            self.context.log.info("pretrained weights loaded from %s", path)
+            self.context.job.events.append("pretrained", file=str(path))
+
+    def _use_phase(self, state: TrainingState, *, now: bool = False) -> None:
+        """Put the model in the fine-tune's phase for ``state`` (frozen base, or top unfrozen with a new optimizer),
+        and the schedule at its step: before a snapshot's variables are loaded, and (``now``) at the end of the
+        epoch that starts fine-tuning."""
+        phases = self.phases
+        if phases is None:
+            return
+        tune, due = phases.fine_tune, phases.fine_tune.due(state.epoch)
+        if due != phases.tuned:
+            if due and now:
+                # The new optimizer counts its steps from 0; the schedule goes on from the old one's.
+                old = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+                state.step_offset += int(old.iterations.numpy())
+            unfrozen = tune.unfreeze(self.model) if due else tune.freeze(self.model)
+            phases.recompile(tune.learning_rate if due else None)
+            phases.tuned = due
+            self.loop.reset()
+            if due and now:
+                self._say_fine_tuning(state, unfrozen)
+        if self.rate is not None:
+            self.rate.offset.assign(state.step_offset)
+            self.rate.factor.assign(tune.learning_rate / self.spec.training.learning_rate if due else 1.0)
+
+    def _say_fine_tuning(self, state: TrainingState, unfrozen: int | None) -> None:
+        tune = self.phases.fine_tune if self.phases is not None else None
+        assert tune is not None
+        message = (
+            f"fine-tuning from epoch {state.epoch + 1}: {counted(unfrozen or 0, 'layer')} of the base unfrozen "
+            f"(BatchNormalization stays frozen), a new optimizer at learning rate {tune.learning_rate:g}"
+        )
+        self.context.console.print(f"{self.context.job.name}: {message}", markup=False, highlight=False)
+        self.context.log.info("%s", message)
+        self.context.job.events.append(
+            "fine-tuning", epoch=state.epoch + 1, layers=unfrozen, learning_rate=tune.learning_rate
+        )
+
     def _use_lr_scale(self, state: TrainingState) -> None:
         """Give the schedule the factor a plateau had lowered the rate to (the snapshot's state holds it)."""
         if self.rate is not None:
@@ -460,9 +541,10 @@ class _Session:
         if info is None:
             state = TrainingState()
             self._use_batch_size(state)
+            self._load_pretrained()
             context.job.events.append("started", generation=context.generation, epochs=self.epochs)
         else:
-            state = load_snapshot(self.model, scratch, checkpoint=info.id)
+            state = load_snapshot(self.model, scratch, checkpoint=info.id, prepare=self._use_phase)
             self._use_batch_size(state)
             self._use_spec_learning_rate(info.id)
             self._use_lr_scale(state)

@@ -1,4 +1,5 @@
-"""Downloading a dataset archive: whole or not at all, with a progress bar, retrying what is worth retrying.
+"""Downloading a file (a dataset archive, ImageNet weights): whole or not at all, with a progress bar, retrying
+what is worth retrying.
 
 Transient failures (a refused or reset connection, a timeout, a body cut short, HTTP 5xx and 429) are retried
 under the core's policy, :func:`runner.storage.retrying`, with this module's own test of what is transient;
@@ -25,7 +26,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from runner import defaults, storage
-from runner.errors import DatasetError, StorageError
+from runner.errors import DatasetError, RunnerError, StorageError
 from runner.paths import temp_sibling
 
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -113,30 +114,38 @@ def probe(url: str) -> tuple[Identity | None, str | None]:
 
 
 def download(
-    url: str, target: Path, *, console: Console | None = None, sleep: Callable[[float], None] = time.sleep
+    url: str,
+    target: Path,
+    *,
+    console: Console | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    label: str = "dataset",
+    check: str = "dataset.source",
+    error: type[RunnerError] = DatasetError,
 ) -> Identity:
     """Download ``url`` to ``target`` (whole or not at all), retrying transient network errors; the identity the
-    server gave the file."""
+    server gave the file. ``label`` heads the progress line, ``check`` is what a failure tells the user to check,
+    and ``error`` the error raised for one."""
     fetch = storage.retrying(
         transient=is_transient_download,
         sleep=sleep,
-        shorter_budget=_unreachable_budget,
+        shorter_budget=unreachable_budget,
         describe=lambda url, *_: f"downloading {url}",
     )(_download_once)
     try:
-        return fetch(url, target, console)  # type: ignore[no-any-return]
-    except (StorageError, http.client.HTTPException) as error:
-        cause = error.__cause__ if isinstance(error, StorageError) else error
+        return fetch(url, target, console, label, check, error)  # type: ignore[no-any-return]
+    except (StorageError, http.client.HTTPException) as failure:
+        cause = failure.__cause__ if isinstance(failure, StorageError) else failure
         network = (urllib.error.URLError, ConnectionError, TimeoutError)
-        if isinstance(error, StorageError) and not isinstance(cause, network):
+        if isinstance(failure, StorageError) and not isinstance(cause, network):
             raise  # the cache's disk failed, not the network
-        raise DatasetError(
+        raise error(
             f"could not download {url}: {_describe(cause)}, still failing after retries: check the network "
-            "connection and dataset.source, then run again"
+            f"connection and {check}, then run again"
         ) from None
 
 
-def _unreachable_budget(error: BaseException) -> float | None:
+def unreachable_budget(error: BaseException) -> float | None:
     """A short budget for a host that refuses the connection or a name that does not resolve for now: they are
     seldom a blip, and a person is waiting to hear about a wrong address."""
     reason = error.reason if isinstance(error, urllib.error.URLError) else error
@@ -145,14 +154,16 @@ def _unreachable_budget(error: BaseException) -> float | None:
     return None
 
 
-def _download_once(url: str, target: Path, console: Console | None) -> Identity:
+def _download_once(
+    url: str, target: Path, console: Console | None, label: str, check: str, error: type[RunnerError]
+) -> Identity:
     partial = temp_sibling(target)
     request = urllib.request.Request(url, headers={"User-Agent": "runner (resumable training jobs)"})
     try:
         with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
             total = response.length
             received = 0
-            with _progress(console, url, total) as advance:
+            with _progress(console, url, total, label) as advance:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     received += len(chunk)
@@ -164,25 +175,23 @@ def _download_once(url: str, target: Path, console: Console | None) -> Identity:
             identity = identity_of(response.headers)
         os.replace(partial, target)
         return identity
-    except urllib.error.HTTPError as error:
-        if is_transient_download(error):
+    except urllib.error.HTTPError as failure:
+        if is_transient_download(failure):
             raise
-        raise DatasetError(
-            f"downloading {url} failed with HTTP {error.code} ({error.reason}): check dataset.source"
-        ) from None
+        raise error(f"downloading {url} failed with HTTP {failure.code} ({failure.reason}): check {check}") from None
     finally:
         partial.unlink(missing_ok=True)
 
 
 @contextmanager
-def _progress(console: Console | None, url: str, total: int | None) -> Iterator[Callable[[int], None]]:
+def _progress(console: Console | None, url: str, total: int | None, label: str) -> Iterator[Callable[[int], None]]:
     """A progress bar (bytes, rate, time left) on ``console``; nothing without one."""
     if console is None:
         yield lambda _: None
         return
     columns = (TextColumn("download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
-        console.print(f"dataset: downloading {escape(url)}")
+        console.print(f"{label}: downloading {escape(url)}")
         task = progress.add_task("download", total=total)
         yield lambda size: progress.advance(task, size)
 

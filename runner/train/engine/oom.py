@@ -8,6 +8,7 @@ session goes on with it instead of the spec's, which would run out of memory aga
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -40,18 +41,23 @@ def out_of_memory_building(spec: JobSpec, error: BaseException) -> OutOfMemory:
 
 
 def go_back(
-    context: RunContext, model: keras.Model, *, scratch: Path, initial: Path
+    context: RunContext,
+    model: keras.Model,
+    *,
+    scratch: Path,
+    initial: Path,
+    prepare: Callable[[TrainingState], None] | None = None,
 ) -> tuple[TrainingState, str | None]:
     """Load the newest committed checkpoint into ``model`` (the snapshot at ``initial`` when there is none yet);
-    return its state and id (``None`` for the initial one)."""
+    return its state and id (``None`` for the initial one). ``prepare`` as for :func:`load_snapshot`."""
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         info = context.store.restore(scratch)
         if info is not None:
-            return load_snapshot(model, scratch, checkpoint=info.id), info.id
+            return load_snapshot(model, scratch, checkpoint=info.id, prepare=prepare), info.id
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return load_snapshot(model, initial, checkpoint="initial weights"), None
+    return load_snapshot(model, initial, checkpoint="initial weights", prepare=prepare), None
 
 
 def report_halving(

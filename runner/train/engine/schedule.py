@@ -7,6 +7,10 @@ checkpoint holds too. Keras' own ``LearningRateSchedule`` objects are not used: 
 learning-rate variable, and checkpoints written with and without a schedule would not load into each other, so
 ``runner edit`` could not add one to a job in progress.
 
+A fine-tune (``model.params.fine_tune``) builds a new optimizer, whose own step count starts at 0: the schedule
+then counts from the steps taken before it too (``offset``, in every checkpoint's state), and the curve is scaled
+by the fine-tune's rate over the spec's (``factor``), so the schedule's shape goes on at the lower rate.
+
 The curves, with ``s`` the optimizer step, ``W`` the warm-up steps, ``T`` the steps of the whole training and
 ``r`` the spec's learning rate (``t = s - W`` and ``D = T - W`` after the warm-up):
 
@@ -34,8 +38,9 @@ from runner.spec import JobSpec
 class LearningRate:
     """The learning rate as a function of the optimizer's step, for one job at one batch size."""
 
-    def __init__(self, spec: JobSpec, *, steps_per_epoch: int) -> None:
+    def __init__(self, spec: JobSpec, *, steps_per_epoch: int, fine_tunes: bool = False) -> None:
         training = spec.training
+        self.fine_tunes = fine_tunes
         self.schedule = training.lr_schedule
         self.base = training.learning_rate
         plateau = training.reduce_lr_on_plateau
@@ -47,20 +52,24 @@ class LearningRate:
         self.decay_steps = self.schedule.decay_epochs * steps_per_epoch
         self.scale = keras.Variable(1.0, dtype="float32", trainable=False, name="lr_scale")
         """What a plateau has lowered the rate to, as a factor (1 until it does); set between compiled calls."""
+        self.factor = keras.Variable(1.0, dtype="float32", trainable=False, name="lr_factor")
+        """The fine-tune's rate over the spec's once it has begun, else 1."""
+        self.offset = keras.Variable(0, dtype="int64", trainable=False, name="lr_step_offset")
+        """Optimizer steps taken before the optimizer in use was built (by a fine-tune)."""
 
     @property
     def moves(self) -> bool:
-        """Whether the rate changes during training (a schedule, or a plateau that may lower it)."""
-        return self.schedule.moves or self.min_lr is not None
+        """Whether the rate changes during training (a schedule, a plateau that may lower it, a fine-tune)."""
+        return self.schedule.moves or self.min_lr is not None or self.fine_tunes
 
     def at(self, step: Any) -> Any:
-        """The rate for optimizer step ``step`` (0-based; a tensor or a number), as a float32 tensor."""
-        step = ops.cast(step, "float32")
+        """The rate for step ``step`` (0-based; a tensor or a number) of the optimizer in use, as a float32 tensor."""
+        step = ops.cast(step, "float32") + ops.cast(ops.convert_to_tensor(self.offset), "float32")
         rate = self._after_warmup(step - self.warmup_steps)
         if self.warmup_steps > 0:
             warming = ops.minimum(self.base * (step + 1.0) / self.warmup_steps, self.base)
             rate = ops.where(step < self.warmup_steps, warming, rate)
-        rate = rate * ops.convert_to_tensor(self.scale)
+        rate = rate * ops.convert_to_tensor(self.scale) * ops.convert_to_tensor(self.factor)
         if self.min_lr is not None:
             # Keras' ReduceLROnPlateau never lowers the rate below min_lr; a schedule alone may go lower.
             rate = ops.where(self.scale < 1.0, ops.maximum(rate, self.min_lr), rate)

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
+from rich.console import Console
 
 from runner.errors import ModelError
+from runner.networks import PRETRAINED, imagenet_weights, with_defaults
+from runner.paths import default_cache_dir
 from runner.spec import JobSpec, loss_label_problem
-from runner.train.models.builtin import InputShape, head_for, mobilenet_v2, simple_cnn
+from runner.train.models.builtin import (
+    InputShape,
+    head_for,
+    load_base_weights,
+    pretrained_network,
+    simple_cnn,
+    weights_file,
+)
 from runner.train.models.factory import from_factory
+from runner.train.models.imagenet import fetch_imagenet_weights
 
 OPTIMIZERS: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
     "adam": keras.optimizers.Adam,
@@ -36,11 +48,21 @@ def check_loss_matches_labels(spec: JobSpec) -> None:
         raise ModelError(problem)
 
 
-def build_model(spec: JobSpec, *, input_shape: InputShape, num_classes: int) -> keras.Model:
+def build_model(
+    spec: JobSpec,
+    *,
+    input_shape: InputShape,
+    num_classes: int,
+    pretrained: bool = True,
+    cache_dir: Path | None = None,
+    console: Console | None = None,
+) -> keras.Model:
     """The job's network for images of ``input_shape`` (height, width, channels) and ``num_classes`` classes.
 
     Seeds Python's, NumPy's and the backend's generators from ``training.seed`` first: layers built without a
-    seed (the initializers, a factory's layers) draw theirs from Python's ``random``.
+    seed (the initializers, a factory's layers) draw theirs from Python's ``random``. With ``pretrained``, a
+    base's ``params.weights`` are loaded too (:func:`load_pretrained_weights`); the trainer loads them only when
+    training starts from the beginning, since a checkpoint replaces them.
     """
     _check_classes(spec, num_classes)
     seed = spec.training.seed
@@ -48,9 +70,38 @@ def build_model(spec: JobSpec, *, input_shape: InputShape, num_classes: int) -> 
     if spec.model.factory is not None:
         return from_factory(spec.model.factory, spec.model.params, input_shape=input_shape, num_classes=num_classes)
     head = head_for(spec.dataset.label_mode, num_classes)
-    if spec.model.builtin == "mobilenet_v2":
-        return mobilenet_v2(spec.model.params, input_shape=input_shape, head=head, seed=seed)
+    if spec.model.builtin in PRETRAINED:
+        model = pretrained_network(
+            spec.model.builtin, spec.model.params, input_shape=input_shape, head=head, seed=seed
+        )
+        if pretrained:
+            load_pretrained_weights(model, spec, cache_dir=cache_dir or default_cache_dir(), console=console)
+        return model
     return simple_cnn(spec.model.params, input_shape=input_shape, head=head, seed=seed)
+
+
+def load_pretrained_weights(
+    model: keras.Model, spec: JobSpec, *, cache_dir: Path, console: Console | None = None
+) -> Path | None:
+    """Load ``params.weights`` into a pretrained network's base: ``imagenet`` (fetched into the cache once) or a
+    file's path; the file loaded, ``None`` when the base starts from random weights."""
+    builtin = spec.model.builtin
+    if builtin not in PRETRAINED:
+        return None
+    params = with_defaults(builtin, spec.model.params)
+    weights = params["weights"]
+    if weights is None:
+        return None
+    if weights == "imagenet":
+        published = imagenet_weights(builtin, alpha=params.get("alpha", 1.0), image_size=spec.dataset.image_size)
+        path = fetch_imagenet_weights(published, cache_dir=cache_dir, console=console)
+        named, fix = f"the ImageNet weights {path}", "delete that file and run again"
+    else:
+        path = weights_file(weights)
+        named = f"model.params.weights {weights!r}"
+        fix = "give the weights file saved for these settings (for mobilenet_v2, the same alpha)"
+    load_base_weights(model, builtin, path, named=named, fix=fix)
+    return path
 
 
 @dataclass(frozen=True)
@@ -75,11 +126,17 @@ class Compiled:
 
 
 def compile_model(
-    model: keras.Model, spec: JobSpec, *, jit_compile: bool = False, steps_per_execution: int = 1
+    model: keras.Model,
+    spec: JobSpec,
+    *,
+    jit_compile: bool = False,
+    steps_per_execution: int = 1,
+    learning_rate: float | None = None,
 ) -> Compiled:
     """Compile with ``training``'s optimizer, learning rate, loss and metrics, or, for a factory that returned
     its model compiled, with the factory's own (under the mixed_float16 policy Keras wraps the optimizer in a
-    ``LossScaleOptimizer``). Either way runner's steps per call and XLA apply."""
+    ``LossScaleOptimizer``). Either way runner's steps per call and XLA apply. ``learning_rate`` replaces the
+    spec's (a fine-tune's new optimizer starts at its own)."""
     own = _factory_compile_arguments(model) if spec.model.factory is not None else None
     if own is not None:
         model.compile(**own, jit_compile=jit_compile, steps_per_execution=steps_per_execution)
@@ -89,7 +146,8 @@ def compile_model(
     training = spec.training
     for metric in training.metrics:
         _check_metric(metric)
-    optimizer = OPTIMIZERS[training.optimizer](learning_rate=training.learning_rate)
+    rate = training.learning_rate if learning_rate is None else learning_rate
+    optimizer = OPTIMIZERS[training.optimizer](learning_rate=rate)
     model.compile(
         optimizer=optimizer,
         loss=training.loss,
@@ -97,7 +155,7 @@ def compile_model(
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
-    return Compiled("spec", training.optimizer, training.learning_rate, training.loss)
+    return Compiled("spec", training.optimizer, rate, training.loss)
 
 
 def _factory_compile_arguments(model: keras.Model) -> dict[str, Any] | None:
@@ -136,6 +194,16 @@ def use_model_weights(model: keras.Model, values: list[np.ndarray]) -> None:
     """Give the model the variables :func:`model_weights` copied."""
     for variable, value in zip(model.variables, values, strict=True):
         variable.assign(value)
+    finalize_layers(model)
+
+
+def finalize_layers(model: keras.Model) -> None:
+    """Let layers that compute from their variables once (a Normalization's mean and variance, as EfficientNet's
+    base holds) compute again after variables were assigned, as ``load_weights`` does: otherwise they go on with
+    the values they were built with."""
+    for layer in model._flatten_layers(include_self=False):
+        if hasattr(layer, "finalize_state") and layer.built:
+            layer.finalize_state()
 
 
 def use_learning_rate(model: keras.Model, rate: float) -> float | None:
@@ -165,7 +233,7 @@ def unscaled_input_warning(model: keras.Model, spec: JobSpec, first_batch_max: f
     pipeline feeds raw 0-255 pixels, on which most networks train badly (a loss in the hundreds)."""
     if spec.model.factory is None or first_batch_max <= 1.5:
         return None
-    layers = model._flatten_layers(include_self=False)  # noqa: SLF001 (nested models' layers too)
+    layers = model._flatten_layers(include_self=False)
     if any(type(layer).__name__ in RESCALING_LAYERS for layer in layers):
         return None
     return (

@@ -1,12 +1,21 @@
-"""The built-in networks: ``simple_cnn`` (the tutorial's) and ``mobilenet_v2``, each checking its ``model.params``.
+"""The built-in networks: ``simple_cnn`` (the tutorial's) and three on a ``keras.applications`` base
+(``mobilenet_v2``, ``efficientnet_b0``, ``resnet50``), which may start from ImageNet weights.
 
 Inputs are float32 images in [0, 255] (the data pipeline does not rescale), so each network carries its own
-rescaling layer and a saved model takes raw pixels.
+preprocessing, and a saved model takes raw pixels: MobileNetV2 scales to [-1, 1]; EfficientNet rescales and
+normalises inside its base; ResNet50 subtracts the ImageNet mean. The params are checked at submit by
+:mod:`runner.networks`; a spec submitted by an older runner is checked again here.
+
+ImageNet weights are Keras' own files, loaded into a base built without them and adjusted where Keras' own
+``weights="imagenet"`` model differs from one built without weights: ResNet50's files expect BGR images (Keras'
+``preprocess_input`` swaps the channels), so its first convolution's kernel takes the channels in the other order
+instead; EfficientNet's ``imagenet`` model divides by the ImageNet standard deviation once more than its
+Normalization layer does (keras-team/keras, tensorflow#49930), which goes into that layer's variance. A test
+checks both against Keras' own ``weights="imagenet"`` model.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,30 +23,41 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 from runner.errors import ModelError
+from runner.networks import params_problem, with_defaults
 
 InputShape = tuple[int, int, int]
 
-SIMPLE_CNN_PARAMS: dict[str, Any] = {"filters": 32, "dense": 512, "dropout": 0.0, "augment": False}
-"""``model.params`` of ``simple_cnn`` and their defaults (the tutorial's network)."""
+_BASES = {
+    "mobilenet_v2": "MobileNetV2",
+    "efficientnet_b0": "EfficientNetB0",
+    "resnet50": "ResNet50",
+}
+"""Each pretrained network's ``keras.applications`` class."""
 
-MOBILENET_V2_PARAMS: dict[str, Any] = {"weights": None, "alpha": 1.0, "dropout": 0.2, "trainable_base": False}
-"""``model.params`` of ``mobilenet_v2`` and their defaults."""
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+"""What ResNet50's ``preprocess_input`` subtracts (caffe mode), in RGB order."""
 
-MOBILENET_V2_MIN_SIDE = 32
-"""The smallest image side keras.applications.MobileNetV2 accepts."""
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+"""What Keras' EfficientNet ``imagenet`` model divides by once more (its ``IMAGENET_STDDEV_RGB``)."""
 
-_RATE = "a number from 0 up to (not including) 1"
+
+def check_params(spec_builtin: str, params: dict[str, Any], input_shape: InputShape) -> dict[str, Any]:
+    """The params over their defaults, refused as at submit (a job folder of an older runner may hold others)."""
+    color_mode = "rgb" if input_shape[2] == 3 else "grayscale"
+    problem = params_problem(
+        spec_builtin, params, image_size=input_shape[:2], color_mode=color_mode, epochs=2**31, learning_rate=10.0
+    )
+    if problem is not None:
+        raise ModelError(problem)
+    return with_defaults(spec_builtin, params)
 
 
 def simple_cnn(params: dict[str, Any], *, input_shape: InputShape, head: keras.layers.Layer, seed: int) -> keras.Model:
     """The tutorial's network: Rescaling, Conv2D, MaxPooling2D, Flatten, Dense, head."""
-    p = _with_defaults("simple_cnn", params, SIMPLE_CNN_PARAMS)
-    _check_param("filters", p["filters"], _is_positive_int(p["filters"]), "a positive integer")
-    _check_param("dense", p["dense"], _is_positive_int(p["dense"]), "a positive integer")
-    _check_param("dropout", p["dropout"], _is_rate(p["dropout"]), _RATE)
-    _check_param("augment", p["augment"], isinstance(p["augment"], bool), "true or false")
+    p = check_params("simple_cnn", params, input_shape)
     layers = keras.layers
     with _params_errors("simple_cnn", params):
         stack: list[Any] = [keras.Input(shape=input_shape)]
@@ -58,64 +78,64 @@ def simple_cnn(params: dict[str, Any], *, input_shape: InputShape, head: keras.l
         return keras.Sequential([*stack, head], name="simple_cnn")
 
 
-def mobilenet_v2(
-    params: dict[str, Any], *, input_shape: InputShape, head: keras.layers.Layer, seed: int
+def pretrained_network(
+    builtin: str, params: dict[str, Any], *, input_shape: InputShape, head: keras.layers.Layer, seed: int
 ) -> keras.Model:
-    """MobileNetV2 without its top, on pixels scaled to [-1, 1], then pooling, dropout and the head."""
-    p = _with_defaults("mobilenet_v2", params, MOBILENET_V2_PARAMS)
-    _check_mobilenet_v2(p, input_shape)
-    weights = _weights_file(p["weights"])
-    with _params_errors("mobilenet_v2", params):
-        base = keras.applications.MobileNetV2(
-            include_top=False, input_shape=input_shape, weights=None, alpha=p["alpha"]
+    """The ``keras.applications`` base without its top (its weights not loaded yet: :func:`load_base_weights`),
+    after the preprocessing its weights expect, then pooling, dropout and the head."""
+    p = check_params(builtin, params, input_shape)
+    options = {"alpha": p["alpha"]} if builtin == "mobilenet_v2" else {}
+    with _params_errors(builtin, params):
+        base = getattr(keras.applications, _BASES[builtin])(
+            include_top=False, input_shape=input_shape, weights=None, **options
         )
-    if weights is not None:
-        _load_weights(base, weights, alpha=p["alpha"], input_shape=input_shape)
     # A frozen base also keeps its BatchNormalization layers in inference mode (Keras 3 ties the two).
     base.trainable = p["trainable_base"]
     inputs = keras.Input(shape=input_shape)
-    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = inputs
+    if builtin == "mobilenet_v2":
+        x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(x)
+    elif builtin == "resnet50":
+        x = keras.layers.Normalization(mean=list(IMAGENET_MEAN_RGB), variance=[1.0, 1.0, 1.0])(x)
     x = keras.layers.GlobalAveragePooling2D()(base(x))
     x = keras.layers.Dropout(p["dropout"], seed=_layer_seed(seed, "dropout"))(x)
-    return keras.Model(inputs, head(x), name="mobilenet_v2")
+    return keras.Model(inputs, head(x), name=builtin)
 
 
-def _check_mobilenet_v2(p: dict[str, Any], input_shape: InputShape) -> None:
-    alpha = p["alpha"]
-    _check_param("alpha", alpha, _is_number(alpha) and alpha > 0, "a positive number such as 0.35 or 1.0")
-    _check_param("dropout", p["dropout"], _is_rate(p["dropout"]), _RATE)
-    _check_param("trainable_base", p["trainable_base"], isinstance(p["trainable_base"], bool), "true or false")
-    if min(input_shape[:2]) < MOBILENET_V2_MIN_SIDE:
-        raise ModelError(
-            f"mobilenet_v2 needs images of at least {MOBILENET_V2_MIN_SIDE}x{MOBILENET_V2_MIN_SIDE} pixels, "
-            f"got {input_shape[0]}x{input_shape[1]}: raise dataset.image_size, or use builtin: simple_cnn"
-        )
+def base_of(model: keras.Model) -> keras.Model:
+    """The ``keras.applications`` base inside a pretrained network."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
 
 
-def _weights_file(weights: Any) -> str | None:
-    """The local weights file to load into MobileNetV2, or None; nothing is ever downloaded at run time."""
-    if weights is None:
-        return None
-    if not isinstance(weights, str) or not Path(weights).expanduser().is_file():
-        raise ModelError(
-            f"model.params.weights {weights!r} is not a file: runner downloads nothing at run time; "
-            f"download the weights file (.h5) yourself and give its path, or use weights: null"
-        )
-    path = Path(weights).expanduser()
-    if path.suffix != ".h5":
-        raise ModelError(f"model.params.weights {weights!r} must be a Keras .h5 or .weights.h5 file")
-    return str(path)
-
-
-def _load_weights(base: keras.Model, path: str, *, alpha: float, input_shape: InputShape) -> None:
-    """Load a weights file into the base, as keras.applications would, but with an error that says what to fix."""
+def load_base_weights(model: keras.Model, builtin: str, path: Path, *, named: str, fix: str) -> None:
+    """Load a Keras ImageNet weights file (downloaded, or ``params.weights``: a copy of it) into the base, as
+    ``keras.applications`` would, then adjust it to runner's input (see the module's notes). ``named`` and ``fix``
+    begin and end the error for a file that does not fit."""
+    base = base_of(model)
     try:
-        base.load_weights(path)
+        base.load_weights(str(path))
     except Exception as error:
+        shape = list(base.input_shape[1:])
+        raise ModelError(f"{named} does not fit {builtin} with input shape {shape} ({one_line(error)}): {fix}") from error
+    if builtin == "resnet50":
+        conv = base.get_layer("conv1_conv")
+        conv.kernel.assign(np.flip(conv.kernel.numpy(), axis=2))  # (height, width, input channels, filters)
+    if builtin == "efficientnet_b0":
+        normalization = next(layer for layer in base.layers if isinstance(layer, keras.layers.Normalization))
+        stddev = np.asarray(IMAGENET_STDDEV_RGB, dtype="float32")
+        normalization.adapt_variance.assign(normalization.adapt_variance.numpy() * stddev)
+        normalization.finalize_state()
+
+
+def weights_file(weights: str) -> Path:
+    """``params.weights`` given as a path: the file, which must exist on this machine."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
         raise ModelError(
-            f"model.params.weights {path!r} does not fit mobilenet_v2 with alpha {alpha} and input shape "
-            f"{list(input_shape)} ({one_line(error)}): give the weights file saved for these settings"
-        ) from error
+            f"model.params.weights {weights!r} is not a file on this machine: give the path of the Keras .h5 "
+            "weights file (on Drive: /content/drive/MyDrive/...), or weights: imagenet to download it"
+        )
+    return path
 
 
 def head_for(label_mode: str, num_classes: int) -> keras.layers.Layer:
@@ -127,38 +147,6 @@ def head_for(label_mode: str, num_classes: int) -> keras.layers.Layer:
     if label_mode == "binary":
         return keras.layers.Dense(1, activation="sigmoid", name="head", dtype="float32")
     return keras.layers.Dense(num_classes, activation="softmax", name="head", dtype="float32")
-
-
-# --- params --------------------------------------------------------------------------------------------------
-
-
-def _with_defaults(builtin: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``params`` over ``defaults``; an unknown name is refused rather than silently ignored."""
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise ModelError(
-            f"model.params: {', '.join(map(repr, unknown))} not known to {builtin}; allowed: {', '.join(defaults)}"
-        )
-    return {**defaults, **params}
-
-
-def _check_param(name: str, value: Any, valid: bool, expected: str) -> None:
-    """Refuse a bad value up front: Keras's own complaint ("'<=' not supported ...") does not say which param."""
-    if not valid:
-        raise ModelError(f"model.params.{name} must be {expected}, got {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    # bool is an int in Python, but `dropout: true` is a mistake, not a rate of 1.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _is_rate(value: Any) -> bool:
-    return _is_number(value) and 0 <= value < 1
 
 
 def _layer_seed(seed: int, layer: str) -> int:

@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 from runner.errors import CheckpointCorrupt
+from runner.train.models.build import finalize_layers
 
 STATE_FILE = "state.json"
 VARIABLES_FILE = "variables.npz"
@@ -63,6 +64,9 @@ class TrainingState:
     """ReduceLROnPlateau's state: ``best``, ``wait``, ``cooldown``."""
     early_stopping: dict[str, Any] | None = None
     """EarlyStopping's state: ``best``, ``best_epoch``, ``wait``."""
+    step_offset: int = 0
+    """Optimizer steps taken before the optimizer in use was built (a fine-tune builds a new one, whose own count
+    starts at 0): the learning-rate schedule counts from their sum."""
     stopped_early: dict[str, Any] | None = None
     """Set when the early stop ended training: ``epoch`` (1-based, the last trained), ``monitor``, ``best``,
     ``best_epoch`` (1-based)."""
@@ -212,24 +216,47 @@ def _write_npy(member: Any, value: np.ndarray) -> None:
         member.write(memoryview(value.reshape(-1)).cast("B"))
 
 
-def load_snapshot(model: keras.Model, folder: Path, *, checkpoint: str) -> TrainingState:
-    """Assign a snapshot's variables to a built, compiled model (optimizer built) and return its state."""
+def load_snapshot(
+    model: keras.Model,
+    folder: Path,
+    *,
+    checkpoint: str,
+    prepare: Callable[[TrainingState], None] | None = None,
+) -> TrainingState:
+    """Assign a snapshot's variables to a built, compiled model (optimizer built) and return its state.
+
+    ``prepare`` is given the state before any variable is assigned: the trainer makes the model what it was when
+    the snapshot was taken (a fine-tune's unfrozen layers and new optimizer)."""
+    error: Exception | None = None
     try:
         document = json.loads((folder / STATE_FILE).read_text())
         document.pop("format", None)
         document.pop("sums", None)  # format 1: the epoch's metrics were sums here
         state = TrainingState(**document)
-        with np.load(folder / VARIABLES_FILE) as arrays:
-            _assign(_model_variables(model), arrays, "model", checkpoint)
-            _assign(_optimizer_variables(model), arrays, "optimizer", checkpoint)
-            model.reset_metrics()
-            if any(name.startswith("metrics/") for name in arrays.files):
-                _assign(_metric_variables(model), arrays, "metrics", checkpoint)
-            best = sorted(name for name in arrays.files if name.startswith(f"{BEST}/"))
-            state.best_weights = [arrays[name] for name in best] or None
-    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as error:  # BadZipFile: a torn array
+    except (OSError, ValueError, TypeError) as failure:
+        error = failure
+    else:
+        if prepare is not None:
+            prepare(state)  # outside the try: its own errors are not a damaged snapshot
+        try:
+            _load_variables(model, folder, state, checkpoint)
+        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as failure:  # BadZipFile: a torn array
+            error = failure
+    if error is not None:
         raise CheckpointCorrupt(checkpoint, f"cannot load the training snapshot ({error})") from None
     return state
+
+
+def _load_variables(model: keras.Model, folder: Path, state: TrainingState, checkpoint: str) -> None:
+    with np.load(folder / VARIABLES_FILE) as arrays:
+        _assign(_model_variables(model), arrays, "model", checkpoint)
+        finalize_layers(model)
+        _assign(_optimizer_variables(model), arrays, "optimizer", checkpoint)
+        model.reset_metrics()
+        if any(name.startswith("metrics/") for name in arrays.files):
+            _assign(_metric_variables(model), arrays, "metrics", checkpoint)
+        best = sorted(name for name in arrays.files if name.startswith(f"{BEST}/"))
+        state.best_weights = [arrays[name] for name in best] or None
 
 
 def _assign(variables: list[Any], arrays: Any, prefix: str, checkpoint: str) -> None:
