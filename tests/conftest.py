@@ -52,6 +52,12 @@ def write_spec(folder: Path, name: str = "job-a", **sections: Any) -> Path:
     return path
 
 
+NO_WEIGHTS_SERVER = "http://127.0.0.1:9"
+"""Where ``weights: imagenet`` goes in tests that serve no weights: a refused port, never Keras' origin (tests
+download nothing but from servers they start on 127.0.0.1)."""
+os.environ.setdefault("RUNNER_WEIGHTS_URL", NO_WEIGHTS_SERVER)
+
+
 def runner_env(**extra: str) -> dict[str, str]:
     """Environment for a `runner` subprocess that uses the counting trainer."""
     env = dict(os.environ)

@@ -136,11 +136,15 @@ exports = st.fixed_dictionaries(
     },
 )
 def _with_a_fitting_loss(spec: dict[str, Any]) -> dict[str, Any]:
-    """A loss that cannot train on the labels is refused (tested on its own): keep drawn losses that fit."""
+    """A loss that cannot train on the labels is refused (tested on its own): keep drawn losses that fit; and an
+    image size the network takes."""
     label_mode = spec["dataset"].get("label_mode", "binary")
     loss = spec.get("training", {}).get("loss", "binary_crossentropy")
     if loss not in LOSSES_FOR_LABELS[label_mode]:
         spec.setdefault("training", {})["loss"] = LOSSES_FOR_LABELS[label_mode][0]
+    if spec.get("model", {}).get("builtin", "simple_cnn") != "simple_cnn" and "image_size" in spec["dataset"]:
+        # The pretrained bases take images of 32x32 and up (refused at submit otherwise, tested on its own).
+        spec["dataset"]["image_size"] = [max(side, 32) for side in spec["dataset"]["image_size"]]
     return spec
 
 
