@@ -9,6 +9,10 @@ Long enough to ride out a slow Drive refresh (heartbeats come every third of it)
 Colab session does not wait long for the job of a session that died. Every worker of a queue must agree on it.
 """
 
+CLAIM_SETTLE_MAX_S = 15.0
+"""The longest a claim waits for a released job's last state write to arrive (see ``Queue.claim``): on Drive a
+write reaches other VMs seconds late, and not always in the order it was made."""
+
 LEASE_DURATION_DRIVE_S = 300.0
 """:data:`LEASE_DURATION_S` for a queue on Google Drive (under ``/content/drive``).
 

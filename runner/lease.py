@@ -145,6 +145,8 @@ class JobLease:
         if not (math.isfinite(duration) and duration > 0):
             raise ValueError(f"lease duration must be positive, got {duration!r}")
         self.paths, self.duration = paths, duration
+        self.found_free = False
+        """Whether the last :meth:`try_acquire` found no marker at all: its holder released it, rather than dying."""
         self._lease = SoftFileLease(
             str(paths.lease), lease_duration=duration, on_compromise=on_lost, thread_local=False
         )
@@ -163,6 +165,8 @@ class JobLease:
         """Take the lease if it is free, or its holder is dead on this host, or silent for the lease duration."""
         if self.lost is not None:
             self.release()  # filelock refuses to re-acquire a lost claim that was not released
+        # Seen before taking it: a marker that was not there was released on purpose (a dead worker leaves its own).
+        self.found_free = read_holder(self.paths) is None
         try:
             return self._acquire_or_take_over()
         except LeaseSettingsMismatch:

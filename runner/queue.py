@@ -139,6 +139,12 @@ class Claim:
         return state
 
 
+def claim_settle_seconds(lease_duration: float) -> float:
+    """How long a claim waits for the state of a job stored as running whose lease was released: a quarter of the
+    lease duration (which is longer on Drive, where writes take longer to arrive), at most 15 s."""
+    return min(lease_duration / 4, defaults.CLAIM_SETTLE_MAX_S)
+
+
 class Queue:
     """A folder of jobs."""
 
@@ -148,10 +154,11 @@ class Queue:
         *,
         lease_duration: float = defaults.LEASE_DURATION_S,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.root = Path(root)
         self.paths = QueuePaths(self.root)
-        self.lease_duration, self.clock = lease_duration, clock
+        self.lease_duration, self.clock, self.sleep = lease_duration, clock, sleep
 
     def __repr__(self) -> str:
         return f"Queue({str(self.root)!r})"
@@ -272,6 +279,8 @@ class Queue:
             raise LeaseHeld(name, holder.describe() if holder else "nobody (the lease is not held)")
         job = self.job(name)
         state = job.read_state()
+        if state.status is JobStatus.RUNNING and lease.found_free:
+            state = self._settled(job, state, lease)
         spec = job.read_spec()
         if state.status in FINISHED:
             return None
@@ -308,6 +317,20 @@ class Queue:
         return Claim(
             job=job, spec=spec, lease=lease, generation=generation, resumed=resumed, claimed=claimed, token=token
         )
+
+    def _settled(self, job: Job, state: JobState, lease: JobLease) -> JobState:
+        """The job's state once a write in flight has had time to arrive: it is stored as running, yet its lease
+        was released rather than left behind by a dead worker. On Drive, a worker's last state write (done,
+        interrupted) can reach another VM after the removal of its lease marker that followed it; claiming at once
+        would run a finished job again."""
+        waited, step = 0.0, 0.25
+        while waited < claim_settle_seconds(lease.duration):
+            self.sleep(step)
+            waited += step
+            state = job.read_state()
+            if state.status is not JobStatus.RUNNING:
+                break
+        return state
 
     @contextmanager
     def holding(self, name: str, *, hint: str = "") -> Iterator[JobLease]:

@@ -269,6 +269,12 @@ MUTATIONS = (
         (("            if expected is not None and sha256 != expected.lower():\n", "            if False:\n"),),
         (f"{PRETRAINED}::test_a_download_that_does_not_match_the_mirror_sums_is_one_line_naming_the_url_and_the_cache",),
     ),
+    Mutation(
+        "fencing", "a job stored as running whose lease was released is claimed before its last write arrives",
+        "runner/queue.py",
+        (("        if state.status is JobStatus.RUNNING and lease.found_free:\n", "        if False:\n"),),
+        ("tests/test_lease.py::test_a_job_stored_as_running_with_its_lease_released_is_claimed_only_once_its_state_had_time_to_arrive",),
+    ),
 )  # fmt: skip
 
 

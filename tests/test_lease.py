@@ -616,3 +616,47 @@ def test_an_empty_marker_is_left_alone_until_the_silent_lease_wait_takes_it_over
     held_leases.append(lease)
     holder = read_holder(paths)
     assert holder is not None and holder.pid == os.getpid()
+
+
+# --- a released lease whose last state write arrives late -------------------------------------------------------
+
+
+def test_a_job_stored_as_running_with_its_lease_released_is_claimed_only_once_its_state_had_time_to_arrive(
+    tmp_path: Path,
+) -> None:
+    """On Drive, a worker's last state write (done) can reach another VM after the removal of its lease marker
+    that followed it. The claimer then finds the job running with no lease: it waits for the write instead of
+    running a finished job again (seen as a job finished twice by two VMs, tests/test_two_vms.py)."""
+    queue = Queue(tmp_path / "queue", lease_duration=4.0)
+    queue.submit(make_spec("job-a"))
+    first_lease = queue.lease("job-a")
+    assert first_lease.try_acquire()
+    first = queue.claim("job-a", first_lease)
+    assert first is not None
+    first_lease.release()  # the marker goes first; the done write is late
+    late = threading.Timer(0.4, lambda: first.finish(JobStatus.DONE))
+    late.start()
+    second_lease = queue.lease("job-a")
+    try:
+        assert second_lease.try_acquire() and second_lease.found_free
+        assert queue.claim("job-a", second_lease) is None, "a finished job was claimed again"
+    finally:
+        late.join()
+        second_lease.release()
+    assert queue.job("job-a").read_state().generation == 1
+
+
+def test_a_job_still_running_after_the_wait_is_claimed(tmp_path: Path) -> None:
+    """A marker lost for another reason (deleted by hand) must not keep the job from running for good."""
+    queue = Queue(tmp_path / "queue", lease_duration=1.0)
+    queue.submit(make_spec("job-a"))
+    first_lease = queue.lease("job-a")
+    assert first_lease.try_acquire() and queue.claim("job-a", first_lease) is not None
+    first_lease.release()
+    second_lease = queue.lease("job-a")
+    try:
+        assert second_lease.try_acquire()
+        claim = queue.claim("job-a", second_lease)
+        assert claim is not None and claim.generation == 2 and claim.resumed
+    finally:
+        second_lease.release()
