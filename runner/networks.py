@@ -118,7 +118,7 @@ def params_problem(
     """Why ``params`` cannot build ``builtin`` for these images and this training, as one line naming the field;
     ``None`` when they can."""
     defaults = BUILTIN_PARAMS[builtin]
-    if unknown := sorted(set(params) - set(defaults)):
+    if unknown := sorted(set(params) - set(defaults), key=str):
         return f"model.params: {', '.join(map(repr, unknown))} not known to {builtin}; allowed: {', '.join(defaults)}"
     p = {**defaults, **params}
     checks: list[tuple[str, bool, str]] = [("dropout", _is_rate(p["dropout"]), _RATE)]
@@ -140,6 +140,11 @@ def params_problem(
             return f"model.params.{name} must be {expected}, got {p[name]!r}"
     if builtin == "simple_cnn":
         return None
+    if builtin == "resnet50" and color_mode != "rgb":
+        return (
+            f"resnet50 takes color images (its input subtracts the ImageNet mean of each of 3 channels), and "
+            f"dataset.color_mode is {color_mode!r}: set color_mode: rgb, or use efficientnet_b0 or mobilenet_v2"
+        )
     if min(image_size) < MIN_SIDE:
         return (
             f"{builtin} needs images of at least {MIN_SIDE}x{MIN_SIDE} pixels, got {image_size[0]}x{image_size[1]}: "
@@ -172,7 +177,7 @@ def _fine_tune_problem(builtin: str, p: dict[str, Any], epochs: int, learning_ra
     where = "model.params.fine_tune"
     if not isinstance(given, dict):
         return f"{where} must be a mapping such as {{at_epoch: 5, layers: 30}}, got {given!r}"
-    if unknown := sorted(set(given) - set(FINE_TUNE_FIELDS)):
+    if unknown := sorted(set(given) - set(FINE_TUNE_FIELDS), key=str):
         return f"{where}: {', '.join(map(repr, unknown))} not known; allowed: {', '.join(FINE_TUNE_FIELDS)}"
     tune = {**FINE_TUNE_FIELDS, **given}
     at, layers, rate = tune["at_epoch"], tune["layers"], tune["learning_rate"]

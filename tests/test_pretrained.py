@@ -272,7 +272,7 @@ def test_a_mirror_that_refuses_the_connection_is_one_line_within_seconds(tmp_pat
 
 BAD_PARAMS = [
     ("mobilenet_v2", {"dataset": {"image_size": [24, 24]}}, {}, "mobilenet_v2 needs images of at least 32x32 pixels"),
-    ("resnet50", {"dataset": {"color_mode": "grayscale"}}, {"weights": "imagenet"}, "needs color images"),
+    ("efficientnet_b0", {"dataset": {"color_mode": "grayscale"}}, {"weights": "imagenet"}, "needs color images"),
     ("mobilenet_v2", {}, {"weights": "imagenet", "alpha": 0.6}, "model.params.alpha 0.6 has no ImageNet weights"),
     ("efficientnet_b0", {}, {"weights": "weights.bin"}, "model.params.weights must be imagenet, null, or the path"),
     ("efficientnet_b0", {}, {"fine_tune": {"at_epoch": 2, "layers": 237}}, "layers (237) is more than efficientnet_b0's 236"),
@@ -283,6 +283,8 @@ BAD_PARAMS = [
     ("resnet50", {}, {"fine_tune": {"at_epoch": 1, "unfreeze": 3}}, "fine_tune: 'unfreeze' not known"),
     ("resnet50", {}, {"fine_tune": {"at_epoch": 1}, "trainable_base": True}, "trainable_base already trains whole"),
     ("simple_cnn", {}, {"fine_tune": {"at_epoch": 1}}, "'fine_tune' not known to simple_cnn"),
+    ("resnet50", {"dataset": {"color_mode": "grayscale"}}, {}, "resnet50 takes color images"),
+    ("resnet50", {}, {"fine_tune": {"at_epoch": 1, 1: 2}}, "fine_tune: 1 not known"),
     ("simple_cnn", {}, {"steps": 4}, "'steps' not known to simple_cnn; allowed: filters, dense, dropout, augment"),
 ]  # fmt: skip
 

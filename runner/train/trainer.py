@@ -488,7 +488,9 @@ class _Session:
             phases.recompile(tune.learning_rate if due else None)
             phases.tuned = due
             self.loop.reset()
-            if due and now:
+            if due and now and state.stopped_early is None and state.epoch < self.epochs:
+                # Switched even when training ends here (a restore of this snapshot expects the new optimizer),
+                # but said only when a fine-tuned epoch follows.
                 self._say_fine_tuning(state, unfrozen)
         if self.rate is not None:
             self.rate.offset.assign(state.step_offset)
