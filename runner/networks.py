@@ -12,9 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-BUILTINS = ("simple_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50")
-"""``model.builtin`` names."""
-
 PRETRAINED = ("mobilenet_v2", "efficientnet_b0", "resnet50")
 """The networks built on a ``keras.applications`` base, which may start from ImageNet weights and fine-tune."""
 

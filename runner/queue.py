@@ -323,8 +323,8 @@ class Queue:
         was released rather than left behind by a dead worker. On Drive, a worker's last state write (done,
         interrupted) can reach another VM after the removal of its lease marker that followed it; claiming at once
         would run a finished job again."""
-        waited, step = 0.0, 0.25
-        while waited < claim_settle_seconds(lease.duration):
+        waited, step, settle = 0.0, 0.25, claim_settle_seconds(lease.duration)
+        while waited < settle:
             self.sleep(step)
             waited += step
             state = job.read_state()

@@ -623,7 +623,7 @@ def _parse_text(text: str, source: str, *, json_only: bool) -> Any:
         except json.JSONDecodeError as error:
             raise SpecError(source, [f"line {error.lineno}, column {error.colno}: invalid JSON: {error.msg}"]) from None
     try:
-        return yaml.load(text, Loader=_SpecLoader)
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader that also refuses aliases)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -24,7 +24,6 @@ from runner.checkpoints import CheckpointStore
 from runner.job import JobStatus
 from runner.kept import find_kept
 from runner.train.engine.acceleration import MIXED_PRECISION_ON_CPU_ENV
-from tests.conftest import run_cli
 from tests.drivesim.fixtures import SimFactory, requires_fuse
 from tests.support.keras_jobs import keras_env, make_digit_folders, submit_keras_spec
 from tests.support.kill_harness import (
@@ -36,6 +35,7 @@ from tests.support.kill_harness import (
     check_resumes,
     newest_training_state,
     status_record,
+    uninterrupted_run,
 )
 
 pytestmark = pytest.mark.slow
@@ -56,11 +56,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
     """The uninterrupted run (checkpointing once an epoch: the cadence does not change the result)."""
     tmp = tmp_path_factory.mktemp("reference")
-    env = keras_env(tmp / "cache")
-    submit_keras_spec(tmp, tmp / "queue", digits, NAME, env)
-    result = run_cli("work", "--queue", str(tmp / "queue"), env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Reference.of(tmp / "queue", NAME, env)
+    return uninterrupted_run(tmp, digits, NAME, keras_env(tmp / "cache"))[0]
 
 
 def new_run(

@@ -24,7 +24,14 @@ from tests.conftest import run_cli
 from tests.support.data_server import Served, serve
 from tests.support.imagenet_weights import lookalike_base, sums_of, write_lookalike
 from tests.support.keras_jobs import job_of, keras_env, make_digit_folders, submit_keras_spec
-from tests.support.kill_harness import Kill, KillRun, Reference, assert_same_result, check_resumes
+from tests.support.kill_harness import (
+    Kill,
+    KillRun,
+    Reference,
+    assert_same_result,
+    check_resumes,
+    uninterrupted_run,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
 
@@ -312,7 +319,7 @@ def test_runner_submit_refuses_a_fine_tune_larger_than_the_network_in_one_line(t
     )
     result = run_cli("submit", str(spec), "--queue", str(tmp_path / "queue"))
     assert result.returncode == 2
-    said = f"model.params.fine_tune.layers (200) is more than mobilenet_v2's 153 layers: give at most 153, or all"
+    said = "model.params.fine_tune.layers (200) is more than mobilenet_v2's 153 layers: give at most 153, or all"
     assert result.stderr.strip().splitlines() == [f"error: submit: {spec}: {said}"]
     assert not (tmp_path / "queue").exists() or not any((tmp_path / "queue").rglob("job.yaml"))
 
@@ -395,11 +402,7 @@ def fine_tune_env(cache: Path, served: Served) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def reference(digits: Path, weights_server: Served, tmp_path_factory: pytest.TempPathFactory) -> tuple[Reference, Path]:
     tmp = tmp_path_factory.mktemp("reference")
-    env = fine_tune_env(tmp / "cache", weights_server)
-    submit_keras_spec(tmp, tmp / "queue", digits, NAME, env, **FINE_TUNED)
-    result = run_cli("work", "--queue", str(tmp / "queue"), env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Reference.of(tmp / "queue", NAME, env), tmp / "queue"
+    return uninterrupted_run(tmp, digits, NAME, fine_tune_env(tmp / "cache", weights_server), **FINE_TUNED)
 
 
 def _events(queue: Path, kind: str) -> list[dict]:

@@ -21,7 +21,14 @@ import yaml
 from runner.spec import EarlyStoppingSpec, PlateauSpec
 from tests.conftest import make_spec, run_cli
 from tests.support.keras_jobs import job_of, keras_env, keras_spec, make_digit_folders, submit_keras_spec
-from tests.support.kill_harness import Kill, KillRun, Reference, assert_same_result, check_resumes
+from tests.support.kill_harness import (
+    Kill,
+    KillRun,
+    Reference,
+    assert_same_result,
+    check_resumes,
+    uninterrupted_run,
+)
 
 NAME = "scheduled"
 STEPS_PER_EPOCH = 10
@@ -266,11 +273,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Reference, Path]:
     tmp = tmp_path_factory.mktemp("reference")
-    env = keras_env(tmp / "cache")
-    submit_keras_spec(tmp, tmp / "queue", digits, NAME, env, **SCHEDULED)
-    result = run_cli("work", "--queue", str(tmp / "queue"), env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Reference.of(tmp / "queue", NAME, env), tmp / "queue"
+    return uninterrupted_run(tmp, digits, NAME, keras_env(tmp / "cache"), **SCHEDULED)
 
 
 def _events(queue: Path, kind: str) -> list[dict]:

@@ -219,9 +219,9 @@ class _Session:
     ) -> None:
         self.context, self.loop, self.data, self.workdir, self.clock = context, loop, data, workdir, clock
         self.rate = rate
+        """The spec's learning rate over the steps; ``None`` when a factory compiled the model."""
         self.phases = phases
         """The fine-tune's two phases; ``None`` without one."""
-        """The spec's learning rate over the steps; ``None`` when a factory compiled the model."""
         self.learning_rate = rate.base if rate is not None and not rate.moves else None
         """The spec's constant learning rate, which a restored optimizer is given; ``None`` when a factory compiled
         the model, or when the rate moves (the loop sets it before every step)."""
@@ -491,14 +491,12 @@ class _Session:
             if due and now and state.stopped_early is None and state.epoch < self.epochs:
                 # Switched even when training ends here (a restore of this snapshot expects the new optimizer),
                 # but said only when a fine-tuned epoch follows.
-                self._say_fine_tuning(state, unfrozen)
+                self._say_fine_tuning(tune, state, unfrozen)
         if self.rate is not None:
             self.rate.offset.assign(state.step_offset)
             self.rate.factor.assign(tune.learning_rate / self.spec.training.learning_rate if due else 1.0)
 
-    def _say_fine_tuning(self, state: TrainingState, unfrozen: int | None) -> None:
-        tune = self.phases.fine_tune if self.phases is not None else None
-        assert tune is not None
+    def _say_fine_tuning(self, tune: FineTune, state: TrainingState, unfrozen: int | None) -> None:
         message = (
             f"fine-tuning from epoch {state.epoch + 1}: {counted(unfrozen or 0, 'layer')} of the base unfrozen "
             f"(BatchNormalization stays frozen), a new optimizer at learning rate {tune.learning_rate:g}"

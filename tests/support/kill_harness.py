@@ -37,7 +37,7 @@ from runner.history import read_history
 from runner.job import Job, JobStatus
 from runner.killpoints import HOLD_AT_ENV, KILL_AT_ENV, KILL_LOG_ENV, release_file
 from tests.conftest import run_cli, start_cli
-from tests.support.keras_jobs import job_of
+from tests.support.keras_jobs import job_of, submit_keras_spec
 from tests.support.tensorboard_files import tensorboard_scalars
 
 PUBLISH_POINTS = ("commit-copied", "commit-manifest", "commit-renamed", "state-written", "history-written")
@@ -301,6 +301,18 @@ class Reference:
             tensorboard_runs(job),
             status_record(queue, name, env)["metrics"],
         )
+
+
+def uninterrupted_run(
+    folder: Path, data: Path, name: str, env: dict[str, str], **overrides: Any
+) -> tuple[Reference, Path]:
+    """Submit the job of :func:`~tests.support.keras_jobs.keras_spec` (with ``overrides``) into a queue in
+    ``folder`` and run it to the end with one `runner work`: what its killed runs must end as, and its queue."""
+    queue = folder / "queue"
+    submit_keras_spec(folder, queue, data, name, env, **overrides)
+    result = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Reference.of(queue, name, env), queue
 
 
 def newest_variables(job: Job) -> dict[str, np.ndarray]:

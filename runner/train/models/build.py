@@ -201,7 +201,7 @@ def finalize_layers(model: keras.Model) -> None:
     """Let layers that compute from their variables once (a Normalization's mean and variance, as EfficientNet's
     base holds) compute again after variables were assigned, as ``load_weights`` does: otherwise they go on with
     the values they were built with."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in model._flatten_layers(include_self=False):  # noqa: SLF001 (nested models' layers too)
         if hasattr(layer, "finalize_state") and layer.built:
             layer.finalize_state()
 
@@ -233,7 +233,7 @@ def unscaled_input_warning(model: keras.Model, spec: JobSpec, first_batch_max: f
     pipeline feeds raw 0-255 pixels, on which most networks train badly (a loss in the hundreds)."""
     if spec.model.factory is None or first_batch_max <= 1.5:
         return None
-    layers = model._flatten_layers(include_self=False)
+    layers = model._flatten_layers(include_self=False)  # noqa: SLF001 (nested models' layers too)
     if any(type(layer).__name__ in RESCALING_LAYERS for layer in layers):
         return None
     return (
