@@ -86,7 +86,7 @@ MUTATIONS = (
     Mutation("resume", "global step forgotten", SNAPSHOT, _state_field("global_step", "0"), (PUBLISHING_KILLS,)),
     Mutation(
         "resume", "running metrics (Keras' metric state) forgotten", SNAPSHOT,
-        (('                _assign(_metric_variables(model), arrays, "metrics", checkpoint)\n', "                pass\n"),),
+        (('            _assign(_metric_variables(model), arrays, "metrics", checkpoint)\n', "            pass\n"),),
         (PUBLISHING_KILLS,),
     ),
     Mutation("resume", "samples seen mangled", SNAPSHOT, _state_field("seen", "document['seen'] + 8"), (PUBLISHING_KILLS,)),
@@ -97,7 +97,7 @@ MUTATIONS = (
     ),
     Mutation(
         "resume", "optimizer state forgotten", SNAPSHOT,
-        (('            _assign(_optimizer_variables(model), arrays, "optimizer", checkpoint)\n', ""),),
+        (('        _assign(_optimizer_variables(model), arrays, "optimizer", checkpoint)\n', ""),),
         (PUBLISHING_KILLS,),
     ),
     Mutation(
