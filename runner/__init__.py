@@ -2,12 +2,14 @@
 
 In a notebook: ``runner.submit("job.yaml")``, then ``runner.work()`` (run it again after every disconnect),
 ``runner.status()``, ``runner.plot("name")``, and once a job is done ``runner.predict("name", "images/")``.
+With your own Keras code: ``runner.fit(model, data, epochs=10, job="name")`` in place of ``model.fit``, or
+``model.fit(..., callbacks=[runner.keras.Checkpointing(job="name")])``.
 
 ``import runner`` stays light (no TensorFlow): specs, the queue, status and the worker loop load in a blink;
 only ``runner.train`` imports TensorFlow.
 """
 
-from runner.api import Picture, StatusReport, digits_spec, logs, plot, predict, status, submit, work
+from runner.api import Picture, StatusReport, digits_spec, fit, logs, plot, predict, status, submit, work
 from runner.checkpoints import CheckpointInfo, CheckpointStore
 from runner.errors import (
     CheckpointCorrupt,
@@ -65,6 +67,7 @@ __all__ = [
     "Worker",
     "__version__",
     "digits_spec",
+    "fit",
     "load_spec",
     "logs",
     "parse_spec",
@@ -74,3 +77,12 @@ __all__ = [
     "submit",
     "work",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``runner.keras`` and ``runner.data`` load on first use: they import TensorFlow, ``import runner`` does not."""
+    if name in ("keras", "data"):
+        import importlib  # noqa: PLC0415
+
+        return importlib.import_module(f"runner.{name}")
+    raise AttributeError(f"module 'runner' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""The Python API for notebooks: ``runner.submit``, ``work``, ``status``, ``plot`` and ``logs``.
+"""The Python API for notebooks: ``runner.submit``, ``work``, ``status``, ``plot`` and ``logs``; ``runner.fit`` for
+the user's own Keras code.
 
 The same operations as the command line, with the same defaults (the queue is ``$RUNNER_QUEUE``, Drive on
 Colab, else ``./runner-queue``), but returning objects instead of exit codes and raising :class:`RunnerError`
@@ -131,6 +132,19 @@ def predict(
     given = [images] if isinstance(images, (str, Path)) else list(images)
     job = open_queue(queue, must_exist=True).job(name)
     return [prediction.as_dict() for prediction in predict_images(job, given, last=last)]
+
+
+def fit(model: Any, x: Any = None, y: Any = None, *, job: str, queue: str | Path | None = None, **kwargs: Any) -> Any:
+    """``model.fit(x, y, **kwargs)``, resumable: the job ``job`` keeps its checkpoints in the queue, and calling
+    this again in a new session continues from the newest one; on a done job the model gets its final weights.
+
+    Takes what ``model.fit`` takes (``epochs``, ``validation_data``, ``callbacks``, ...), plus ``every_epochs``,
+    ``every_minutes`` and ``keep`` for the checkpoints, and returns a Keras ``History`` of every epoch of the job.
+    ``x`` may be ``runner.data.image_folder(...)``: then a resume is exact part way through an epoch too. See
+    docs/own_code.md. Imports TensorFlow."""
+    from runner.train.own_code.fit import fit as fit_resumable  # noqa: PLC0415 (TensorFlow loads only here)
+
+    return fit_resumable(model, x, y, job=job, queue=None if queue is None else str(queue), **kwargs)
 
 
 def digits_spec() -> JobSpec:

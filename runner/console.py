@@ -36,8 +36,8 @@ STATE_STYLES = {
 
 def eta_seconds(view: JobView, now: float) -> float | None:
     """Seconds until a running job's last epoch, from its pace since this session's claim; ``None`` if unknown."""
-    state, spec = view.state, view.spec
-    if state is None or spec is None or view.shown_state(now) != "running":
+    state = view.state
+    if state is None or view.epochs is None or view.shown_state(now) != "running":
         return None
     if state.session_started_at is None or state.checkpoint_at is None:
         return None
@@ -45,7 +45,7 @@ def eta_seconds(view: JobView, now: float) -> float | None:
     spent = state.checkpoint_at - state.session_started_at
     if done_since_claim <= 0 or spent <= 0:
         return None
-    remaining = (spec.training.epochs - state.epoch) * spent / done_since_claim
+    remaining = ((view.epochs or 0) - state.epoch) * spent / done_since_claim
     return max(0.0, remaining - (now - state.checkpoint_at))
 
 
@@ -139,7 +139,7 @@ def status_record(view: JobView, now: float, size_bytes: int | None = None) -> d
         "name": view.name,
         "state": view.shown_state(now),
         "epoch": state.epoch if state else 0,
-        "epochs": spec.training.epochs if spec else None,
+        "epochs": view.epochs,
         "step": state.step if state else 0,
         "restarts": state.restarts if state else 0,
         "checkpoint": state.checkpoint if state else None,
@@ -158,6 +158,7 @@ def status_record(view: JobView, now: float, size_bytes: int | None = None) -> d
         "device": state.device if state else None,
         "size_bytes": size_bytes,
         "stopped_early": state.stopped_early if state else None,
+        "trained_by": view.code.kind if view.code is not None else "spec",
     }
 
 
@@ -250,6 +251,12 @@ def status_table(
             notes = Text("kept locally (below)", style="yellow")
         else:
             notes = Text(_metrics_text(record["metrics"]))
+        if view.code is not None and shown in ("queued", INTERRUPTED):
+            own = (
+                f"trained by the user's own code ({view.code.kind}), not by `runner work`: run that code again (the "
+                "same job name) to resume it"
+            )
+            errors.append(Text.assemble((f"{view.name}: ", "bold"), (own, "cyan")))
         if record["stopped_early"]:
             errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["stopped_early"], "green")))
         if spec_batch := (view.spec.dataset.batch_size if view.spec else None):

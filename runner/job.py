@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner import storage
 from runner.errors import DamagedFile, Fenced, InvalidTransition, SpecError, StorageError
+from runner.own_code import OwnCode
 from runner.paths import JobPaths
 from runner.spec import JobSpec, load_spec
 
@@ -169,6 +170,23 @@ class Job:
             return load_spec(self.paths.spec)
         except SpecError as error:
             raise DamagedFile(str(self.paths.spec), "; ".join(error.problems)) from None
+
+    def read_code(self) -> OwnCode:
+        """What a job of the user's own code records (``code.json``); :class:`DamagedFile` when unreadable."""
+        try:
+            return OwnCode.model_validate(storage.read_json(self.paths.code))
+        except StorageError as error:
+            if error.errno_ == 2:
+                raise DamagedFile(str(self.paths.code), "missing") from None
+            raise
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+            raise DamagedFile(str(self.paths.code), f"{where}: {first['msg']}") from None
+
+    def is_own_code(self) -> bool:
+        """Whether the job is trained by the user's own code (it has ``code.json`` and no spec)."""
+        return storage.exists(self.paths.code) and not storage.exists(self.paths.spec)
 
     def write_state(self, state: JobState, *, generation: int | None) -> None:
         """Replace state.json; with ``generation``, only while that claim is still the current one."""

@@ -57,6 +57,11 @@ class JobPaths:
         return self.folder / "spec.yaml"
 
     @property
+    def code(self) -> Path:
+        """What a job trained by the user's own code records in place of a spec (``runner.fit``)."""
+        return self.folder / "code.json"
+
+    @property
     def state(self) -> Path:
         """Status, generation, restarts, error and timestamps, replaced atomically."""
         return self.folder / "state.json"

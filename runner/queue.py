@@ -26,6 +26,7 @@ from runner.errors import (
 )
 from runner.job import FINISHED, Job, JobState, JobStatus, worker_identity
 from runner.lease import JobLease, LeaseHolder, read_holder
+from runner.own_code import OwnCode
 from runner.paths import JobPaths, QueuePaths, is_temp_name
 from runner.spec import JobSpec, load_spec
 
@@ -59,6 +60,15 @@ class JobView:
     lease_duration: float
     folder: Path | None = None
     """The job's folder."""
+    code: OwnCode | None = None
+    """What a job trained by the user's own code records in place of a spec (``runner.fit``); ``None`` for a spec's."""
+
+    @property
+    def epochs(self) -> int | None:
+        """The epochs the job trains for, from its spec or (own code) its newest call."""
+        if self.spec is not None:
+            return self.spec.training.epochs
+        return self.code.epochs if self.code is not None else None
 
     def shown_state(self, now: float) -> str:
         """queued | running | interrupted | done | failed | cancelled."""
@@ -98,7 +108,8 @@ class Claim:
     """A worker's claim on a job: its lease and the generation that fences its writes."""
 
     job: Job
-    spec: JobSpec
+    spec: JobSpec | None
+    """The job's frozen spec; ``None`` for a job of the user's own code (``runner.fit``)."""
     lease: JobLease
     generation: int
     resumed: bool
@@ -207,6 +218,34 @@ class Queue:
             storage.remove_tree(temp)
         return Job(existing, clock=self.clock), True
 
+    def create_own_code(self, name: str, code: OwnCode) -> tuple[Job, bool]:
+        """Make the folder of job ``name``, trained by the user's own code (``code.json`` instead of a spec),
+        queued, as a submit makes a spec's: in a temporary folder renamed into place. Returns the job and whether
+        it was new; an existing folder is left as it is (the caller checks what it is)."""
+        existing = self.paths.job(name)
+        if storage.exists(existing.folder):
+            return Job(existing, clock=self.clock), False
+        storage.make_dirs(self.paths.jobs)
+        now = self.clock()
+        temp = self.paths.job_in_progress(name)
+        try:
+            storage.make_dirs(temp)
+            job = Job(JobPaths(temp), clock=self.clock)
+            storage.atomic_write_json(job.paths.code, code.model_dump(mode="json"))
+            storage.atomic_write_json(
+                job.paths.state, JobState(submitted_at=now, updated_at=now).model_dump(mode="json")
+            )
+            job.events.append("submitted", by=code.kind, epochs=code.epochs)
+            try:
+                storage.commit_dir(temp, existing.folder)
+            except OSError as error:
+                if storage.exists(existing.folder):
+                    return Job(existing, clock=self.clock), False
+                raise error
+        finally:
+            storage.remove_tree(temp)
+        return Job(existing, clock=self.clock), True
+
     def submit_file(self, path: str | Path) -> tuple[Job, bool]:
         """Validate a spec file and add its job."""
         return self.submit(load_spec(path))
@@ -237,12 +276,18 @@ class Queue:
     def view(self, name: str) -> JobView:
         """A job as status shows it; damage is reported in ``problem``, never raised."""
         job = self.job(name)
-        spec = state = None
+        spec = state = code = None
         problems = []
         try:
             spec = job.read_spec()
         except RunnerError as error:
-            problems.append(str(error))
+            try:  # no spec: a job of the user's own code has code.json instead (one more read, for those only)
+                code = job.read_code() if storage.exists(job.paths.code) else None
+            except RunnerError as also:
+                problems.append(str(also))
+            else:
+                if code is None:
+                    problems.append(str(error))
         try:
             state = job.read_state()
         except RunnerError as error:
@@ -255,6 +300,7 @@ class Queue:
             problem="; ".join(problems) or None,
             lease_duration=self.lease_duration,
             folder=job.paths.folder,
+            code=code,
         )
 
     def views(self) -> list[JobView]:
@@ -269,10 +315,13 @@ class Queue:
 
     # --- claim ----------------------------------------------------------------------------------------------
 
-    def claim(self, name: str, lease: JobLease, *, device: str | None = None) -> Claim | None:
+    def claim(
+        self, name: str, lease: JobLease, *, device: str | None = None, own_code: bool = False
+    ) -> Claim | None:
         """With ``lease`` held, make this worker the job's current claim; ``None`` if it needs no running.
 
-        ``device`` (what this session trains on) is recorded in state.json and the ``claimed`` event.
+        ``device`` (what this session trains on) is recorded in state.json and the ``claimed`` event. ``own_code``:
+        the job has no spec, the user's own code trains it (``runner.fit``).
         """
         if not lease.held:
             holder = read_holder(lease.paths)
@@ -281,7 +330,7 @@ class Queue:
         state = job.read_state()
         if state.status is JobStatus.RUNNING and lease.found_free:
             state = self._settled(job, state, lease)
-        spec = job.read_spec()
+        spec = None if own_code else job.read_spec()
         if state.status in FINISHED:
             return None
         now = self.clock()

@@ -25,7 +25,7 @@ from rich.markup import escape
 from runner import defaults, storage
 from runner.checkpoints import CheckpointStore
 from runner.device import describe_devices, detect_gpus
-from runner.errors import Fenced, RunnerError, StorageError
+from runner.errors import Fenced, RunnerError, StorageError, UsageError
 from runner.job import Job, JobStatus
 from runner.joblog import JobLogHandler
 from runner.lease import JobLease, LeaseHolder
@@ -154,7 +154,12 @@ class Worker:
     def run(self) -> WorkResult:
         """Claim and run jobs until nothing runnable is left or a signal arrives."""
         if self.only is not None:
-            self.queue.job(self.only)  # JobNotFound early, before any claim
+            job = self.queue.job(self.only)  # JobNotFound early, before any claim
+            if job.is_own_code():
+                raise UsageError(
+                    f"job {self.only!r} is trained by the user's own code (runner.fit), not by a spec: `runner work` "
+                    "cannot build its model; run that code again, with the same job name, to resume it"
+                )
         attempted: set[str] = set()
         while not self.stop.is_set():
             if self._past_deadline():

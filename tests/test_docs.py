@@ -67,7 +67,7 @@ QUOTED = [
     "no MANIFEST.json",
     "does not match its sha256",
     " is missing",
-    "was the spec's model changed after training started?",
+    "was the model (its spec, or the code that builds it) changed after training started?",
     "cannot load the training snapshot (",
     "not valid JSON (",
     "state.json was damaged; rebuilt it from events and checkpoints (",

@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from runner.errors import CheckpointCorrupt
 from runner.history import read_history
 from runner.job import Job, JobStatus
 from runner.killpoints import HOLD_AT_ENV, KILL_AT_ENV, KILL_LOG_ENV, release_file
-from tests.conftest import run_cli, start_cli
+from tests.conftest import REPO, run_cli, start_cli
 from tests.support.keras_jobs import job_of, submit_keras_spec
 from tests.support.tensorboard_files import tensorboard_scalars
 
@@ -93,10 +94,34 @@ class Session:
 class KillRun:
     """Sessions of `runner work` on one queue, each killed by plan, then one that runs to the end."""
 
-    def __init__(self, queue: Path, name: str, env: dict[str, str], *, rng: random.Random, folder: Path) -> None:
+    def __init__(
+        self,
+        queue: Path,
+        name: str,
+        env: dict[str, str],
+        *,
+        rng: random.Random,
+        folder: Path,
+        command: tuple[str, ...] | None = None,
+    ) -> None:
         self.queue, self.name, self.env, self.rng = queue, name, env, rng
         self.kill_log = folder / "kills.jsonl"
         self.sessions: list[Session] = []
+        self.command = command
+        """What a session runs (``python`` and these arguments); ``None``: `runner work` on the queue."""
+
+    def _start(self, env: dict[str, str]) -> subprocess.Popen[str]:
+        if self.command is None:
+            return start_cli("work", "--queue", str(self.queue), env=env)
+        return subprocess.Popen(
+            [sys.executable, *self.command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
 
     @property
     def job(self) -> Job:
@@ -120,7 +145,7 @@ class KillRun:
         claims_before = len(self.events("claimed"))
         commits_before = len(self.events("checkpoint"))
         logged_before = len(self.kills_logged())
-        worker = start_cli("work", "--queue", str(self.queue), env=env)
+        worker = self._start(env)
         try:
             if kill.point:
                 worker.wait(timeout=SESSION_TIMEOUT_S)
@@ -153,7 +178,7 @@ class KillRun:
         release = Path(release_file(str(self.kill_log)))
         release.unlink(missing_ok=True)
         logged_before = len(self.kills_logged())
-        worker = start_cli("work", "--queue", str(self.queue), env=env)
+        worker = self._start(env)
         try:
             deadline = time.monotonic() + SESSION_TIMEOUT_S
             while not [e for e in self.kills_logged()[logged_before:] if e["action"] == "hold"]:
@@ -179,7 +204,12 @@ class KillRun:
 
     def finish(self) -> subprocess.CompletedProcess[str]:
         """One undisturbed session to the end; it must finish the job."""
-        result = run_cli("work", "--queue", str(self.queue), env=self.env, timeout=600)
+        if self.command is None:
+            result = run_cli("work", "--queue", str(self.queue), env=self.env, timeout=600)
+        else:
+            worker = self._start(self.env)
+            out, err = worker.communicate(timeout=600)
+            result = subprocess.CompletedProcess(worker.args, worker.returncode, out, err)
         assert result.returncode == 0, result.stderr[-3000:]
         assert self.job.read_state().status is JobStatus.DONE
         return result
@@ -239,7 +269,8 @@ def _reap(worker: subprocess.Popen[str]) -> None:
 
 def newest_verified(job: Job) -> str | None:
     """The id of the newest committed checkpoint that matches its manifest: what a restore must take."""
-    store = CheckpointStore(job, keep=job.read_spec().checkpoint.keep)
+    keep = job.read_spec().checkpoint.keep if job.paths.spec.exists() else 2  # a job of own code keeps 2 here
+    store = CheckpointStore(job, keep=keep)
     for info in store.committed():
         try:
             store.verify(info)

@@ -63,6 +63,10 @@ class _Batcher(Protocol):
         that order."""
         ...
 
+    def batches_of(self, indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+        """The same, of the examples a dataset of int64 indices names (known only when it is iterated)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ImageFolderData:
@@ -119,6 +123,22 @@ class ImageFolderData:
         order = epoch_order(self.seed, epoch, self.num_train)
         augment = None if self.augment is None else augmenter(self.augment, seed=self.seed, epoch=epoch)
         return self._finish(self._train.batches(order[start_sample:], self.batch_size), self.class_weights, augment)
+
+    def train_batches_following(self, position: Callable[[], tuple[int, int]]) -> tf.data.Dataset:
+        """Training batches whose epoch and first sample are asked of ``position`` each time an iterator over them
+        starts: one dataset that ``model.fit`` iterates once per epoch, each time in that epoch's order."""
+        seed, count = self.seed, self.num_train
+
+        def order() -> np.ndarray:
+            epoch, start = position()
+            return epoch_order(seed, epoch, count)[start:].astype(np.int64)
+
+        indices = (
+            tf.data.Dataset.from_tensors(0)
+            .map(lambda _: tf.ensure_shape(tf.py_function(order, [], tf.int64), [None]))
+            .flat_map(tf.data.Dataset.from_tensor_slices)
+        )
+        return self._finish(self._train.batches_of(indices, self.batch_size), self.class_weights)
 
     def validation_batches(self) -> tf.data.Dataset | None:
         """Validation batches in a fixed order; ``None`` when the dataset has no validation images."""
@@ -263,13 +283,15 @@ class _DecodedImages:
             self._labels = tf.constant(labels)
 
     def batches(self, indices: np.ndarray, batch_size: int) -> tf.data.Dataset:
+        return self.batches_of(tf.data.Dataset.from_tensor_slices(indices.astype(np.int64)), batch_size)
+
+    def batches_of(self, indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
         images, labels = self._images, self._labels
 
         def gather(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             return tf.gather(images, batch), tf.gather(labels, batch), batch
 
-        batches = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64)).batch(batch_size)
-        return batches.map(gather, num_parallel_calls=AUTOTUNE, deterministic=True)
+        return indices.batch(batch_size).map(gather, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
 class _ImageFiles:
@@ -279,6 +301,16 @@ class _ImageFiles:
         self._paths = np.asarray([str(path) for path in examples.files], dtype=object)
         self._labels = examples.labels
         self._load = load
+
+    def batches_of(self, indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+        load = self._load
+        paths = tf.constant(list(self._paths), dtype=tf.string)
+        labels = tf.constant(self._labels)
+
+        def read(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            return load(tf.gather(paths, index)), tf.gather(labels, index), index
+
+        return indices.map(read, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size)
 
     def batches(self, indices: np.ndarray, batch_size: int) -> tf.data.Dataset:
         load = self._load

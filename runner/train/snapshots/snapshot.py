@@ -34,6 +34,8 @@ VARIABLES_FILE = "variables.npz"
 SNAPSHOT_FORMAT = 2
 BEST = "best"
 """The prefix of the best epoch's model variables in ``variables.npz`` (only when the spec keeps them)."""
+CALLBACKS = "callbacks"
+"""The prefix of the arrays the Keras callbacks of the user's own code hold (``callbacks/<key>/<index>``)."""
 
 
 @dataclass
@@ -70,6 +72,10 @@ class TrainingState:
     stopped_early: dict[str, Any] | None = None
     """Set when the early stop ended training: ``epoch`` (1-based, the last trained), ``monitor``, ``best``,
     ``best_epoch`` (1-based)."""
+    callbacks: dict[str, Any] | None = None
+    """The state of the Keras callbacks of a job of the user's own code (``runner.fit``), by callback."""
+    callback_arrays: dict[str, list[np.ndarray]] | None = field(default=None, repr=False, compare=False)
+    """Arrays those callbacks hold (EarlyStopping's best weights): in the variables file, not in state.json."""
     best_weights: list[np.ndarray] | None = field(default=None, repr=False, compare=False)
     """The model's variables at the best epoch (see :attr:`best`), kept when the spec restores or exports them:
     in the snapshot's variables file, not in its state.json."""
@@ -94,8 +100,9 @@ class TrainingState:
         return value is not None and best
 
     def document(self) -> dict[str, Any]:
-        """What ``state.json`` holds: every field but the best weights."""
-        return {field.name: getattr(self, field.name) for field in fields(self) if field.name != "best_weights"}
+        """What ``state.json`` holds: every field but the arrays."""
+        arrays = ("best_weights", "callback_arrays")
+        return {field.name: getattr(self, field.name) for field in fields(self) if field.name not in arrays}
 
 
 def _model_variables(model: keras.Model) -> list[Any]:
@@ -176,6 +183,8 @@ def capture_snapshot(model: keras.Model, state: TrainingState) -> CapturedSnapsh
     arrays |= _named_arrays("metrics", _metric_variables(model))
     if state.best_weights is not None:
         arrays |= {f"{BEST}/{index:05d}": value for index, value in enumerate(state.best_weights)}
+    for key, values in (state.callback_arrays or {}).items():
+        arrays |= {f"{CALLBACKS}/{key}/{index:05d}": value for index, value in enumerate(values)}
     return CapturedSnapshot(arrays, {"format": SNAPSHOT_FORMAT, **state.document()})  # serialised at once
 
 
@@ -253,10 +262,16 @@ def _load_variables(model: keras.Model, folder: Path, state: TrainingState, chec
         finalize_layers(model)
         _assign(_optimizer_variables(model), arrays, "optimizer", checkpoint)
         model.reset_metrics()
-        if any(name.startswith("metrics/") for name in arrays.files):
+        # Not built yet: a user's fit of data runner cannot describe; its epoch starts with fresh metrics anyway.
+        built = bool(_metric_variables(model))
+        if built and any(name.startswith("metrics/") for name in arrays.files):
             _assign(_metric_variables(model), arrays, "metrics", checkpoint)
         best = sorted(name for name in arrays.files if name.startswith(f"{BEST}/"))
         state.best_weights = [arrays[name] for name in best] or None
+        held: dict[str, list[np.ndarray]] = {}
+        for name in sorted(name for name in arrays.files if name.startswith(f"{CALLBACKS}/")):
+            held.setdefault(name.split("/")[1], []).append(arrays[name])
+        state.callback_arrays = held or None
 
 
 def _assign(variables: list[Any], arrays: Any, prefix: str, checkpoint: str) -> None:
@@ -265,7 +280,7 @@ def _assign(variables: list[Any], arrays: Any, prefix: str, checkpoint: str) -> 
         raise CheckpointCorrupt(
             checkpoint,
             f"it holds {len(names)} {prefix} variables but the model has {len(variables)}: "
-            "was the spec's model changed after training started?",
+            "was the model (its spec, or the code that builds it) changed after training started?",
         )
     for variable, name in zip(variables, names):
         value = arrays[name]
