@@ -1,4 +1,4 @@
-"""The user's own Keras code, killed: the tutorial's script (tests/support/own_code_job.py) through ``runner.fit``
+"""The user's own Keras code (runner.train.own_code), killed: the tutorial's script (tests/support/own_code_job.py) through ``runner.fit``
 and through the ``Checkpointing`` callback in its own ``model.fit``, SIGKILLed after commits (in training) and
 inside publishing, ends bit-identical to an uninterrupted run of the same script, with each epoch once in
 history.csv and in the CSVLogger's file, and every kill after a commit resumed from that commit with nothing
