@@ -26,7 +26,7 @@ class OwnCode(BaseModel):
     kind: Literal["runner.fit", "Checkpointing"] = Field(description="which API made the job")
     epochs: int = Field(ge=1, description="the epochs the newest call asked for")
     model: str = Field(description="the model's class and name, for messages")
-    variables: tuple[str, ...] = Field(description="every model variable as `path shape`, in the model's order")
+    variables: tuple[str, ...] = Field(description="every model variable as `name shape`, in the model's order")
     optimizer: str = Field(description="the optimizer's class")
     created_at: float
 
@@ -48,6 +48,6 @@ class OwnCode(BaseModel):
         return None
 
 
-def describe_variable(path: str, shape: tuple[int, ...]) -> str:
-    """One entry of :attr:`OwnCode.variables`: ``sequential/conv2d/kernel (3, 3, 3, 32)``."""
-    return f"{path} {tuple(int(size) for size in shape)}"
+def describe_variable(name: str, shape: tuple[int, ...]) -> str:
+    """One entry of :attr:`OwnCode.variables`: ``kernel (3, 3, 3, 32)``."""
+    return f"{name} {tuple(int(size) for size in shape)}"

@@ -54,7 +54,9 @@ def model_record(model: keras.Model, *, kind: str, epochs: int, now: float) -> O
         kind=kind,  # type: ignore[arg-type]
         epochs=epochs,
         model=f"{type(model).__name__} {model.name!r}",
-        variables=tuple(describe_variable(variable.path, tuple(variable.shape)) for variable in model.variables),
+        # By the variable's own name, not its path: Keras numbers layer names (dense_1), and a notebook that builds
+        # the same model again gets other numbers.
+        variables=tuple(describe_variable(variable.name, tuple(variable.shape)) for variable in model.variables),
         optimizer=type(optimizer).__name__ if optimizer is not None else "none",
         created_at=now,
     )
