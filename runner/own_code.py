@@ -43,7 +43,7 @@ class OwnCode(BaseModel):
         if len(before) != len(now):
             return (
                 f"its checkpoints hold {counted(len(before), 'model variable')}, the model has {len(now)} "
-                f"(first difference: {(before[len(now):] or now[len(before):])[0]})"
+                f"(first difference: {(before[len(now) :] or now[len(before) :])[0]})"
             )
         return None
 

@@ -29,7 +29,12 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def folder(digits: Path, tmp_path: Path) -> runner.data.ImageFolder:
     return runner.data.image_folder(
-        digits, image_size=(8, 8), batch_size=4, validation="validation", label_mode="int", color_mode="grayscale",
+        digits,
+        image_size=(8, 8),
+        batch_size=4,
+        validation="validation",
+        label_mode="int",
+        color_mode="grayscale",
         cache_dir=tmp_path / "cache",
     )
 
@@ -66,7 +71,7 @@ def test_a_failed_fit_lets_the_job_go_and_the_next_call_continues_it(folder, tmp
     with pytest.raises(RuntimeError, match="the session died"):
         runner.fit(_model(), folder, epochs=3, job="mine", queue=queue, callbacks=[_Crash()], verbose=0)
     assert runner.status(queue=queue)[0]["state"] == "interrupted"
-    history = runner.fit(_model(), folder, epochs=3, job="mine", queue=queue, verbose=0)
+    runner.fit(_model(), folder, epochs=3, job="mine", queue=queue, verbose=0)
     (record,) = runner.status(queue=queue)
     assert (record["state"], record["epoch"], record["epochs"], record["trained_by"]) == ("done", 3, 3, "runner.fit")
     assert len((queue / "jobs" / "mine" / "history.csv").read_text().splitlines()) == 4
@@ -132,7 +137,12 @@ def test_a_custom_callbacks_state_is_kept_through_get_state_or_warned_about_once
     queue = tmp_path / "queue"
     with pytest.raises(RuntimeError):  # in epoch 2: one epoch is checkpointed
         runner.fit(
-            _model(), folder, epochs=3, job="mine", queue=queue, callbacks=[_Counter(), _KeptCounter(), _Crash()],
+            _model(),
+            folder,
+            epochs=3,
+            job="mine",
+            queue=queue,
+            callbacks=[_Counter(), _KeptCounter(), _Crash()],
             verbose=0,
         )
     kept, plain = _KeptCounter(), _Counter()
@@ -151,7 +161,9 @@ def test_the_callback_in_a_users_own_fit_resumes_at_the_epoch_of_its_checkpoint(
             folder.train, epochs=4, callbacks=[_Crash(), runner.keras.Checkpointing(job="own", queue=queue)], verbose=0
         )
     again = _model()
-    history = again.fit(folder.train, epochs=4, callbacks=[runner.keras.Checkpointing(job="own", queue=queue)], verbose=0)
+    history = again.fit(
+        folder.train, epochs=4, callbacks=[runner.keras.Checkpointing(job="own", queue=queue)], verbose=0
+    )
     assert history.epoch == [1, 2, 3]
     assert int(again.optimizer.iterations.numpy()) == 4 * folder.steps_per_epoch
 

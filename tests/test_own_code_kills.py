@@ -41,7 +41,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _reference(tmp_path: Path, way: str, data: Path, env: dict[str, str], every_minutes: float | None) -> Reference:
     queue = tmp_path / "reference" / "queue"
-    run = KillRun(queue, "tutorial", env, rng=random.Random(0), folder=tmp_path, command=_command(queue, way, data, every_minutes))
+    run = KillRun(
+        queue, "tutorial", env, rng=random.Random(0), folder=tmp_path, command=_command(queue, way, data, every_minutes)
+    )
     run.finish()
     return Reference.of(queue, "tutorial", env)
 
@@ -52,14 +54,35 @@ def _csv_rows(queue: Path) -> list[str]:
 
 CASES = {
     # runner.fit on image_dataset_from_directory's seeded shuffle: exact at epoch boundaries.
-    "fit": (None, [Kill.after_commit(1, QUICK), Kill.at("commit-manifest", 1), Kill.after_commit(2, QUICK), Kill.at("state-written", 1)]),
+    "fit": (
+        None,
+        [
+            Kill.after_commit(1, QUICK),
+            Kill.at("commit-manifest", 1),
+            Kill.after_commit(2, QUICK),
+            Kill.at("state-written", 1),
+        ],
+    ),
     # runner.fit on runner's dataset, checkpointing every few steps: exact part way through epochs.
     "runner-data": (
         0.0001,
-        [Kill.after_commit(2, QUICK), Kill.at("commit-renamed", 3), Kill.after_commit(3, QUICK), Kill.at("commit-copied", 2)],
+        [
+            Kill.after_commit(2, QUICK),
+            Kill.at("commit-renamed", 3),
+            Kill.after_commit(3, QUICK),
+            Kill.at("commit-copied", 2),
+        ],
     ),
     # The user's own model.fit with the callback: exact at epoch boundaries.
-    "callback": (None, [Kill.after_commit(1, QUICK), Kill.at("commit-renamed", 1), Kill.after_commit(2, QUICK), Kill.at("history-written", 1)]),
+    "callback": (
+        None,
+        [
+            Kill.after_commit(1, QUICK),
+            Kill.at("commit-renamed", 1),
+            Kill.after_commit(2, QUICK),
+            Kill.at("history-written", 1),
+        ],
+    ),
 }
 
 

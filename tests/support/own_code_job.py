@@ -15,10 +15,10 @@ from pathlib import Path
 
 
 def main(queue: str, job: str, data: str, way: str, epochs: str, every_minutes: str | None = None) -> None:
-    import keras  # noqa: PLC0415 (after the arguments: a usage error costs no TensorFlow import)
-    import tensorflow as tf  # noqa: PLC0415
+    import keras
+    import tensorflow as tf
 
-    import runner  # noqa: PLC0415
+    import runner
 
     keras.utils.set_random_seed(0)
     tf.config.experimental.enable_op_determinism()
@@ -50,7 +50,13 @@ def main(queue: str, job: str, data: str, way: str, epochs: str, every_minutes: 
             data, image_size=size, batch_size=batch, validation="validation", label_mode="int", color_mode="grayscale"
         )
         runner.fit(
-            model, folder, epochs=int(epochs), job=job, queue=queue, callbacks=callbacks, every_minutes=minutes,
+            model,
+            folder,
+            epochs=int(epochs),
+            job=job,
+            queue=queue,
+            callbacks=callbacks,
+            every_minutes=minutes,
             verbose=2,
         )
         return
@@ -59,12 +65,20 @@ def main(queue: str, job: str, data: str, way: str, epochs: str, every_minutes: 
     validation = keras.utils.image_dataset_from_directory(Path(data) / "validation", shuffle=False, **options)
     if way == "fit":
         runner.fit(
-            model, train, validation_data=validation, epochs=int(epochs), job=job, queue=queue, callbacks=callbacks,
+            model,
+            train,
+            validation_data=validation,
+            epochs=int(epochs),
+            job=job,
+            queue=queue,
+            callbacks=callbacks,
             verbose=2,
         )
     elif way == "callback":
         checkpointing = runner.keras.Checkpointing(job=job, queue=queue)
-        model.fit(train, validation_data=validation, epochs=int(epochs), callbacks=[*callbacks, checkpointing], verbose=2)
+        model.fit(
+            train, validation_data=validation, epochs=int(epochs), callbacks=[*callbacks, checkpointing], verbose=2
+        )
     else:
         raise SystemExit(f"unknown way {way!r}")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -194,7 +193,3 @@ def _rows_of(history: list[dict[str, float]], *, separator: str) -> str:
         writer.writerow({"epoch": int(row["epoch"]), **{key: row.get(key, "NA") for key in keys}})
     return buffer.getvalue()
 
-
-def finite_or_none(value: float) -> float | None:
-    """A value for status: ``None`` for an infinity (Keras' callbacks start their best there)."""
-    return value if math.isfinite(value) else None

@@ -102,7 +102,7 @@ class Checkpointing(keras.callbacks.Callback):
         restored = self.session.open(self.model, epochs=epochs)
         if restored is None:
             self.done_already = True
-            self.model._initial_epoch = epochs  # noqa: SLF001 (what BackupAndRestore sets: fit starts there)
+            self.model._initial_epoch = epochs
             return
         self._restored, self.state = restored, restored.state
         if self.state.step and self.data is None:
@@ -116,7 +116,7 @@ class Checkpointing(keras.callbacks.Callback):
             self._epoch_iterator = found.get("epoch_iterator")
         elif self.state.epoch:
             self._replay_data(found)
-        self.model._initial_epoch = self.state.epoch  # noqa: SLF001 (as BackupAndRestore does)
+        self.model._initial_epoch = self.state.epoch
 
     def _replay_data(self, found: dict[str, Any]) -> None:
         """Give the user's seeded ``tf.data`` shuffle the state it had at the resumed epoch."""
@@ -149,7 +149,7 @@ class Checkpointing(keras.callbacks.Callback):
         length from the first epoch, or run a step past the data, which still counts an optimizer step."""
         iterator = self._epoch_iterator
         if iterator is not None and hasattr(iterator, "_num_batches"):
-            iterator._num_batches = steps  # noqa: SLF001 (Keras 3.10 to 3.15; tests/test_own_code_kills.py)
+            iterator._num_batches = steps
 
     def _give_back(self, epoch: int) -> None:
         """What a resume restores once every callback has begun (their on_train_begin resets it): their state, the
@@ -184,9 +184,9 @@ class Checkpointing(keras.callbacks.Callback):
                 self._snapshot()  # exact part way: runner knows where in the epoch its own dataset is
             return
         minutes = self.every_minutes
-        if minutes and self.data is not None and state.seen < self.data.num_train:
-            if time.monotonic() - self._last_snapshot_at >= minutes * 60:
-                self._snapshot()
+        part_way = self.data is not None and state.seen < self.data.num_train
+        if minutes and part_way and time.monotonic() - self._last_snapshot_at >= minutes * 60:
+            self._snapshot()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.session is None or self.done_already or self._stopping:
@@ -205,7 +205,7 @@ class Checkpointing(keras.callbacks.Callback):
     # --- the end ------------------------------------------------------------------------------------------
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self.model._initial_epoch = None  # noqa: SLF001 (Keras never resets it: a later plain fit would start there)
+        self.model._initial_epoch = None
         session = self.session
         if session is None or self.done_already:
             return
@@ -224,7 +224,7 @@ class Checkpointing(keras.callbacks.Callback):
         """``fit`` raised: let go of the job, keeping it resumable from its newest checkpoint."""
         session, self.session = self.session, None
         if self.model is not None:
-            self.model._initial_epoch = None  # noqa: SLF001
+            self.model._initial_epoch = None
         if session is not None:
             session.close(error=error)
 
@@ -233,7 +233,9 @@ class Checkpointing(keras.callbacks.Callback):
             return None
         for callback in self._siblings:
             if isinstance(callback, keras.callbacks.EarlyStopping) and getattr(callback, "stopped_epoch", 0):
-                return f"stopped early after epoch {self.state.epoch}: keras.callbacks.EarlyStopping ({callback.monitor})"
+                return (
+                    f"stopped early after epoch {self.state.epoch}: keras.callbacks.EarlyStopping ({callback.monitor})"
+                )
         return f"stopped after epoch {self.state.epoch} of {self.params.get('epochs')}: a callback stopped training"
 
     def _snapshot(self, session: OwnCodeSession | None = None) -> None:
@@ -295,7 +297,7 @@ def _fit_arguments(model: keras.Model) -> dict[str, Any]:
     """What the ``fit`` of ``model`` that is running was given: its frame's ``x``, ``y``, ``steps_per_epoch`` and
     ``callbacks`` (a CallbackList by now), and its ``epoch_iterator``. A callback is not given them; they are found
     on the stack, and are empty where not found (a custom training loop)."""
-    frame = sys._getframe(1)  # noqa: SLF001
+    frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
             found = frame.f_locals

@@ -101,8 +101,8 @@ def _whole_history(history: keras.callbacks.History, checkpointing: Checkpointin
 
 
 def _final_history(checkpointing: Checkpointing) -> list[dict[str, float]]:
-    from runner.history import read_history  # noqa: PLC0415
-    from runner.paths import QueuePaths, queue_choice  # noqa: PLC0415
+    from runner.history import read_history
+    from runner.paths import QueuePaths, queue_choice
 
     root, _ = queue_choice(checkpointing.queue)
     try:

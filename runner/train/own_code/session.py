@@ -92,7 +92,7 @@ class OwnCodeSession:
             raise UsageError(f"keep={keep!r}: runner keeps at least 1 checkpoint; give keep=2 (the default) or more")
         root, _ = queue_choice(queue)
         if queue is None:
-            from runner import colab  # noqa: PLC0415 (Colab's Drive is mounted only where the queue is on it)
+            from runner import colab
 
             colab.ensure_drive(root, can_prompt=colab.in_notebook_kernel())
         self.queue = Queue(root, lease_duration=lease_duration_from(queue_root=root))
@@ -162,7 +162,7 @@ class OwnCodeSession:
         self.claim = claim
         job = claim.job
         if record.epochs != earlier.epochs:
-            from runner import storage  # noqa: PLC0415
+            from runner import storage
 
             claim.fence()
             storage.atomic_write_json(job.paths.code, earlier.model_copy(update={"epochs": record.epochs}).model_dump())
