@@ -26,6 +26,12 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_digit_folders(tmp_path_factory.mktemp("digits"), classes=3, train_per_class=6, val_per_class=2)
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's scratch and kept snapshots in its own cache: the job names repeat across parallel tests."""
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def folder(digits: Path, tmp_path: Path) -> runner.data.ImageFolder:
     return runner.data.image_folder(
