@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +23,8 @@ from runner.errors import DamagedFile, Fenced, InvalidTransition, SpecError, Sto
 from runner.own_code import OwnCode
 from runner.paths import JobPaths
 from runner.spec import JobSpec, load_spec
+
+Validated = TypeVar("Validated", bound=BaseModel)
 
 
 class JobStatus(str, Enum):
@@ -151,18 +153,7 @@ class Job:
 
     def read_state(self) -> JobState:
         """The job's state; :class:`DamagedFile` when state.json is missing or unreadable."""
-        try:
-            data = storage.read_json(self.paths.state)
-        except StorageError as error:
-            if error.errno_ == 2:
-                raise DamagedFile(str(self.paths.state), "missing") from None
-            raise
-        try:
-            return JobState.model_validate(data)
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-            raise DamagedFile(str(self.paths.state), f"{where}: {first['msg']}") from None
+        return self._read_validated(self.paths.state, JobState)
 
     def read_spec(self) -> JobSpec:
         """The frozen spec; :class:`DamagedFile` when it no longer validates."""
@@ -173,16 +164,23 @@ class Job:
 
     def read_code(self) -> OwnCode:
         """What a job of the user's own code records (``code.json``); :class:`DamagedFile` when unreadable."""
+        return self._read_validated(self.paths.code, OwnCode)
+
+    @staticmethod
+    def _read_validated(path: Any, model: type[Validated]) -> Validated:
+        """A JSON file of the job folder as ``model``; :class:`DamagedFile` when missing or not valid."""
         try:
-            return OwnCode.model_validate(storage.read_json(self.paths.code))
+            data = storage.read_json(path)
         except StorageError as error:
             if error.errno_ == 2:
-                raise DamagedFile(str(self.paths.code), "missing") from None
+                raise DamagedFile(str(path), "missing") from None
             raise
+        try:
+            return model.model_validate(data)
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-            raise DamagedFile(str(self.paths.code), f"{where}: {first['msg']}") from None
+            raise DamagedFile(str(path), f"{where}: {first['msg']}") from None
 
     def is_own_code(self) -> bool:
         """Whether the job is trained by the user's own code (it has ``code.json`` and no spec)."""

@@ -83,12 +83,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start ``python -m runner ARGS`` in the background (its own process group)."""
+    return start_python("-m", "runner", *args, env=env or runner_env())
+
+
+def start_python(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``python ARGS`` in the background, in its own process group (so that a test can kill all of it)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "runner", *args],
+        [sys.executable, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env or runner_env(),
+        env=env,
         cwd=REPO,
         start_new_session=True,
     )

@@ -39,13 +39,11 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _reference(tmp_path: Path, way: str, data: Path, env: dict[str, str], every_minutes: float | None) -> Reference:
-    queue = tmp_path / "reference" / "queue"
-    run = KillRun(
-        queue, "tutorial", env, rng=random.Random(0), folder=tmp_path, command=_command(queue, way, data, every_minutes)
-    )
-    run.finish()
-    return Reference.of(queue, "tutorial", env)
+def _run(folder: Path, way: str, data: Path, env: dict[str, str], every_minutes: float | None, seed: int) -> KillRun:
+    """Sessions of the script on a queue of its own in ``folder``."""
+    queue = folder / "queue"
+    command = _command(queue, way, data, every_minutes)
+    return KillRun(queue, "tutorial", env, rng=random.Random(seed), folder=folder.parent, command=command)
 
 
 def _csv_rows(queue: Path) -> list[str]:
@@ -91,11 +89,11 @@ def test_the_tutorial_script_killed_after_commits_ends_as_the_uninterrupted_run(
     data = make_digit_folders(tmp_path / "digits", classes=3, train_per_class=12, val_per_class=4)
     env = _env(tmp_path)
     every_minutes, kills = CASES[way]
-    reference = _reference(tmp_path, way, data, env, every_minutes)
-    queue = tmp_path / "killed" / "queue"
-    run = KillRun(
-        queue, "tutorial", env, rng=random.Random(3), folder=tmp_path, command=_command(queue, way, data, every_minutes)
-    )
+    uninterrupted = _run(tmp_path / "reference", way, data, env, every_minutes, seed=0)
+    uninterrupted.finish()
+    reference = Reference.of(uninterrupted.queue, "tutorial", env)
+    run = _run(tmp_path / "killed", way, data, env, every_minutes, seed=3)
+    queue = run.queue
     for kill in kills:
         run.session(kill)
     run.finish()

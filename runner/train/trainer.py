@@ -52,8 +52,8 @@ from runner.train.models.fine_tune import FineTune
 from runner.train.outputs.export import describe_model, publish_exports, write_exports
 from runner.train.outputs.progress import EpochProgress
 from runner.train.outputs.tensorboard import TensorBoardLog
-from runner.train.snapshots.publisher import Publisher, Snapshot
-from runner.train.snapshots.snapshot import TrainingState, capture_snapshot, load_snapshot, save_snapshot
+from runner.train.snapshots.publisher import Publisher, take_snapshot
+from runner.train.snapshots.snapshot import TrainingState, load_snapshot, save_snapshot
 from runner.train.snapshots.space import local_disk_error, warn_if_short_of_space
 from runner.training import Outcome, RunContext
 from runner.words import counted
@@ -584,17 +584,7 @@ class _Session:
         self._snapshots += 1
         state.elapsed_s = self.elapsed_before + (self.clock() - self.started)
         folder = self.workdir / "snapshots" / f"{self._snapshots:06d}-e{state.epoch}-s{state.step}"
-        captured = capture_snapshot(self.model, state)
-        killpoints.reached("snapshot-taken")
-        meta: dict[str, Any] = {
-            "global_step": state.global_step,
-            "steps_per_epoch": state.steps_per_epoch,
-            "elapsed_s": round(state.elapsed_s, 3),
-            "metrics": state.history[-1] if state.history else {},
-            "best": state.best,
-        }
-        history = [dict(row) for row in state.history]
-        publisher.submit(Snapshot(folder, state.epoch, state.step, history, meta, captured=captured))
+        publisher.submit(take_snapshot(self.model, state, folder))
         self.snapshot_position = (state.epoch, state.step)
         self.last_snapshot_at = self.clock()
 

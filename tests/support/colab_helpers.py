@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from runner.queue import Queue
-from tests.conftest import REPO, runner_env
+from tests.conftest import REPO, runner_env, start_python
 
 FAKE_COLAB = Path(__file__).with_name("fake_colab")
 """Put on the import path, this folder makes ``google.colab`` importable (see its package docstring)."""
@@ -95,15 +95,7 @@ def run_colab_cli(*args: str, env: dict[str, str], timeout: float = 120) -> subp
 
 def start_colab_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     """Start the real ``runner ARGS`` on a modelled Colab VM in the background (its own process group)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", COLAB_CLI, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO,
-        start_new_session=True,
-    )
+    return start_python("-m", COLAB_CLI, *args, env=env)
 
 
 def forget_fake_colab() -> None:

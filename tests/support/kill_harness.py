@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from runner.errors import CheckpointCorrupt
 from runner.history import read_history
 from runner.job import Job, JobStatus
 from runner.killpoints import HOLD_AT_ENV, KILL_AT_ENV, KILL_LOG_ENV, release_file
-from tests.conftest import REPO, run_cli, start_cli
+from tests.conftest import run_cli, start_cli, start_python
 from tests.support.keras_jobs import job_of, submit_keras_spec
 from tests.support.tensorboard_files import tensorboard_scalars
 
@@ -113,15 +112,7 @@ class KillRun:
     def _start(self, env: dict[str, str]) -> subprocess.Popen[str]:
         if self.command is None:
             return start_cli("work", "--queue", str(self.queue), env=env)
-        return subprocess.Popen(
-            [sys.executable, *self.command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
+        return start_python(*self.command, env=env)
 
     @property
     def job(self) -> Job:

@@ -192,4 +192,3 @@ def _rows_of(history: list[dict[str, float]], *, separator: str) -> str:
     for row in history:
         writer.writerow({"epoch": int(row["epoch"]), **{key: row.get(key, "NA") for key in keys}})
     return buffer.getvalue()
-

@@ -16,13 +16,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
 from rich.console import Console
 
-from runner import defaults, killpoints
+from runner import defaults
 from runner.checkpoints import CheckpointStore
 from runner.device import describe_devices, detect_gpus
 from runner.errors import Fenced, LeaseHeld, StorageError, UsageError
@@ -35,8 +34,8 @@ from runner.own_code import OwnCode, describe_variable
 from runner.paths import default_cache_dir, publish_note, queue_choice, work_folder
 from runner.queue import Claim, Queue
 from runner.train.outputs.tensorboard import TensorBoardLog
-from runner.train.snapshots.publisher import Publisher, Snapshot
-from runner.train.snapshots.snapshot import TrainingState, capture_snapshot, load_snapshot
+from runner.train.snapshots.publisher import Publisher, take_snapshot
+from runner.train.snapshots.snapshot import TrainingState, load_snapshot
 from runner.train.trainer import flush_timeout
 from runner.training import RunContext
 from runner.words import counted
@@ -262,17 +261,7 @@ class OwnCodeSession:
         self._snapshots += 1
         state.elapsed_s = self._elapsed_before + (time.monotonic() - self._started)
         folder = self.workdir / "snapshots" / f"{self._snapshots:06d}-e{state.epoch}-s{state.step}"
-        captured = capture_snapshot(model, state)
-        killpoints.reached("snapshot-taken")
-        meta: dict[str, Any] = {
-            "global_step": state.global_step,
-            "steps_per_epoch": state.steps_per_epoch,
-            "elapsed_s": round(state.elapsed_s, 3),
-            "metrics": state.history[-1] if state.history else {},
-            "best": state.best,
-        }
-        history = [dict(row) for row in state.history]
-        self.publisher.submit(Snapshot(folder, state.epoch, state.step, history, meta, captured=captured))
+        self.publisher.submit(take_snapshot(model, state, folder))
 
     # --- the end --------------------------------------------------------------------------------------------
 

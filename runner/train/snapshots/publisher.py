@@ -32,7 +32,7 @@ from runner import defaults, killpoints, storage
 from runner.errors import Fenced, StorageError
 from runner.history import write_history
 from runner.train.outputs.tensorboard import TensorBoardLog
-from runner.train.snapshots.snapshot import CapturedSnapshot
+from runner.train.snapshots.snapshot import CapturedSnapshot, TrainingState, capture_snapshot
 from runner.train.snapshots.space import local_disk_error
 from runner.training import RunContext
 
@@ -72,6 +72,23 @@ class Snapshot:
         if self.captured is not None:
             self.captured.release()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def take_snapshot(model: Any, state: TrainingState, folder: Path) -> Snapshot:
+    """Capture ``model`` and ``state`` in memory (the only cost to the training loop), as a snapshot for the
+    publisher, whose thread writes it straight into the job folder while training goes on; ``folder`` is where it
+    would wait on local disk."""
+    captured = capture_snapshot(model, state)
+    killpoints.reached("snapshot-taken")
+    meta: dict[str, Any] = {
+        "global_step": state.global_step,
+        "steps_per_epoch": state.steps_per_epoch,
+        "elapsed_s": round(state.elapsed_s, 3),
+        "metrics": state.history[-1] if state.history else {},
+        "best": state.best,
+    }
+    history = [dict(row) for row in state.history]
+    return Snapshot(folder, state.epoch, state.step, history, meta, captured=captured)
 
 
 class Publisher:
