@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from runner import storage
-from runner.device import short_device
+from runner.device import short_device, short_engine
 from runner.errors import StorageError
 from runner.lease import process_exists
 from runner.paths import default_cache_dir, publish_note
@@ -159,6 +159,9 @@ def status_record(view: JobView, now: float, size_bytes: int | None = None) -> d
         "size_bytes": size_bytes,
         "stopped_early": state.stopped_early if state else None,
         "trained_by": view.code.kind if view.code is not None else "spec",
+        "devices": state.devices if state else None,
+        "backend": state.backend if state else None,
+        "devices_changed": state.devices_changed if state else None,
     }
 
 
@@ -257,6 +260,8 @@ def status_table(
                 "same job name) to resume it"
             )
             errors.append(Text.assemble((f"{view.name}: ", "bold"), (own, "cyan")))
+        if record["devices_changed"]:
+            errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["devices_changed"], "yellow")))
         if record["stopped_early"]:
             errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["stopped_early"], "green")))
         if spec_batch := (view.spec.dataset.batch_size if view.spec else None):
@@ -271,6 +276,9 @@ def status_table(
             worker = f"{view.holder.describe()} {format_age(record['heartbeat_age_s'])}"
         if record["device"]:  # what the current or last session trained on
             worker = f"{worker} · {short_device(record['device'])}" if view.holder else short_device(record["device"])
+        if record["backend"]:  # and how: the Keras backend, and the devices in step
+            engine = short_engine(record["backend"], record["devices"])
+            worker = engine if worker == "-" else f"{worker} · {engine}"
         rows.append(
             (
                 Text(view.name, style="bold"),

@@ -74,3 +74,9 @@ def short_device(device: str | None) -> str:
             part = part.replace(vendor, "")
         parts.append(part)
     return ", ".join(parts)
+
+
+def short_engine(backend: str, devices: int | None) -> str:
+    """The Keras backend and the devices in step, for a table cell: ``tf``, ``tf ×2``, ``jax ×8``."""
+    name = {"tensorflow": "tf"}.get(backend, backend)
+    return f"{name} ×{devices}" if devices and devices > 1 else name

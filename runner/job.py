@@ -78,6 +78,14 @@ class JobState(BaseModel):
     session_started_at: float | None = Field(default=None, description="when the current claim began")
     session_start_epoch: float = Field(default=0.0, description="progress, in epochs, when the current claim began")
     device: str | None = Field(default=None, description="what the current or last claim trains on: GPUs or CPU")
+    devices: int | None = Field(
+        default=None, ge=1, description="devices the current or last claim trains on in step (replicas of the model)"
+    )
+    backend: str | None = Field(default=None, description="the Keras backend of the current or last claim")
+    devices_changed: str | None = Field(
+        default=None,
+        description="set when a session resumed on another number of devices than the checkpoint's, one line",
+    )
     stopped_early: str | None = Field(
         default=None, description="why a done job ended before its last epoch (training.early_stopping), one line"
     )

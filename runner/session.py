@@ -18,6 +18,7 @@ from runner import colab
 from runner.errors import DatasetError, DriveUnavailable
 from runner.paths import default_cache_dir
 from runner.queue import Queue
+from runner.settings import logical_cpus_from_environment
 from runner.training import default_trainer_name, lazy_trainer
 from runner.worker import Worker, WorkResult, restore_signal_handlers
 
@@ -77,6 +78,7 @@ def run_session(
     line prints the status table then).
     """
     max_hours = time_limit_hours(options, console)
+    logical_cpus_from_environment()  # refused here, before any job is claimed, not by the engine later
     if options.refresh_data:
         forget_datasets(queue, options.job, console)
 

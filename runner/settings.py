@@ -25,3 +25,21 @@ def seconds_from_environment(
         wanted = "zero or more seconds" if allow_zero else "a positive number of seconds"
         raise UsageError(f"{variable} must be {wanted}, got {raw!r}")
     return value
+
+
+LOGICAL_CPUS_ENV = "RUNNER_LOGICAL_CPUS"
+"""Set to N (2 to 64) for N logical CPU devices to train on in step (tests, and machines without GPUs)."""
+
+
+def logical_cpus_from_environment(environ: Mapping[str, str] = os.environ) -> int:
+    """``$RUNNER_LOGICAL_CPUS``, 1 when it is not set; :class:`UsageError` for anything but a count of devices."""
+    raw = environ.get(LOGICAL_CPUS_ENV, "").strip()
+    if not raw:
+        return 1
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 64:
+        raise UsageError(f"{LOGICAL_CPUS_ENV} must be a whole number of devices from 1 to 64, got {raw!r}")
+    return count

@@ -344,6 +344,11 @@ class TrainingSpec(_Section):
         description="mixed_float16: float16 compute, float32 weights, dynamic loss scaling (needs a GPU; the loss "
         "scale is in every checkpoint)",
     )
+    distribute: Literal["auto", "none", "mirrored"] = Field(
+        default="auto",
+        description="several devices: 'auto' (mirrored over every visible GPU when there are several), 'none' (one "
+        "device) or 'mirrored' (tf.distribute.MirroredStrategy; dataset.batch_size is the global batch)",
+    )
     lr_schedule: LrScheduleSpec = Field(
         default_factory=LrScheduleSpec, description="how the learning rate moves: `cosine`, or a mapping with kind"
     )

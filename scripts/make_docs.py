@@ -537,6 +537,10 @@ STATUS_KEYS: dict[str, str] = {
     "device": "what the current or last session trained on (`CPU`, or GPUs as nvidia-smi names them), or null",
     "size_bytes": "bytes the job's folder holds (checkpoints, exports, logs), or null when it cannot be read",
     "stopped_early": "null, or one line: why a done job ended before its last epoch (`training.early_stopping`)",
+    "trained_by": "`spec` (by `runner work`), or `fit` or `callback`: the user's own code (`runner.fit`, `Checkpointing`)",
+    "devices": "null before training, or how many devices the current or last session trains on in step (`training.distribute`)",
+    "backend": "null before training, or the Keras backend of the current or last session: `tensorflow`",
+    "devices_changed": "null, or one line: a session resumed on another number of devices than its checkpoint's, so the trajectory differs from one uninterrupted run's",
 }
 
 

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from runner.settings import LOGICAL_CPUS_ENV
+
 VERBOSE_ENV = "RUNNER_TF_VERBOSE"
 """Set to 1 (or pass ``--verbose`` to ``runner work`` or ``predict``) to see TensorFlow's start-up messages."""
 
@@ -34,9 +36,16 @@ def _native_stderr_silenced() -> Iterator[None]:
 
 if not os.environ.get(VERBOSE_ENV):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get(LOGICAL_CPUS_ENV, "").strip() not in ("", "1"):
+    # oneDNN's CPU kernels abort the process (MaxPoolingGrad's dtype check) on an empty batch, which a device
+    # gets when an epoch's last batch holds fewer images than there are devices; TensorFlow's own kernels do not.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 with _native_stderr_silenced():
     import tensorflow
 
+    from runner.train.backends.devices import split_cpu_from_environment
+
+    split_cpu_from_environment()  # before the runtime starts its devices, just below
     # The runtime prints more the first time it starts its devices and runs a uint8 op (CUDA probing on a
     # machine without a GPU, a oneDNN note), and the graph optimizer once when it meets a uint8 image made
     # grayscale in a dataset map (oneDNN's "supports DT_UINT8 only on platforms with AVX-512", as an E line):

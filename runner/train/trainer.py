@@ -29,10 +29,11 @@ from runner.kept import keep_snapshot, publish_kept
 from runner.paths import default_cache_dir, publish_note, work_folder
 from runner.settings import seconds_from_environment
 from runner.spec import resolved_monitor
-from runner.train.backends.tensorflow import configure_determinism, is_out_of_memory, warn_if_gpu_unused
+from runner.train.backends.devices import Placement, place
+from runner.train.backends.tensorflow import BACKEND, configure_determinism, is_out_of_memory, warn_if_gpu_unused
 from runner.train.data.pipeline import ImageFolderData, prepare_dataset
 from runner.train.engine.acceleration import configure_precision, resolve_jit_compile
-from runner.train.engine.loop import StepLoop, build_metrics, resolve_steps_per_execution
+from runner.train.engine.loop import EvaluateLoop, StepLoop, build_metrics, resolve_steps_per_execution
 from runner.train.engine.oom import go_back, halved_batch_size, out_of_memory_building, report_halving
 from runner.train.engine.schedule import LearningRate
 from runner.train.engine.watchers import best_monitor, early_stopping_epoch_end, plateau_epoch_end
@@ -82,10 +83,12 @@ class KerasTrainer:
             _say_class_weights(context, data)
         configure_determinism(spec)
         policy = configure_precision(spec)
+        placement = _placed(context)
         try:
-            # The base's pretrained weights are loaded only when training starts from the beginning (_restore):
-            # a checkpoint replaces them, and a resumed session on a fresh VM need not download them.
-            model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, pretrained=False)
+            with placement.scope():  # the model's, optimizer's and metrics' variables mirrored on every device
+                # The base's pretrained weights are loaded only when training starts from the beginning (_restore):
+                # a checkpoint replaces them, and a resumed session on a fresh VM need not download them.
+                model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, pretrained=False)
             jit_compile = resolve_jit_compile(
                 spec.training.jit_compile, model, deterministic=spec.training.deterministic
             )
@@ -93,11 +96,12 @@ class KerasTrainer:
             element_spec = data.train_batches(epoch=0).element_spec
 
             def recompile(learning_rate: float | None = None) -> Compiled:
-                compiled = compile_model(
-                    model, spec, jit_compile=jit_compile, steps_per_execution=steps, learning_rate=learning_rate
-                )
-                model.optimizer.build(model.trainable_variables)
-                build_metrics(model, element_spec)
+                with placement.scope():
+                    compiled = compile_model(
+                        model, spec, jit_compile=jit_compile, steps_per_execution=steps, learning_rate=learning_rate
+                    )
+                    model.optimizer.build(model.trainable_variables)
+                    build_metrics(model, element_spec)
                 return compiled
 
             compiled = recompile()
@@ -108,7 +112,9 @@ class KerasTrainer:
         _say_how_it_was_compiled(context, compiled)
         _warn_if_unscaled(context, model, data)
         xla = "on" if jit_compile else "off"
-        context.log.info("engine: up to %d steps per compiled call, XLA %s, %s", steps, xla, policy)
+        context.log.info(
+            "engine: up to %d steps per compiled call, XLA %s, %s, %s", steps, xla, policy, placement.describe()
+        )
         warn_if_short_of_space(context, model)
         workdir = work_folder(self.cache_dir, context.job.name, context.generation)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -121,11 +127,28 @@ class KerasTrainer:
                 if compiled.by == "spec"
                 else None
             )
-            loop = StepLoop(model, jit_compile=jit_compile, learning_rate=rate)
+            loop = StepLoop(model, jit_compile=jit_compile, learning_rate=rate, placement=placement)
             phases = _Phases(fine_tune, recompile) if fine_tune is not None else None
             return _Session(context, loop, data, workdir, self.clock, self.cache_dir, rate, phases).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _placed(context: RunContext) -> Placement:
+    """Where the job trains (``training.distribute``), said in the log, the events and state.json (for status)."""
+    placement, warning = place(context.spec.training.distribute)
+    if warning is not None:
+        context.console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
+        context.log.warning("%s", warning)
+    context.job.events.append(
+        "devices",
+        generation=context.generation,
+        backend=BACKEND,
+        devices=placement.replicas,
+        strategy="mirrored" if placement.strategy is not None else "none",
+    )
+    context.claim.update(devices=placement.replicas, backend=BACKEND)
+    return placement
 
 
 def class_weights(setting: str | dict[str, float], data: ImageFolderData) -> tuple[float, ...]:
@@ -226,6 +249,9 @@ class _Session:
         """The spec's constant learning rate, which a restored optimizer is given; ``None`` when a factory compiled
         the model, or when the rate moves (the loop sets it before every step)."""
         self.model = loop.model
+        placement = loop.placement
+        self.evaluate = EvaluateLoop(self.model, placement) if placement.strategy is not None else None
+        """Validation on several devices; ``None``: Keras' ``evaluate`` on one."""
         self.cache_dir = cache_dir
         self.spec = context.spec
         self.epochs = self.spec.training.epochs
@@ -290,7 +316,7 @@ class _Session:
             if state.seen == 0:
                 self.model.reset_metrics()  # where fit resets them; mid-epoch, the snapshot brought them back
             self.progress.start(state.epoch, total=state.step + left, completed=state.step)
-            batches = iter(self.data.train_batches(epoch=state.epoch, start_sample=state.seen))
+            batches = self.loop.batches(self.data.train_batches(epoch=state.epoch, start_sample=state.seen))
             per_call = self.steps_per_execution
             while left:
                 steps = min(per_call, left)
@@ -326,7 +352,10 @@ class _Session:
         metrics = self.loop.metrics()  # read before evaluate, which resets the same metrics for validation
         validation = self.data.validation_batches()
         if validation is not None:
-            results = self.model.evaluate(validation, verbose=0, return_dict=True)
+            if self.evaluate is not None:
+                results = self.evaluate.run(validation)
+            else:
+                results = self.model.evaluate(validation, verbose=0, return_dict=True)
             metrics |= {f"val_{name}": float(value) for name, value in results.items()}
         if (rate := current_learning_rate(self.model.optimizer)) is not None:
             metrics["lr"] = rate  # the rate of the epoch's last step, as Keras' callbacks log it
@@ -429,6 +458,8 @@ class _Session:
         # Fresh step functions: one whose trace failed cannot be called again.
         self.loop.reset()
         self.model.make_test_function(force=True)
+        if self.evaluate is not None:
+            self.evaluate.reset()
         back.generation, back.batch_size = self.context.generation, new
         self._use_batch_size(back)  # recorded in state.json first: a kill right after must not lose it
         report_halving(self.context, at=state, during=during, back_to=back, checkpoint=checkpoint, old=old)
@@ -571,12 +602,30 @@ class _Session:
             # The session before decided to stop early but died before that checkpoint was committed: training
             # goes on from an earlier one, and decides again.
             context.claim.update(stopped_early=None)
+        if info is not None:
+            self._say_if_devices_changed(state, info.id)
         state.generation = context.generation
         state.steps_per_epoch = self.data.steps_per_epoch
+        state.devices, state.backend = self.loop.placement.replicas, BACKEND
         self.elapsed_before = state.elapsed_s
         context.claim.fence()
         write_history(context.job.paths.history, state.history)  # right even if the last session died mid-write
         return state
+
+    def _say_if_devices_changed(self, state: TrainingState, checkpoint: str) -> None:
+        """A resume on another number of devices continues, along another trajectory: say so where it is read."""
+        now = self.loop.placement.replicas
+        if state.devices == now:
+            return
+        message = (
+            f"checkpoint {checkpoint} was trained on {counted(state.devices, 'device')} and this session has "
+            f"{now}: training goes on, but from here it differs from an uninterrupted run (each batch is split "
+            "between the devices another way)"
+        )
+        self.context.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+        self.context.log.warning("%s", message)
+        self.context.job.events.append("devices-changed", checkpoint=checkpoint, before=state.devices, after=now)
+        self.context.claim.update(devices_changed=message)  # for status: the job's trajectory is not one run's
 
     def _snapshot(self, state: TrainingState, publisher: Publisher) -> None:
         """Capture the training state in memory (the only cost to the training loop) and hand it to the publisher,

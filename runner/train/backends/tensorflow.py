@@ -16,6 +16,9 @@ from rich.markup import escape
 from runner.spec import JobSpec
 from runner.training import RunContext
 
+BACKEND = "tensorflow"
+"""The Keras backend this engine trains on (recorded in every snapshot and shown by status)."""
+
 _OUT_OF_MEMORY_SIGNS = (
     "OOM when allocating",  # the BFC allocator (graph and eager)
     "Out of memory while trying to allocate",  # XLA

@@ -34,6 +34,10 @@ VARIABLES_FILE = "variables.npz"
 SNAPSHOT_FORMAT = 2
 BEST = "best"
 """The prefix of the best epoch's model variables in ``variables.npz`` (only when the spec keeps them)."""
+PER_DEVICE = "per_device"
+"""The prefix of each device's own part of the metrics' totals when the model trains on several devices
+(``per_device/<metric variable>/<device>``). ``metrics/`` holds their sums, which a restore on any number of
+devices can use; on as many devices as before, each gets its own part back, so the epoch's sums go on bit for bit."""
 CALLBACKS = "callbacks"
 """The prefix of the arrays the Keras callbacks of the user's own code hold (``callbacks/<key>/<index>``)."""
 
@@ -72,6 +76,11 @@ class TrainingState:
     stopped_early: dict[str, Any] | None = None
     """Set when the early stop ended training: ``epoch`` (1-based, the last trained), ``monitor``, ``best``,
     ``best_epoch`` (1-based)."""
+    devices: int = 1
+    """Replicas that trained in step when the snapshot was taken: a resume on another count goes on along another
+    trajectory (the batch is split, and summed, another way)."""
+    backend: str = "tensorflow"
+    """The Keras backend that took the snapshot."""
     callbacks: dict[str, Any] | None = None
     """The state of the Keras callbacks of a job of the user's own code (``runner.fit``), by callback."""
     callback_arrays: dict[str, list[np.ndarray]] | None = field(default=None, repr=False, compare=False)
@@ -181,11 +190,25 @@ def capture_snapshot(model: keras.Model, state: TrainingState) -> CapturedSnapsh
     arrays = _named_arrays("model", _model_variables(model))
     arrays |= _named_arrays("optimizer", _optimizer_variables(model))
     arrays |= _named_arrays("metrics", _metric_variables(model))
+    arrays |= _per_device_arrays(model)
     if state.best_weights is not None:
         arrays |= {f"{BEST}/{index:05d}": value for index, value in enumerate(state.best_weights)}
     for key, values in (state.callback_arrays or {}).items():
         arrays |= {f"{CALLBACKS}/{key}/{index:05d}": value for index, value in enumerate(values)}
     return CapturedSnapshot(arrays, {"format": SNAPSHOT_FORMAT, **state.document()})  # serialised at once
+
+
+def _per_device_arrays(model: keras.Model) -> dict[str, np.ndarray]:
+    """Each device's part of each metric variable, under ``training.distribute`` (see :data:`PER_DEVICE`)."""
+    if getattr(model, "_distribute_strategy", None) is None:  # one device (or a backend without strategies)
+        return {}
+    from runner.train.backends.devices import local_values  # noqa: PLC0415 (TensorFlow's, only when mirrored)
+
+    return {
+        f"{PER_DEVICE}/{index:05d}/{device}": value
+        for index, variable in enumerate(_metric_variables(model))
+        for device, value in enumerate(local_values(variable))
+    }
 
 
 def save_snapshot(model: keras.Model, state: TrainingState, folder: Path) -> None:
@@ -266,12 +289,30 @@ def _load_variables(model: keras.Model, folder: Path, state: TrainingState, chec
         built = bool(_metric_variables(model))
         if built and any(name.startswith("metrics/") for name in arrays.files):
             _assign(_metric_variables(model), arrays, "metrics", checkpoint)
+            _assign_per_device(model, arrays)
         best = sorted(name for name in arrays.files if name.startswith(f"{BEST}/"))
         state.best_weights = [arrays[name] for name in best] or None
         held: dict[str, list[np.ndarray]] = {}
         for name in sorted(name for name in arrays.files if name.startswith(f"{CALLBACKS}/")):
             held.setdefault(name.split("/")[1], []).append(arrays[name])
         state.callback_arrays = held or None
+
+
+def _assign_per_device(model: keras.Model, arrays: Any) -> None:
+    """Give each device its own part of the metrics' totals, when the snapshot was taken on as many devices."""
+    names = [name for name in arrays.files if name.startswith(f"{PER_DEVICE}/")]
+    if not names or getattr(model, "_distribute_strategy", None) is None:
+        return
+    from runner.train.backends.devices import assign_local_values  # noqa: PLC0415 (as in _per_device_arrays)
+
+    parts: dict[int, list[np.ndarray]] = {}
+    by_variable_then_device = sorted(names, key=lambda name: tuple(int(word) for word in name.split("/")[1:]))
+    for name in by_variable_then_device:  # per_device/<variable>/<device>
+        parts.setdefault(int(name.split("/")[1]), []).append(arrays[name])
+    variables = _metric_variables(model)
+    for index, values in parts.items():
+        if index < len(variables):
+            assign_local_values(variables[index], values)
 
 
 def _assign(variables: list[Any], arrays: Any, prefix: str, checkpoint: str) -> None:
