@@ -161,7 +161,7 @@ def status_record(view: JobView, now: float, size_bytes: int | None = None) -> d
         "trained_by": view.code.kind if view.code is not None else "spec",
         "devices": state.devices if state else None,
         "backend": state.backend if state else None,
-        "devices_changed": state.devices_changed if state else None,
+        "trajectory_changed": state.trajectory_changed if state else None,
     }
 
 
@@ -260,8 +260,8 @@ def status_table(
                 "same job name) to resume it"
             )
             errors.append(Text.assemble((f"{view.name}: ", "bold"), (own, "cyan")))
-        if record["devices_changed"]:
-            errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["devices_changed"], "yellow")))
+        if record["trajectory_changed"]:
+            errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["trajectory_changed"], "yellow")))
         if record["stopped_early"]:
             errors.append(Text.assemble((f"{view.name}: ", "bold"), (record["stopped_early"], "green")))
         if spec_batch := (view.spec.dataset.batch_size if view.spec else None):

@@ -82,9 +82,9 @@ class JobState(BaseModel):
         default=None, ge=1, description="devices the current or last claim trains on in step (replicas of the model)"
     )
     backend: str | None = Field(default=None, description="the Keras backend of the current or last claim")
-    devices_changed: str | None = Field(
+    trajectory_changed: str | None = Field(
         default=None,
-        description="set when a session resumed on another number of devices than the checkpoint's, one line",
+        description="set when a session resumed on another number of devices or Keras backend than the checkpoint's",
     )
     stopped_early: str | None = Field(
         default=None, description="why a done job ended before its last epoch (training.early_stopping), one line"

@@ -18,7 +18,7 @@ from runner import colab
 from runner.errors import DatasetError, DriveUnavailable
 from runner.paths import default_cache_dir
 from runner.queue import Queue
-from runner.settings import logical_cpus_from_environment
+from runner.settings import check_keras_backend, logical_cpus_from_environment
 from runner.training import default_trainer_name, lazy_trainer
 from runner.worker import Worker, WorkResult, restore_signal_handlers
 
@@ -79,6 +79,7 @@ def run_session(
     """
     max_hours = time_limit_hours(options, console)
     logical_cpus_from_environment()  # refused here, before any job is claimed, not by the engine later
+    check_keras_backend()
     if options.refresh_data:
         forget_datasets(queue, options.job, console)
 

@@ -43,3 +43,18 @@ def logical_cpus_from_environment(environ: Mapping[str, str] = os.environ) -> in
     if not 1 <= count <= 64:
         raise UsageError(f"{LOGICAL_CPUS_ENV} must be a whole number of devices from 1 to 64, got {raw!r}")
     return count
+
+
+KERAS_BACKEND_ENV = "KERAS_BACKEND"
+ENGINE_BACKENDS = ("tensorflow", "jax")
+"""The Keras backends runner's engine trains on."""
+
+
+def check_keras_backend(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse ``$KERAS_BACKEND`` naming a backend the engine does not train on (before any job is claimed)."""
+    raw = environ.get(KERAS_BACKEND_ENV)
+    if raw is not None and raw.strip().lower() not in ENGINE_BACKENDS:
+        raise UsageError(
+            f"{KERAS_BACKEND_ENV}={raw}: runner's engine trains on Keras' tensorflow or jax backend: unset "
+            f"{KERAS_BACKEND_ENV}, or set it to tensorflow or jax"
+        )

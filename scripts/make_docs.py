@@ -539,8 +539,8 @@ STATUS_KEYS: dict[str, str] = {
     "stopped_early": "null, or one line: why a done job ended before its last epoch (`training.early_stopping`)",
     "trained_by": "`spec` (by `runner work`), or `fit` or `callback`: the user's own code (`runner.fit`, `Checkpointing`)",
     "devices": "null before training, or how many devices the current or last session trains on in step (`training.distribute`)",
-    "backend": "null before training, or the Keras backend of the current or last session: `tensorflow`",
-    "devices_changed": "null, or one line: a session resumed on another number of devices than its checkpoint's, so the trajectory differs from one uninterrupted run's",
+    "backend": "null before training, or the Keras backend of the current or last session: `tensorflow` or `jax`",
+    "trajectory_changed": "null, or one line: a session resumed on another number of devices, or another Keras backend, than its checkpoint's, so the trajectory differs from one uninterrupted run's",
 }
 
 

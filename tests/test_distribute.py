@@ -102,7 +102,7 @@ def test_two_devices_take_the_step_one_device_takes_and_status_shows_them(digits
     (placed,) = run.events("devices")
     assert placed["devices"] == 2 and placed["strategy"] == "mirrored" and placed["backend"] == "tensorflow"
     record = status_record(run.queue, NAME, run.env)
-    assert (record["devices"], record["backend"], record["devices_changed"]) == (2, "tensorflow", None)
+    assert (record["devices"], record["backend"], record["trajectory_changed"]) == (2, "tensorflow", None)
     table = run_cli("status", "--queue", str(run.queue), env={**run.env, "COLUMNS": "200"})
     assert "tf ×2" in table.stdout, table.stdout
 
@@ -145,7 +145,7 @@ def test_a_resume_on_another_number_of_devices_goes_on_and_says_the_trajectory_d
     assert changed["checkpoint"] == run.resumes()[0]["checkpoint"]
     record = status_record(run.queue, NAME, run.env)
     assert record["state"] == "done" and record["devices"] == 4
-    assert "differs from an uninterrupted run" in record["devices_changed"]
+    assert "differs from an uninterrupted run" in record["trajectory_changed"]
     table = run_cli("status", "--queue", str(run.queue), env={**run.env, "COLUMNS": "200"})
     assert "trained on 2 devices and this session has 4" in " ".join(table.stdout.split()), table.stdout
 

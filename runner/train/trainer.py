@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import keras
-import tensorflow as tf
 from rich.markup import escape
 
 from runner import defaults, killpoints
@@ -29,13 +29,11 @@ from runner.kept import keep_snapshot, publish_kept
 from runner.paths import default_cache_dir, publish_note, work_folder
 from runner.settings import seconds_from_environment
 from runner.spec import resolved_monitor
-from runner.train.backends.devices import Placement, place
-from runner.train.backends.tensorflow import BACKEND, configure_determinism, is_out_of_memory, warn_if_gpu_unused
-from runner.train.data.pipeline import ImageFolderData, prepare_dataset
+from runner.train import backends
 from runner.train.engine.acceleration import configure_precision, resolve_jit_compile
-from runner.train.engine.loop import EvaluateLoop, StepLoop, build_metrics, resolve_steps_per_execution
 from runner.train.engine.oom import go_back, halved_batch_size, out_of_memory_building, report_halving
 from runner.train.engine.schedule import LearningRate
+from runner.train.engine.steps import build_metrics, resolve_steps_per_execution
 from runner.train.engine.watchers import best_monitor, early_stopping_epoch_end, plateau_epoch_end
 from runner.train.models.build import (
     Compiled,
@@ -52,6 +50,7 @@ from runner.train.models.build import (
 from runner.train.models.fine_tune import FineTune
 from runner.train.outputs.export import describe_model, publish_exports, write_exports
 from runner.train.outputs.progress import EpochProgress
+from runner.train.outputs import tensorboard as tensorboard_files
 from runner.train.outputs.tensorboard import TensorBoardLog
 from runner.train.snapshots.publisher import Publisher, take_snapshot
 from runner.train.snapshots.snapshot import TrainingState, load_snapshot, save_snapshot
@@ -76,14 +75,18 @@ class KerasTrainer:
         """Run the job from its newest verified checkpoint to the end, or until asked to stop."""
         spec = context.spec
         check_loss_matches_labels(spec)
-        warn_if_gpu_unused(context)
-        data = prepare_dataset(spec.dataset, seed=spec.training.seed, cache_dir=self.cache_dir, console=context.console)
+        backend = backends.current()
+        backend.check_exports(spec)
+        backend.warn_if_gpu_unused(context)
+        data = backend.prepare_dataset(
+            spec.dataset, seed=spec.training.seed, cache_dir=self.cache_dir, console=context.console
+        )
         if spec.training.class_weight is not None:
             data = dataclasses.replace(data, class_weights=class_weights(spec.training.class_weight, data))
             _say_class_weights(context, data)
-        configure_determinism(spec)
+        backend.configure_determinism(spec)
         policy = configure_precision(spec)
-        placement = _placed(context)
+        placement = _placed(context, backend)
         try:
             with placement.scope():  # the model's, optimizer's and metrics' variables mirrored on every device
                 # The base's pretrained weights are loaded only when training starts from the beginning (_restore):
@@ -93,7 +96,7 @@ class KerasTrainer:
                 spec.training.jit_compile, model, deterministic=spec.training.deterministic
             )
             steps = resolve_steps_per_execution(spec.training.steps_per_execution, data.steps_per_epoch)
-            element_spec = data.train_batches(epoch=0).element_spec
+            element_spec = data.element_spec
 
             def recompile(learning_rate: float | None = None) -> Compiled:
                 with placement.scope():
@@ -105,8 +108,8 @@ class KerasTrainer:
                 return compiled
 
             compiled = recompile()
-        except (tf.errors.OpError, MemoryError) as error:
-            if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
+        except (*backend.RUNTIME_ERRORS, MemoryError) as error:
+            if not (isinstance(error, MemoryError) or backend.is_out_of_memory(error)):
                 raise
             raise out_of_memory_building(spec, error) from error
         _say_how_it_was_compiled(context, compiled)
@@ -127,31 +130,31 @@ class KerasTrainer:
                 if compiled.by == "spec"
                 else None
             )
-            loop = StepLoop(model, jit_compile=jit_compile, learning_rate=rate, placement=placement)
+            loop = backend.StepLoop(model, jit_compile=jit_compile, learning_rate=rate, placement=placement)
             phases = _Phases(fine_tune, recompile) if fine_tune is not None else None
             return _Session(context, loop, data, workdir, self.clock, self.cache_dir, rate, phases).run()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _placed(context: RunContext) -> Placement:
+def _placed(context: RunContext, backend: ModuleType) -> Any:
     """Where the job trains (``training.distribute``), said in the log, the events and state.json (for status)."""
-    placement, warning = place(context.spec.training.distribute)
+    placement, warning = backend.place(context.spec.training.distribute, batch_size=context.spec.dataset.batch_size)
     if warning is not None:
         context.console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
         context.log.warning("%s", warning)
     context.job.events.append(
         "devices",
         generation=context.generation,
-        backend=BACKEND,
+        backend=backend.BACKEND,
         devices=placement.replicas,
-        strategy="mirrored" if placement.strategy is not None else "none",
+        strategy=placement.strategy_name,
     )
-    context.claim.update(devices=placement.replicas, backend=BACKEND)
+    context.claim.update(devices=placement.replicas, backend=backend.BACKEND)
     return placement
 
 
-def class_weights(setting: str | dict[str, float], data: ImageFolderData) -> tuple[float, ...]:
+def class_weights(setting: str | dict[str, float], data: Any) -> tuple[float, ...]:
     """A loss weight per class: ``balanced`` is sklearn's (images / (classes x images of the class)); a mapping
     names classes of the dataset, and the classes it leaves out weigh 1."""
     if setting == "balanced":
@@ -166,7 +169,7 @@ def class_weights(setting: str | dict[str, float], data: ImageFolderData) -> tup
     return tuple(float(setting.get(name, 1.0)) for name in data.class_names)
 
 
-def _say_class_weights(context: RunContext, data: ImageFolderData) -> None:
+def _say_class_weights(context: RunContext, data: Any) -> None:
     weights = data.class_weights or ()
     shown = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(data.class_names, weights, strict=True))
     context.log.info("class weights: %s", shown)
@@ -207,11 +210,10 @@ def _say_how_it_was_compiled(context: RunContext, compiled: Compiled) -> None:
     )
 
 
-def _warn_if_unscaled(context: RunContext, model: keras.Model, data: ImageFolderData) -> None:
+def _warn_if_unscaled(context: RunContext, model: keras.Model, data: Any) -> None:
     if context.spec.model.factory is None:
         return  # the built-in networks rescale inside
-    images = next(iter(data.train_batches(epoch=0).take(1)))[0]
-    if (warning := unscaled_input_warning(model, context.spec, float(tf.reduce_max(images)))) is not None:
+    if (warning := unscaled_input_warning(model, context.spec, data.largest_training_pixel())) is not None:
         context.console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
         context.log.warning("%s", warning)
 
@@ -232,8 +234,8 @@ class _Session:
     def __init__(
         self,
         context: RunContext,
-        loop: StepLoop,
-        data: ImageFolderData,
+        loop: Any,
+        data: Any,
         workdir: Path,
         clock: Callable[[], float],
         cache_dir: Path,
@@ -250,7 +252,8 @@ class _Session:
         the model, or when the rate moves (the loop sets it before every step)."""
         self.model = loop.model
         placement = loop.placement
-        self.evaluate = EvaluateLoop(self.model, placement) if placement.strategy is not None else None
+        self.backend = backends.current()
+        self.evaluate = self.backend.evaluate_loop(self.model, placement)
         """Validation on several devices; ``None``: Keras' ``evaluate`` on one."""
         self.cache_dir = cache_dir
         self.spec = context.spec
@@ -271,9 +274,13 @@ class _Session:
     def run(self) -> Outcome:
         self._publish_kept()
         state = self._restore()
-        tensorboard = TensorBoardLog(
-            self.context.job.paths, generation=self.context.generation, local_folder=self.workdir / "tensorboard"
-        )
+        tensorboard = None
+        if tensorboard_files.AVAILABLE:
+            tensorboard = TensorBoardLog(
+                self.context.job.paths, generation=self.context.generation, local_folder=self.workdir / "tensorboard"
+            )
+        else:
+            self.context.log.warning("no TensorBoard logs: neither TensorFlow nor the tensorboard package is installed")
         publisher = Publisher(
             self.context,
             note=publish_note(self.cache_dir, self.context.job.name),
@@ -299,8 +306,8 @@ class _Session:
         while True:
             try:
                 return self._train_epochs(state, publisher), state
-            except tf.errors.OpError as error:
-                if not is_out_of_memory(error):
+            except self.backend.RUNTIME_ERRORS as error:
+                if not self.backend.is_out_of_memory(error):
                     raise
                 state = self._after_oom(error, state, publisher)
 
@@ -432,7 +439,7 @@ class _Session:
 
     # --- out of memory ----------------------------------------------------------------------------------------
 
-    def _after_oom(self, error: tf.errors.OpError, state: TrainingState, publisher: Publisher) -> TrainingState:
+    def _after_oom(self, error: BaseException, state: TrainingState, publisher: Publisher) -> TrainingState:
         """Fail with advice, or (``on_oom: halve_batch``) go back to the newest checkpoint with half the batch."""
         self.progress.stop()
         old = self.data.batch_size
@@ -603,29 +610,45 @@ class _Session:
             # goes on from an earlier one, and decides again.
             context.claim.update(stopped_early=None)
         if info is not None:
-            self._say_if_devices_changed(state, info.id)
+            self._say_if_trajectory_changed(state, info.id)
         state.generation = context.generation
         state.steps_per_epoch = self.data.steps_per_epoch
-        state.devices, state.backend = self.loop.placement.replicas, BACKEND
+        state.devices, state.backend = self.loop.placement.replicas, self.backend.BACKEND
         self.elapsed_before = state.elapsed_s
         context.claim.fence()
         write_history(context.job.paths.history, state.history)  # right even if the last session died mid-write
         return state
 
-    def _say_if_devices_changed(self, state: TrainingState, checkpoint: str) -> None:
-        """A resume on another number of devices continues, along another trajectory: say so where it is read."""
-        now = self.loop.placement.replicas
-        if state.devices == now:
+    def _say_if_trajectory_changed(self, state: TrainingState, checkpoint: str) -> None:
+        """A resume on another number of devices, or on another Keras backend, continues from the checkpoint's
+        exact variables, along another trajectory: say so where it is read (console, log, events, status)."""
+        devices, backend = self.loop.placement.replicas, self.backend.BACKEND
+        changes = []
+        if state.devices != devices:
+            changes.append(
+                f"was trained on {counted(state.devices, 'device')} and this session has {devices} (each batch is "
+                "split between the devices another way)"
+            )
+            self.context.job.events.append(
+                "devices-changed", checkpoint=checkpoint, before=state.devices, after=devices
+            )
+        if state.backend != backend:
+            changes.append(
+                f"was written by Keras' {state.backend} backend and this session runs {backend} (its variables are "
+                "restored exactly; images are decoded and random numbers drawn another way)"
+            )
+            self.context.job.events.append(
+                "backend-changed", checkpoint=checkpoint, before=state.backend, after=backend
+            )
+        if not changes:
             return
         message = (
-            f"checkpoint {checkpoint} was trained on {counted(state.devices, 'device')} and this session has "
-            f"{now}: training goes on, but from here it differs from an uninterrupted run (each batch is split "
-            "between the devices another way)"
+            f"checkpoint {checkpoint} {' and '.join(changes)}: training goes on, but from here it differs from an "
+            "uninterrupted run"
         )
         self.context.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
         self.context.log.warning("%s", message)
-        self.context.job.events.append("devices-changed", checkpoint=checkpoint, before=state.devices, after=now)
-        self.context.claim.update(devices_changed=message)  # for status: the job's trajectory is not one run's
+        self.context.claim.update(trajectory_changed=message)  # for status: the job's trajectory is not one run's
 
     def _snapshot(self, state: TrainingState, publisher: Publisher) -> None:
         """Capture the training state in memory (the only cost to the training loop) and hand it to the publisher,

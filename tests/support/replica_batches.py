@@ -16,7 +16,7 @@ from runner.train.backends.devices import place
 
 
 def main(examples: int, batch_size: int) -> None:
-    placement, _ = place("mirrored")
+    placement, _ = place("mirrored", batch_size=batch_size)
     assert placement.strategy is not None, "one device: set RUNNER_LOGICAL_CPUS"
     batches = tf.data.Dataset.range(examples).batch(batch_size)
     split = []

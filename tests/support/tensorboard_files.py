@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
-from tensorflow.core.util import event_pb2
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto import event_pb2
 
 
 def raw_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Every (step, value) of each tag, in file order, duplicates included (TensorBoard's reader would hide them)."""
     (path,) = sorted(folder.iterdir())
     series: dict[str, list[tuple[int, float]]] = {}
-    for record in tf.data.TFRecordDataset(str(path)):
-        event = event_pb2.Event.FromString(record.numpy())
+    for record in RawEventFileLoader(str(path)).Load():  # TensorBoard's own reader: no TensorFlow needed
+        event = event_pb2.Event.FromString(record)
         for value in event.summary.value:
             series.setdefault(value.tag, []).append((event.step, value.simple_value))
     return series

@@ -48,6 +48,11 @@ class Placement:
         """How many copies of the model train in step."""
         return len(self.devices) if self.strategy is not None else 1
 
+    @property
+    def strategy_name(self) -> str:
+        """``mirrored`` or ``none``, for the job's events."""
+        return "mirrored" if self.strategy is not None else "none"
+
     def scope(self) -> contextlib.AbstractContextManager[Any]:
         """Where the model, its optimizer and its metrics must be built: their variables are mirrored."""
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
@@ -72,8 +77,9 @@ def _visible_devices() -> list[str]:
     return [device.name for device in gpus or tf.config.list_logical_devices("CPU")]
 
 
-def place(setting: str) -> tuple[Placement, str | None]:
-    """The placement for ``training.distribute`` and a warning to show (once per process), or ``None``."""
+def place(setting: str, *, batch_size: int) -> tuple[Placement, str | None]:
+    """The placement for ``training.distribute`` and a warning to show (once per process), or ``None``. Any
+``batch_size`` splits (unevenly where it must: a device may get one image fewer, or none)."""
     devices = _visible_devices()
     if setting == "none" or (setting == "auto" and len(devices) < 2):
         return Placement(tuple(devices[:1])), None
@@ -86,7 +92,6 @@ def place(setting: str) -> tuple[Placement, str | None]:
         _warned.add(warning)
         return Placement(tuple(devices[:1])), warning if first else None
     return Placement(tuple(devices), tf.distribute.MirroredStrategy(devices)), None
-
 
 
 def _per_device(variable: Any) -> tf.distribute.DistributedValues | None:

@@ -1,6 +1,7 @@
-"""What the engine asks of TensorFlow itself: whether it sees a GPU, determinism, and what its out-of-memory
-errors look like. Each backend-specific question has its one place here, so that another backend (Keras on
-JAX) branches here and nowhere else.
+"""What the engine asks of Keras' TensorFlow backend: whether it sees a GPU, determinism, what its
+out-of-memory errors look like, which devices to train on, and how batches are made (``tf.data``) and stepped
+through. :mod:`runner.train.backends.jax` answers the same questions for JAX; the trainer asks whichever Keras
+runs on (:func:`runner.train.backends.current`) and branches nowhere else.
 
 A GPU that nvidia-smi sees but TensorFlow cannot use is a common way to lose a day on a paid GPU: the driver is
 there, but the installed TensorFlow is a CPU build (``tensorflow-cpu``) or its CUDA libraries do not match, and
@@ -9,15 +10,46 @@ training silently runs on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import keras
+import numpy as np
 import tensorflow as tf
 from rich.markup import escape
 
 from runner.spec import JobSpec
+from runner.train.backends.devices import Placement, place
+from runner.train.data.pipeline import image_loader, prepare_dataset
+from runner.train.engine.loop import EvaluateLoop, StepLoop
 from runner.training import RunContext
+
+__all__ = [
+    "BACKEND",
+    "DECODE_ERRORS",
+    "RUNTIME_ERRORS",
+    "StepLoop",
+    "check_exports",
+    "configure_determinism",
+    "evaluate_loop",
+    "image_reader",
+    "is_out_of_memory",
+    "jit_by_default",
+    "mixed_policy",
+    "place",
+    "prepare_dataset",
+    "sees_an_accelerator",
+    "tensorflow_sees_a_gpu",
+    "warn_if_gpu_unused",
+    "xla_problem",
+]
 
 BACKEND = "tensorflow"
 """The Keras backend this engine trains on (recorded in every snapshot and shown by status)."""
+
+RUNTIME_ERRORS: tuple[type[BaseException], ...] = (tf.errors.OpError,)
+"""What a failing step raises (out of memory among them)."""
 
 _OUT_OF_MEMORY_SIGNS = (
     "OOM when allocating",  # the BFC allocator (graph and eager)
@@ -59,3 +91,49 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, tf.errors.ResourceExhaustedError):
         return True
     return isinstance(error, tf.errors.OpError) and any(sign in (error.message or "") for sign in _OUT_OF_MEMORY_SIGNS)
+
+
+def sees_an_accelerator() -> bool:
+    """Whether TensorFlow trains on a GPU."""
+    return tensorflow_sees_a_gpu()
+
+
+def mixed_policy() -> str:
+    """Keras' mixed-precision policy on a GPU."""
+    return "mixed_float16"
+
+
+def jit_by_default(*, deterministic: bool) -> bool:
+    """``jit_compile: auto`` (given that every layer supports XLA): on a GPU, without op determinism (TensorFlow's
+    has no XLA version of several ops)."""
+    return not deterministic and tensorflow_sees_a_gpu()
+
+
+def xla_problem() -> str | None:
+    """Why a one-line function does not XLA-compile here, or ``None`` when it does."""
+    try:
+        value: Any = tf.function(lambda x: x * 2.0, jit_compile=True)(tf.constant(1.0))
+        float(value)
+    except (tf.errors.OpError, NotImplementedError, ValueError) as error:
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return None
+
+
+def evaluate_loop(model: keras.Model, placement: Placement) -> EvaluateLoop | None:
+    """Validation on several devices (Keras' ``evaluate`` fails on batches that do not split evenly); ``None``:
+    Keras' own ``evaluate`` on one device."""
+    return EvaluateLoop(model, placement) if placement.strategy is not None else None
+
+
+def check_exports(spec: JobSpec) -> None:
+    """Every export format is written by TensorFlow's Keras."""
+
+
+DECODE_ERRORS: tuple[type[BaseException], ...] = (tf.errors.InvalidArgumentError, ValueError)
+"""What decoding an image that is not one raises (for `runner predict`)."""
+
+
+def image_reader(image_size: tuple[int, int], channels: int) -> Callable[[Path], np.ndarray]:
+    """A function from an image file to its uint8 pixels, decoded and resized as the training pipeline does."""
+    load = image_loader(image_size, channels)
+    return lambda path: load(tf.constant(str(path))).numpy()

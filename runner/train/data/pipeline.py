@@ -11,23 +11,21 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import tensorflow as tf
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from runner.errors import DatasetError
 from runner.paths import default_cache_dir
 from runner.spec import AugmentSpec, DatasetSpec
 from runner.train.data.augment import augmenter
 from runner.train.data.cache import fetch_source
+from runner.train.data.common import MEMORY_BUDGET_BYTES, decode_progress, describe, epoch_order, naming_the_copy
 from runner.train.data.download import is_transient_download
 from runner.train.data.image_folder import Examples, find_images
 
@@ -40,21 +38,9 @@ __all__ = [
     "prepare_dataset",
 ]
 
-MEMORY_BUDGET_BYTES = 2 * 1024**3
-"""Decoded images (uint8) up to this many bytes are kept in memory; a larger dataset is decoded every epoch.
-
-2 GiB leaves most of a Colab VM's 12 GB to TensorFlow and the model, and holds the tutorial's cats and dogs
-(3,000 images of 150x150x3, 200 MB) many times over.
-"""
-
 AUTOTUNE = tf.data.AUTOTUNE
 
 _DECODE_BATCH = 256
-
-
-def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
-    """The order of the ``count`` training examples in ``epoch``: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(count)
 
 
 class _Batcher(Protocol):
@@ -104,6 +90,16 @@ class ImageFolderData:
     def steps_per_epoch(self) -> int:
         """Batches in one epoch; the last one may be partial."""
         return math.ceil(self.num_train / self.batch_size)
+
+    @property
+    def element_spec(self) -> Any:
+        """The training batches' shapes and dtypes: what Keras builds the metrics from."""
+        return self.train_batches(epoch=0).element_spec
+
+    def largest_training_pixel(self) -> float:
+        """The largest pixel value of the first training batch (to warn about unscaled input)."""
+        images = next(iter(self.train_batches(epoch=0).take(1)))[0]
+        return float(tf.reduce_max(images))
 
     def train_batches(self, *, epoch: int, start_step: int = 0, start_sample: int | None = None) -> tf.data.Dataset:
         """Batches of epoch ``epoch`` from batch ``start_step`` on: batch k is the same whatever the start.
@@ -181,13 +177,6 @@ def _encode_labels(labels: tf.Tensor, label_mode: str, num_classes: int) -> tf.T
     return labels
 
 
-def _naming_the_copy(error: DatasetError, root: Path, cache_dir: Path) -> DatasetError:
-    """``error``, naming the local copy it was found in when runner reads one (not the user's own folder)."""
-    if not root.is_relative_to(cache_dir):
-        return error
-    return DatasetError(f"{error} (in the local copy {root}; `runner work --refresh-data` fetches the source again)")
-
-
 def prepare_dataset(
     spec: DatasetSpec,
     *,
@@ -207,8 +196,8 @@ def prepare_dataset(
     try:
         data = _read_images(root, spec, seed=seed, console=console, memory_budget=memory_budget)
     except DatasetError as error:
-        raise _naming_the_copy(error, root, cache_dir) from None
-    _describe(data, console)
+        raise naming_the_copy(error, root, cache_dir) from None
+    describe(data, console)
     return data
 
 
@@ -243,19 +232,6 @@ def _read_images(
         _validation=batcher(folder.validation) if folder.validation is not None else None,
     )
     return data
-
-
-def _describe(data: ImageFolderData, console: Console | None) -> None:
-    if console is None:
-        return
-    names = ", ".join(data.class_names[:10]) + (", ..." if data.num_classes > 10 else "")
-    where = "kept in memory" if data.in_memory else "decoded from disk every epoch"
-    console.print(
-        escape(
-            f"dataset: {data.num_train} training and {data.num_validation} validation images, "
-            f"{data.num_classes} classes ({names}), {where}"
-        )
-    )
 
 
 def image_loader(image_size: tuple[int, int], channels: int) -> Callable[[tf.Tensor], tf.Tensor]:
@@ -335,7 +311,7 @@ def _decode_all(
     batches = decoded.ignore_errors().batch(_DECODE_BATCH).prefetch(2)
     images: np.ndarray | None = None
     seen = np.zeros(count, dtype=bool)
-    with _progress(console, count) as advance:
+    with decode_progress(console, count) as advance:
         for index, batch in batches:
             where = index.numpy()
             if images is None:
@@ -360,14 +336,3 @@ def _decode_problem(path: Path) -> str:
         message = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]", "", error.message).strip()
         return message.splitlines()[0] if message else type(error).__name__
     return "it decodes on its own; it may be damaged part way"
-
-
-@contextmanager
-def _progress(console: Console | None, total: int) -> Iterator[Callable[[int], None]]:
-    if console is None:
-        yield lambda _: None
-        return
-    columns = (TextColumn("decode"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("decode", total=total)
-        yield lambda done: progress.advance(task, done)

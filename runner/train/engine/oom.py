@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from runner.errors import OutOfMemory
 from runner.spec import JobSpec
-from runner.train.backends.tensorflow import tensorflow_sees_a_gpu
+from runner.train import backends
 from runner.train.snapshots.snapshot import TrainingState, load_snapshot
 from runner.training import RunContext
 
@@ -28,14 +28,18 @@ def halved_batch_size(batch_size: int, spec: JobSpec, error: BaseException) -> i
         return batch_size // 2
     halved_from = spec.dataset.batch_size if batch_size != spec.dataset.batch_size else None
     size = tuple(spec.dataset.image_size)
-    raise OutOfMemory(batch_size, gpu=tensorflow_sees_a_gpu(), halved_from=halved_from, image_size=size) from error
+    raise OutOfMemory(
+        batch_size, gpu=backends.current().sees_an_accelerator(), halved_from=halved_from, image_size=size
+    ) from error
 
 
 def out_of_memory_building(spec: JobSpec, error: BaseException) -> OutOfMemory:
     """The one line for a model whose weights (and optimizer state) do not fit, mostly from a large image size
     before a Flatten: no batch size change can help."""
     size = tuple(spec.dataset.image_size)
-    failure = OutOfMemory(spec.dataset.batch_size, gpu=tensorflow_sees_a_gpu(), image_size=size, building=True)
+    failure = OutOfMemory(
+        spec.dataset.batch_size, gpu=backends.current().sees_an_accelerator(), image_size=size, building=True
+    )
     failure.__cause__ = error
     return failure
 
@@ -70,7 +74,7 @@ def report_halving(
     when = f"epoch {epoch}, step {at.step + 1}" if during == "training" else f"validation of epoch {epoch}"
     where = f"checkpoint {checkpoint}" if checkpoint else "the start (no checkpoint yet)"
     message = (
-        f"out of {'GPU ' if tensorflow_sees_a_gpu() else ''}memory at batch size {old} ({when}): going back to {where} and on "
+        f"out of {'GPU ' if backends.current().sees_an_accelerator() else ''}memory at batch size {old} ({when}): going back to {where} and on "
         f"with batch size {new} (training.on_oom: halve_batch; this changes the training trajectory)"
     )
     context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)

@@ -54,7 +54,7 @@ class LearningRate:
         """What a plateau has lowered the rate to, as a factor (1 until it does); set between compiled calls."""
         self.factor = keras.Variable(1.0, dtype="float32", trainable=False, name="lr_factor")
         """The fine-tune's rate over the spec's once it has begun, else 1."""
-        self.offset = keras.Variable(0, dtype="int64", trainable=False, name="lr_step_offset")
+        self.offset = keras.Variable(0, dtype="int32", trainable=False, name="lr_step_offset")
         """Optimizer steps taken before the optimizer in use was built (by a fine-tune)."""
 
     @property

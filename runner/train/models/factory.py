@@ -12,7 +12,7 @@ from typing import Any
 import keras
 
 from runner.errors import ModelError
-from runner.train.backends.tensorflow import is_out_of_memory
+from runner.train import backends
 from runner.train.models.builtin import InputShape, one_line
 
 
@@ -24,7 +24,7 @@ def from_factory(
     try:
         model = function(input_shape=input_shape, num_classes=num_classes, **params)
     except (Exception, SystemExit) as error:  # a script's argparse exits: that must fail the job, not the worker
-        if isinstance(error, MemoryError) or is_out_of_memory(error):
+        if isinstance(error, MemoryError) or backends.current().is_out_of_memory(error):
             raise  # the weights do not fit: the trainer names the image size
         raise ModelError(f"factory {dotted!r} raised {type(error).__name__}: {one_line(error)}") from error
     if not isinstance(model, keras.Model):

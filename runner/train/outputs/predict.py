@@ -16,13 +16,12 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from runner import storage
 from runner.errors import DatasetError, NoExport, StorageError, UsageError
 from runner.images import IMAGE_EXTENSIONS, first_bytes, is_image
 from runner.job import Job
-from runner.train.data.pipeline import image_loader
+from runner.train import backends
 from runner.train.models.factory import import_factory
 from runner.train.outputs.export import BEST_FILE, DESCRIPTION_FILE, DESCRIPTION_FORMAT, FILE_NAMES
 from runner.words import counted
@@ -55,11 +54,12 @@ def predict_images(job: Job, images: Sequence[str | Path], *, last: bool = False
     logits = _gives_logits(model)
     classes: list[str] = description["classes"]
     size = (int(description["input"]["height"]), int(description["input"]["width"]))
-    load = image_loader(size, int(description["input"]["channels"]))
+    backend = backends.current()
+    read = backend.image_reader(size, int(description["input"]["channels"]))
     predictions = []
     for start in range(0, len(files), BATCH):
         chunk = files[start : start + BATCH]
-        batch = tf.cast(tf.stack([_decoded(load, path) for path in chunk]), tf.float32)
+        batch = np.stack([_decoded(read, path, backend.DECODE_ERRORS) for path in chunk]).astype(np.float32)
         outputs = np.asarray(model(batch, training=False), dtype=np.float64)
         rows = _probabilities(outputs, description["label_mode"], len(classes), logits=logits)
         for path, row in zip(chunk, rows, strict=True):
@@ -128,10 +128,10 @@ def _image_files(images: Sequence[str | Path]) -> Iterator[Path]:
             raise UsageError(f"no such image or folder: {given}")
 
 
-def _decoded(load: Any, path: Path) -> tf.Tensor:
+def _decoded(read: Any, path: Path, errors: tuple[type[BaseException], ...]) -> np.ndarray:
     try:
-        return load(tf.constant(str(path)))
-    except (tf.errors.InvalidArgumentError, ValueError):
+        return read(path)
+    except errors:
         if not is_image(first_bytes(path)):
             wrong = f"{path} is not a JPEG, PNG, GIF or BMP image: pass image files, or folders of them"
             raise UsageError(wrong) from None

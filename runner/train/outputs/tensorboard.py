@@ -28,16 +28,54 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-
-import tensorflow as tf
-from google.protobuf.message import DecodeError
-from tensorflow.core.framework import summary_pb2
-from tensorflow.core.util import event_pb2
+from typing import Any
 
 from runner import storage
-from runner.paths import JobPaths, event_file_generation, event_file_name, temp_sibling
+from runner.paths import TEMP_PREFIX, JobPaths, event_file_generation, event_file_name, is_temp_name, temp_sibling
 
 log = logging.getLogger(__name__)
+
+
+def _tensorflows_writer() -> tuple[Any, Any, Callable[[Path], Any]] | None:
+    """Event protos and a record writer from TensorFlow; ``None`` without TensorFlow (the JAX backend's machines)."""
+    try:
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+        from tensorflow.core.util import event_pb2
+    except ImportError:
+        return None
+    return event_pb2, summary_pb2, lambda path: tf.io.TFRecordWriter(str(path))
+
+
+class _FileRecordWriter:
+    """TensorBoard's own record writer (on a file it is given) over a file it opens: TFRecordWriter's shape."""
+
+    def __init__(self, path: Path, writer_class: Any) -> None:
+        self._handle = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._writer = writer_class(self._handle)
+
+    def write(self, record: bytes) -> None:
+        self._writer.write(record)
+
+    def close(self) -> None:
+        self._writer.close()  # flushes, and closes the file
+
+
+def _tensorboards_writer() -> tuple[Any, Any, Callable[[Path], Any]] | None:
+    """The same from the TensorBoard package, which runs without TensorFlow; ``None`` without it."""
+    try:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+    except ImportError:
+        return None
+    return event_pb2, summary_pb2, lambda path: _FileRecordWriter(path, RecordWriter)
+
+
+_FOUND = _tensorflows_writer() or _tensorboards_writer()
+AVAILABLE = _FOUND is not None
+"""Whether event files can be written here: with TensorFlow, or with the TensorBoard package (on the JAX backend
+without either, a job trains without TensorBoard logs, and its log says so)."""
+event_pb2, summary_pb2, _record_writer = _FOUND if _FOUND is not None else (None, None, None)
 
 RETRY_BUDGET_S = 30.0
 """Seconds one publish keeps retrying a flaky job folder; past that it waits for the next checkpoint, so that
@@ -102,9 +140,7 @@ class TensorBoardLog:
                 continue
             path = self.local_folder / run / self.name
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tf.io.TFRecordWriter(str(path)) as writer:
-                for event in [*self._header(), *events]:
-                    writer.write(event.SerializeToString())
+            _write_records(path, [event.SerializeToString() for event in [*self._header(), *events]])
             files[run] = path.read_bytes()
         return files
 
@@ -132,8 +168,9 @@ class TensorBoardLog:
     # --- the job folder ---------------------------------------------------------------------------------------
 
     def _older_names(self, folder: Path) -> list[str]:
+        """Older generations' event files, and the temporary copies a kill in their replace left behind."""
         names = _list(folder)
-        return [n for n in names if (g := event_file_generation(n)) is not None and g < self.generation]
+        return [n for n in names if (g := _generation_of(n)) is not None and g < self.generation]
 
     def _remove_older(self, fence: Callable[[], None]) -> None:
         """Delete the older generations' files, which this one's file replaces (newer ones are not ours to touch)."""
@@ -143,6 +180,32 @@ class TensorBoardLog:
                 fence()
             for name in older:
                 _remove(folder / name)
+
+
+def _temporary_label(generation: int) -> str:
+    """The name a generation's file has while it is written beside the real one: without ``tfevents``, which
+    would make TensorBoard read it (a kill can leave it behind; a later generation deletes it)."""
+    return f"tensorboard-g{generation:06d}"
+
+
+def _generation_of(name: str) -> int | None:
+    """The claim generation of an event file, or of a temporary copy of one; ``None`` for any other name."""
+    if is_temp_name(name):
+        label = name[len(TEMP_PREFIX) :]
+        digits = label.removeprefix(_temporary_label(0)[:-6])[:6]
+        return int(digits) if label.startswith(_temporary_label(0)[:-6]) and digits.isdigit() else None
+    return event_file_generation(name)
+
+
+def _write_records(path: Path, records: list[bytes]) -> None:
+    """An event file of ``records``, in TFRecord framing (length, its CRC, data, its CRC)."""
+    assert _record_writer is not None
+    writer = _record_writer(path)
+    try:
+        for record in records:
+            writer.write(record)
+    finally:
+        writer.close()
 
 
 def _run_values(row: Mapping[str, float], run: str) -> dict[str, float]:
@@ -178,7 +241,7 @@ def _read_events(data: bytes) -> list[event_pb2.Event]:
         event = event_pb2.Event()
         try:
             event.ParseFromString(data[offset + 12 : end - 4])
-        except DecodeError:
+        except Exception:  # noqa: BLE001 (protobuf's DecodeError, from whichever package provides the protos)
             break
         events.append(event)
         offset = end
@@ -249,7 +312,7 @@ def _append(path: Path, data: bytes) -> None:
 def _replace(path: Path, data: bytes) -> None:
     """A new file, or one that is not a prefix of what it should hold: written beside it and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
+    tmp = temp_sibling(path, label=_temporary_label(event_file_generation(path.name) or 0))
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)

@@ -202,7 +202,7 @@ def _per_device_arrays(model: keras.Model) -> dict[str, np.ndarray]:
     """Each device's part of each metric variable, under ``training.distribute`` (see :data:`PER_DEVICE`)."""
     if getattr(model, "_distribute_strategy", None) is None:  # one device (or a backend without strategies)
         return {}
-    from runner.train.backends.devices import local_values  # noqa: PLC0415 (TensorFlow's, only when mirrored)
+    from runner.train.backends.devices import local_values
 
     return {
         f"{PER_DEVICE}/{index:05d}/{device}": value
@@ -303,7 +303,7 @@ def _assign_per_device(model: keras.Model, arrays: Any) -> None:
     names = [name for name in arrays.files if name.startswith(f"{PER_DEVICE}/")]
     if not names or getattr(model, "_distribute_strategy", None) is None:
         return
-    from runner.train.backends.devices import assign_local_values  # noqa: PLC0415 (as in _per_device_arrays)
+    from runner.train.backends.devices import assign_local_values
 
     parts: dict[int, list[np.ndarray]] = {}
     by_variable_then_device = sorted(names, key=lambda name: tuple(int(word) for word in name.split("/")[1:]))
