@@ -42,16 +42,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from rich.console import Console  # noqa: E402
+import keras
+import tensorflow as tf
 
-from runner.queue import Queue  # noqa: E402
-from runner.spec import JobSpec, parse_spec  # noqa: E402
-from runner.train import trainer as trainer_module  # noqa: E402
-from runner.train.models.build import build_model, compile_model  # noqa: E402
-from runner.train.trainer import KerasTrainer  # noqa: E402
-from runner.worker import Worker  # noqa: E402
+from benchmarks.runner_timing import EpochClock, steady, time_runner
+from runner.queue import Queue
+from runner.spec import JobSpec, parse_spec
+from runner.train.models.build import build_model, compile_model
 
 Way = Callable[[JobSpec, Path, Path], tuple[float, list[float]]]
 
@@ -66,8 +63,15 @@ def digits_job(folder: Path, epochs: int) -> tuple[JobSpec, Path]:
     root = folder / "digits"
     spec = {
         "name": "bench-digits",
-        "dataset": {"source": str(root), "train": "train", "validation": "validation", "image_size": [32, 32],
-                    "color_mode": "grayscale", "label_mode": "int", "batch_size": 16},
+        "dataset": {
+            "source": str(root),
+            "train": "train",
+            "validation": "validation",
+            "image_size": [32, 32],
+            "color_mode": "grayscale",
+            "label_mode": "int",
+            "batch_size": 16,
+        },
         "model": {"builtin": "simple_cnn", "params": {"filters": 16, "dense": 64}},
         "training": {"epochs": epochs, "loss": "sparse_categorical_crossentropy", "seed": 0},
     }
@@ -76,7 +80,7 @@ def digits_job(folder: Path, epochs: int) -> tuple[JobSpec, Path]:
 
 def tutorial_job(folder: Path, epochs: int, images: int) -> tuple[JobSpec, Path]:
     """The tutorial's network at 150x150 (89.7 M parameters) on a look-alike of its cats-and-dogs archive."""
-    from tests.support.keras_jobs_archives import TUTORIAL_ROOT, tutorial_lookalike_zip  # noqa: PLC0415
+    from tests.support.keras_jobs_archives import TUTORIAL_ROOT, tutorial_lookalike_zip
 
     per_class = images // 2
     data = tutorial_lookalike_zip(train_per_class=per_class, validation_per_class=max(1, per_class // 4))
@@ -85,8 +89,14 @@ def tutorial_job(folder: Path, epochs: int, images: int) -> tuple[JobSpec, Path]
     root = folder / TUTORIAL_ROOT
     spec = {
         "name": "bench-tutorial",
-        "dataset": {"source": str(root), "train": "train", "validation": "validation", "image_size": [150, 150],
-                    "label_mode": "binary", "batch_size": 20},
+        "dataset": {
+            "source": str(root),
+            "train": "train",
+            "validation": "validation",
+            "image_size": [150, 150],
+            "label_mode": "binary",
+            "batch_size": 20,
+        },
         "model": {"builtin": "simple_cnn", "params": {"filters": 32, "dense": 512}},
         "training": {"epochs": epochs, "loss": "binary_crossentropy", "seed": 0},
     }
@@ -96,24 +106,10 @@ def tutorial_job(folder: Path, epochs: int, images: int) -> tuple[JobSpec, Path]
 # --- the ways -----------------------------------------------------------------------------------------------
 
 
-class EpochClock(keras.callbacks.Callback):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ends: list[float] = []
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.ends.append(time.perf_counter())
-
-
 def _model(spec: JobSpec, input_shape: tuple[int, int, int], classes: int) -> keras.Model:
     model = build_model(spec, input_shape=input_shape, num_classes=classes)
     compile_model(model, spec)
     return model
-
-
-def _steady(started: float, ends: list[float]) -> list[float]:
-    marks = [started, *ends]
-    return [b - a for a, b in zip(marks, marks[1:])]
 
 
 def _folders(
@@ -123,10 +119,20 @@ def _folders(
     color = d.color_mode
 
     def load(split: str) -> tf.data.Dataset:
-        return keras.utils.image_dataset_from_directory(
-            root / split, image_size=tuple(d.image_size), color_mode=color, label_mode=d.label_mode,
-            batch_size=d.batch_size, shuffle=split == "train", seed=spec.training.seed, verbose=False,
-        ).cache().prefetch(tf.data.AUTOTUNE)
+        return (
+            keras.utils.image_dataset_from_directory(
+                root / split,
+                image_size=tuple(d.image_size),
+                color_mode=color,
+                label_mode=d.label_mode,
+                batch_size=d.batch_size,
+                shuffle=split == "train",
+                seed=spec.training.seed,
+                verbose=False,
+            )
+            .cache()
+            .prefetch(tf.data.AUTOTUNE)
+        )
 
     train, validation = load("train"), load("validation")
     channels = 1 if color == "grayscale" else 3
@@ -136,7 +142,7 @@ def _folders(
     model.fit(train, validation_data=validation, epochs=spec.training.epochs, callbacks=[*callbacks, clock], verbose=0)
     if save_to is not None:
         model.save(str(save_to))
-    return time.perf_counter() - started, _steady(started, clock.ends)
+    return time.perf_counter() - started, steady(started, clock.ends)
 
 
 def plain_fit(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, list[float]]:
@@ -160,16 +166,20 @@ def tutorial_script(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, li
     started = time.perf_counter()
     d = spec.dataset
     # Keras 3 keeps the tutorial's ImageDataGenerator only in its legacy module.
-    from keras.src.legacy.preprocessing.image import ImageDataGenerator  # noqa: PLC0415
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
     generator = ImageDataGenerator()
     mode = {"int": "sparse", "binary": "binary", "categorical": "categorical"}[d.label_mode]
     color = "grayscale" if d.color_mode == "grayscale" else "rgb"
 
-    def flow(split: str):  # noqa: ANN202
+    def flow(split: str):
         return generator.flow_from_directory(
-            root / split, target_size=tuple(d.image_size), color_mode=color, class_mode=mode,
-            batch_size=d.batch_size, seed=spec.training.seed,
+            root / split,
+            target_size=tuple(d.image_size),
+            color_mode=color,
+            class_mode=mode,
+            batch_size=d.batch_size,
+            seed=spec.training.seed,
         )
 
     with _quiet():
@@ -179,38 +189,16 @@ def tutorial_script(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, li
     clock = EpochClock()
     checkpoint = keras.callbacks.ModelCheckpoint(str(scratch / "model.h5"))
     model.fit(train, validation_data=validation, epochs=spec.training.epochs, callbacks=[checkpoint, clock], verbose=0)
-    return time.perf_counter() - started, _steady(started, clock.ends)
-
-
-def _runner(spec: JobSpec, scratch: Path) -> tuple[float, list[float]]:
-    queue = Queue(scratch / "queue")
-    queue.submit(spec)
-    ends: list[float] = []
-    end_epoch = trainer_module._Session._end_epoch  # noqa: SLF001
-
-    def timed(self, state, seconds):  # noqa: ANN001, ANN202
-        end_epoch(self, state, seconds)
-        ends.append(time.perf_counter())
-
-    trainer_module._Session._end_epoch = timed  # noqa: SLF001 (timing only)
-    try:
-        worker = Worker(queue, lambda: KerasTrainer(cache_dir=scratch / "cache"), console=Console(file=io.StringIO()))
-        started = time.perf_counter()
-        result = worker.run()
-        elapsed = time.perf_counter() - started
-    finally:
-        trainer_module._Session._end_epoch = end_epoch  # noqa: SLF001
-    assert result.done == [spec.name], result
-    return elapsed, _steady(started, ends)
+    return time.perf_counter() - started, steady(started, clock.ends)
 
 
 def runner_auto(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, list[float]]:
-    return _runner(spec, scratch)
+    return time_runner(spec, scratch)
 
 
 def runner_one_step(spec: JobSpec, root: Path, scratch: Path) -> tuple[float, list[float]]:
     training = spec.training.model_copy(update={"steps_per_execution": 1})
-    return _runner(spec.model_copy(update={"training": training}), scratch)
+    return time_runner(spec.model_copy(update={"training": training}), scratch)
 
 
 WAYS: dict[str, Way] = {
@@ -263,13 +251,18 @@ def time_to_resume(spec: JobSpec, scratch: Path) -> tuple[float, float]:
     first = subprocess.run(
         [sys.executable, "-m", "runner", "work", "--queue", str(queue_root)],
         env={**env, "RUNNER_KILL_AT": "export-written:1", "RUNNER_KILL_LOG": str(scratch / "kills.jsonl")},
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert first.returncode != 0, "the first session was meant to die before the export"
     started = time.time()
     resumed = subprocess.run(
-        [sys.executable, "-m", "runner", "work", "--queue", str(queue_root)], env=env, capture_output=True,
-        text=True, check=True,
+        [sys.executable, "-m", "runner", "work", "--queue", str(queue_root)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     resumed_at = next(e for e in map(json.loads, job.paths.events.read_text().splitlines()) if e["event"] == "resumed")
     seconds = resumed_at["time"] - started
@@ -278,9 +271,19 @@ def time_to_resume(spec: JobSpec, scratch: Path) -> tuple[float, float]:
     spec_file.write_text(spec.model_dump_json())
     started = time.time()
     floor = subprocess.run(
-        [sys.executable, "-c", FLOOR, str(started), str(spec_file), str(scratch / "cache"),
-         str(checkpoint / "variables.npz")],
-        env=env, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            FLOOR,
+            str(started),
+            str(spec_file),
+            str(scratch / "cache"),
+            str(checkpoint / "variables.npz"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return seconds, float(floor.stdout.strip().splitlines()[-1])
 
@@ -305,7 +308,7 @@ def main() -> None:
         totals: dict[str, list[float]] = {name: [] for name in names}
         epochs_s: dict[str, list[float]] = {name: [] for name in names}
         for repeat in range(args.repeats):
-            for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
                 keras.backend.clear_session()  # else each run's graphs slow the next ones down
                 with tempfile.TemporaryDirectory(dir=folder) as scratch:
                     total, per_epoch = WAYS[name](spec, root, Path(scratch))
@@ -315,14 +318,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             resume, floor = time_to_resume(spec, Path(scratch))
     baseline, baseline_epoch = statistics.median(totals[names[0]]), statistics.median(epochs_s[names[0]])
-    print(f"job: {args.job}, {epochs} epochs, batch {spec.dataset.batch_size}, {args.repeats} repeats (medians); "
-          f"keras {keras.__version__}, tensorflow {tf.__version__}, {os.cpu_count()} CPUs")
+    print(
+        f"job: {args.job}, {epochs} epochs, batch {spec.dataset.batch_size}, {args.repeats} repeats (medians); "
+        f"keras {keras.__version__}, tensorflow {tf.__version__}, {os.cpu_count()} CPUs"
+    )
     print("| way | end to end | ratio | steady-state epoch | ratio |\n|---|---|---|---|---|")
     for name in names:
         total, epoch = statistics.median(totals[name]), statistics.median(epochs_s[name])
         print(f"| {name} | {total:.2f} s | x{total / baseline:.2f} | {epoch:.3f} s | x{epoch / baseline_epoch:.2f} |")
-    print(f"time to resume (start of `runner work` to its resumed event): {resume:.2f} s; "
-          f"floor (import + build + load): {floor:.2f} s; x{resume / floor:.2f}")
+    print(
+        f"time to resume (start of `runner work` to its resumed event): {resume:.2f} s; "
+        f"floor (import + build + load): {floor:.2f} s; x{resume / floor:.2f}"
+    )
 
 
 if __name__ == "__main__":

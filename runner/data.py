@@ -5,6 +5,7 @@ the ``Checkpointing`` callback) resumes part way through an epoch sees the batch
 have. Importing this module imports TensorFlow (``import runner`` alone does not). See docs/own_code.md.
 """
 
+import runner.train.own_code  # noqa: F401 (refuses, in one line, a Keras backend other than TensorFlow)
 from runner.train.data.own_code import ImageFolder, image_folder
 
 __all__ = ["ImageFolder", "image_folder"]

@@ -46,6 +46,8 @@ def logical_cpus_from_environment(environ: Mapping[str, str] = os.environ) -> in
 
 
 KERAS_BACKEND_ENV = "KERAS_BACKEND"
+"""Keras' own: the backend it runs on. runner's engine trains on tensorflow (the default) or jax (no TensorFlow
+needed: Colab's TPU runtime); `runner work` refuses any other before it claims a job."""
 ENGINE_BACKENDS = ("tensorflow", "jax")
 """The Keras backends runner's engine trains on."""
 

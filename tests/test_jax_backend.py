@@ -173,13 +173,13 @@ def test_a_tensorflow_checkpoint_resumes_on_jax_with_every_variable_exact(digits
 def test_the_jax_pipeline_gives_each_epoch_the_tensorflow_pipelines_order(digits: Path, tmp_path: Path) -> None:
     """Both pipelines take each epoch's order from (seed, epoch) alone, and a resumed epoch goes on from its
     sample: the labels of every batch, from any start, are the uninterrupted epoch's."""
-    from runner.spec import DatasetSpec  # noqa: PLC0415
-    from runner.train.data.arrays import prepare_dataset  # noqa: PLC0415
-    from runner.train.data.common import epoch_order  # noqa: PLC0415
+    from runner.spec import DatasetSpec
+    from runner.train.data.arrays import prepare_dataset
+    from runner.train.data.common import epoch_order
 
     spec = DatasetSpec(source=str(digits), validation="validation", image_size=(16, 16), batch_size=8, label_mode="int")
     data = prepare_dataset(spec, seed=7, cache_dir=tmp_path / "cache")
-    labels = data._train.labels  # noqa: SLF001
+    labels = data._train.labels
     for epoch in (0, 1, 5):
         whole = np.concatenate([batch[1] for batch in data.train_batches(epoch=epoch)])
         assert np.array_equal(whole, labels[epoch_order(7, epoch, data.num_train)])
@@ -188,7 +188,7 @@ def test_the_jax_pipeline_gives_each_epoch_the_tensorflow_pipelines_order(digits
     first = next(iter(data.train_batches(epoch=0)))
     assert first[0].dtype == np.float32 and first[0].shape == (8, 16, 16, 3) and first[0].max() > 1
     if HAS_TENSORFLOW:
-        from runner.train.data.pipeline import prepare_dataset as prepare_tf  # noqa: PLC0415
+        from runner.train.data.pipeline import prepare_dataset as prepare_tf
 
         tf_data = prepare_tf(spec, seed=7, cache_dir=tmp_path / "cache")
         tf_labels = np.concatenate([batch[1].numpy() for batch in tf_data.train_batches(epoch=1)])
@@ -216,8 +216,27 @@ def test_a_keras_backend_the_engine_does_not_train_on_is_refused_before_any_clai
     submit_keras_spec(tmp_path, tmp_path / "queue", digits, NAME, env)
     result = run_cli("work", "--queue", str(tmp_path / "queue"), env=env)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    refusal = (
         f"error: KERAS_BACKEND={backend}: runner's engine trains on Keras' tensorflow or jax backend: unset "
         "KERAS_BACKEND, or set it to tensorflow or jax"
-    ]
+    )
+    assert result.stderr.strip().splitlines() == [refusal]
     assert job_of(tmp_path / "queue", NAME).read_state().status.value == "queued"
+
+
+def test_the_users_own_code_is_refused_on_jax_in_one_line(tmp_path: Path) -> None:
+    script = (
+        "import keras, runner\n"
+        "model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
+        "try:\n"
+        "    runner.fit(model, [[0.0, 0.0]], [0.0], job='own', epochs=1)\n"
+        "except runner.errors.UsageError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=jax_env(tmp_path), cwd=REPO, timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith("runner.fit, runner.keras.Checkpointing and runner.data train your own code")
+    assert "Keras runs on jax here: set KERAS_BACKEND=tensorflow" in done.stdout

@@ -48,9 +48,9 @@ from runner.train.models.build import (
     use_model_weights,
 )
 from runner.train.models.fine_tune import FineTune
+from runner.train.outputs import tensorboard as tensorboard_files
 from runner.train.outputs.export import describe_model, publish_exports, write_exports
 from runner.train.outputs.progress import EpochProgress
-from runner.train.outputs import tensorboard as tensorboard_files
 from runner.train.outputs.tensorboard import TensorBoardLog
 from runner.train.snapshots.publisher import Publisher, take_snapshot
 from runner.train.snapshots.snapshot import TrainingState, load_snapshot, save_snapshot

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
-import runner.train  # noqa: F401 (splits the CPU into $RUNNER_LOGICAL_CPUS devices, before TensorFlow starts)
 import tensorflow as tf
 
+import runner.train  # noqa: F401 (splits the CPU into $RUNNER_LOGICAL_CPUS devices, before TensorFlow starts)
 from runner.train.backends.devices import place
 
 

@@ -10,10 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-import runner.train  # noqa: F401 (the engine's start: devices, quiet TensorFlow)
 import keras
 import numpy as np
 
+import runner.train  # noqa: F401 (the engine's start: devices, quiet TensorFlow)
 from runner.job import Job
 from runner.paths import JobPaths
 from runner.train.engine.steps import build_metrics

@@ -1,14 +1,17 @@
-"""The compiled training loop on Keras' JAX backend: several steps per call, nothing read back inside it.
+"""The training loop on Keras' JAX backend: several steps per call, nothing read back inside it.
 
 The same design as the TensorFlow loop (:mod:`runner.train.engine.loop`), in JAX's terms. Keras' JAX
 ``train_step`` is a pure function of the model's state (trainable, non-trainable, optimizer and metric variables)
-and a batch; one ``jax.jit`` call runs it on ``steps`` batches in turn, the learning rate of each step computed
-inside from the optimizer's own step count (as the TensorFlow loop does in its graph), and the new state is
-written back into the model's variables after the call, as ``fit`` does at its end (``jax_state_sync``). The
-state's buffers are donated to the call, so the model's memory is not held twice.
+and a batch; it is compiled once (``jax.jit``, the state's buffers donated so the model's memory is not held
+twice) with the learning rate of the step computed inside from the optimizer's own step count (as the TensorFlow
+loop does in its graph). A call runs it on ``steps`` batches in turn from Python, as Keras' own JAX trainer does:
+JAX dispatches asynchronously, so nothing waits for the device between steps, and each step's state feeds the
+next without a copy. The state is written back into the model's variables once per call, as ``fit`` does at its
+end (``jax_state_sync``).
 
-Batches of one shape share a compiled call; an epoch's last, smaller batch, and a call of fewer steps at the end
-of an epoch, are compiled once more each (as ``fit`` compiles its last batch again).
+Why not one compiled call for all ``steps``, as on TensorFlow: unrolled, its program grows with the steps and
+takes seconds to compile (and a ``lax.scan`` over them needs the batches stacked, and split across devices, in
+one array); measured on the digits job (docs/performance.md), per-step dispatch is the faster of the two.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ class JaxStepLoop:
 
     def run(self, iterator: Iterator[Any], steps: int) -> None:
         """Train on the next ``steps`` batches of ``iterator``; returns without reading anything back."""
-        batches = [next(iterator) for _ in range(steps)]
         if self._function is None:
             self._function = self._make()
         model = self.model
@@ -57,7 +59,9 @@ class JaxStepLoop:
             [variable.value for variable in model.metrics_variables],
         )
         rates = self._rate_values()
-        trainable, non_trainable, optimizer, metrics = self._function(state, batches, rates)
+        for _ in range(steps):  # the next batch is prepared while the device runs the step before
+            state = self._function(state, next(iterator), rates)
+        trainable, non_trainable, optimizer, metrics = state
         for variables, values in (
             (model.trainable_variables, trainable),
             (model.non_trainable_variables, non_trainable),
@@ -89,19 +93,18 @@ class JaxStepLoop:
         step_at = next(index for index, variable in enumerate(variables) if variable is inner.iterations)
         rate_variables = self._rate_variables()
 
-        def run_steps(state: Any, batches: list[Any], rate_values: list[Any]) -> Any:
-            for batch in batches:
-                if rate is not None:
-                    trainable, non_trainable, optimizer_values, metrics = state
-                    with keras.StatelessScope(state_mapping=list(zip(rate_variables, rate_values, strict=True))):
-                        value = rate.at(optimizer_values[step_at])
-                    optimizer_values = list(optimizer_values)
-                    optimizer_values[rate_at] = value.astype(optimizer_values[rate_at].dtype)
-                    state = (trainable, non_trainable, optimizer_values, metrics)
-                _, state = model.train_step(state, batch)
+        def one_step(state: Any, batch: Any, rate_values: list[Any]) -> Any:
+            if rate is not None:
+                trainable, non_trainable, optimizer_values, metrics = state
+                with keras.StatelessScope(state_mapping=list(zip(rate_variables, rate_values, strict=True))):
+                    value = rate.at(optimizer_values[step_at])
+                optimizer_values = list(optimizer_values)
+                optimizer_values[rate_at] = value.astype(optimizer_values[rate_at].dtype)
+                state = (trainable, non_trainable, optimizer_values, metrics)
+            _, state = model.train_step(state, batch)
             return state
 
-        return jax.jit(run_steps, donate_argnums=0) if self.jit_compile else run_steps
+        return jax.jit(one_step, donate_argnums=0) if self.jit_compile else one_step
 
 
 class JaxEvaluateLoop:
