@@ -55,7 +55,7 @@ ENGINE_BACKENDS = ("tensorflow", "jax")
 def check_keras_backend(environ: Mapping[str, str] = os.environ) -> None:
     """Refuse ``$KERAS_BACKEND`` naming a backend the engine does not train on (before any job is claimed)."""
     raw = environ.get(KERAS_BACKEND_ENV)
-    if raw is not None and raw.strip().lower() not in ENGINE_BACKENDS:
+    if raw and raw not in ENGINE_BACKENDS:  # as Keras reads it: empty is unset, and the case counts
         raise UsageError(
             f"{KERAS_BACKEND_ENV}={raw}: runner's engine trains on Keras' tensorflow or jax backend: unset "
             f"{KERAS_BACKEND_ENV}, or set it to tensorflow or jax"

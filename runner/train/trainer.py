@@ -468,6 +468,7 @@ class _Session:
         if self.evaluate is not None:
             self.evaluate.reset()
         back.generation, back.batch_size = self.context.generation, new
+        back.devices, back.backend = self.loop.placement.replicas, self.backend.BACKEND
         self._use_batch_size(back)  # recorded in state.json first: a kill right after must not lose it
         report_halving(self.context, at=state, during=during, back_to=back, checkpoint=checkpoint, old=old)
         self.snapshot_position = (back.epoch, back.step) if checkpoint else None
@@ -526,6 +527,8 @@ class _Session:
             phases.recompile(tune.learning_rate if due else None)
             phases.tuned = due
             self.loop.reset()
+            if self.evaluate is not None:  # its compiled test step holds the metrics compile just replaced
+                self.evaluate.reset()
             if due and now and state.stopped_early is None and state.epoch < self.epochs:
                 # Switched even when training ends here (a restore of this snapshot expects the new optimizer),
                 # but said only when a fine-tuned epoch follows.

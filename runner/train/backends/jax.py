@@ -102,8 +102,8 @@ def warn_if_gpu_unused(context: RunContext) -> bool:
 
 
 def configure_determinism(spec: JobSpec) -> None:
-    """Seed every generator from the spec. XLA on the CPU is deterministic; on a GPU, ``deterministic: true``
-    needs ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` set before Python starts (docs/spec.md)."""
+    """Seed every generator from the spec. XLA on the CPU is deterministic; on a GPU, bit-identical steps need
+    ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` set before Python starts (docs/colab.md)."""
     keras.utils.set_random_seed(spec.training.seed)
 
 

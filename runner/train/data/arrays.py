@@ -8,8 +8,9 @@ is all Grain's sampler would give. A dataset larger than :data:`MEMORY_BUDGET_BY
 from local disk, on threads (Pillow's decoders release the GIL), one batch ahead of training.
 
 The order of each epoch is :func:`~runner.train.data.common.epoch_order`'s, as on the TensorFlow path, so a
-resumed run sees the batches an uninterrupted one would have. The pixels themselves can differ by a rounding
-from TensorFlow's (Pillow's bilinear resize filters differently when it shrinks), so a job keeps its backend.
+resumed run sees the batches an uninterrupted one would have. The pixels themselves differ from TensorFlow's
+(Pillow's bilinear filter smooths when it shrinks an image, TensorFlow's does not), so a job is best kept on one
+backend.
 """
 
 from __future__ import annotations
@@ -50,7 +51,15 @@ class _Images:
         if self.decoded is not None:
             return self.decoded[indices], self.labels[indices]
         assert self.load is not None
-        return np.stack(list(pool.map(self.load, [self.files[i] for i in indices]))), self.labels[indices]
+        load = self.load
+
+        def read(path: Path) -> np.ndarray:
+            try:
+                return load(path)
+            except (UnidentifiedImageError, OSError, ValueError) as error:
+                raise DatasetError(f"image {path} cannot be decoded ({error}): replace or delete it") from None
+
+        return np.stack(list(pool.map(read, [self.files[i] for i in indices]))), self.labels[indices]
 
 
 class Batches:

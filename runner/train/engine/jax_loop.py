@@ -86,11 +86,13 @@ class JaxStepLoop:
 
     def _make(self) -> Any:
         model, rate = self.model, self.learning_rate
-        optimizer = model.optimizer
-        inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's
-        variables = list(optimizer.variables)
-        rate_at = next(index for index, variable in enumerate(variables) if variable is inner._learning_rate)
-        step_at = next(index for index, variable in enumerate(variables) if variable is inner.iterations)
+        rate_at = step_at = 0
+        if rate is not None:  # the spec's rate (a factory's own optimizer may have a schedule, and no such variable)
+            optimizer = model.optimizer
+            inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's
+            variables = list(optimizer.variables)
+            rate_at = next(index for index, variable in enumerate(variables) if variable is inner._learning_rate)
+            step_at = next(index for index, variable in enumerate(variables) if variable is inner.iterations)
         rate_variables = self._rate_variables()
 
         def one_step(state: Any, batch: Any, rate_values: list[Any]) -> Any:

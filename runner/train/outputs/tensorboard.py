@@ -71,7 +71,7 @@ def _tensorboards_writer() -> tuple[Any, Any, Callable[[Path], Any]] | None:
     return event_pb2, summary_pb2, lambda path: _FileRecordWriter(path, RecordWriter)
 
 
-_FOUND = _tensorflows_writer() or _tensorboards_writer()
+_FOUND = _tensorboards_writer() or _tensorflows_writer()  # the same bytes; the first loads no TensorFlow
 AVAILABLE = _FOUND is not None
 """Whether event files can be written here: with TensorFlow, or with the TensorBoard package (on the JAX backend
 without either, a job trains without TensorBoard logs, and its log says so)."""
