@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import subprocess
 import sys
@@ -34,6 +35,13 @@ HAS_JAX = importlib.util.find_spec("jax") is not None
 HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAS_JAX, reason="JAX is not installed")]
+
+only_without_tensorflow = pytest.mark.skipif(
+    HAS_TENSORFLOW and not os.environ.get("RUNNER_JAX_TESTS"),
+    reason="runs in CI's JAX leg (.ci/jax_stack), on a machine without TensorFlow, as on a TPU runtime; set "
+    "RUNNER_JAX_TESTS=1 to run it here too",
+)
+"""Where TensorFlow is installed too, only the test that needs both backends runs: the suite stays within its time."""
 
 NAME = "tiny"
 EVERY_CALL = {"every_minutes": 0.000001}
@@ -68,6 +76,7 @@ def engine_line(run: KillRun) -> str:
     return next(line for line in run.job.paths.log.read_text().splitlines() if "engine:" in line)
 
 
+@only_without_tensorflow
 def test_a_jax_job_trains_exports_and_shows_its_backend(digits: Path, tmp_path: Path) -> None:
     run = new_run(tmp_path, digits, seed=0, training={"epochs": 2}, **WITHOUT_RANDOM_ROTATION)
     result = run.finish()
@@ -92,6 +101,7 @@ def test_a_jax_job_trains_exports_and_shows_its_backend(digits: Path, tmp_path: 
     assert len(history) == 3 and "val_accuracy" in history[0]
 
 
+@only_without_tensorflow
 @pytest.mark.parametrize("option", ["compiled", "uncompiled"])
 def test_kills_after_commits_on_jax_resume_bit_identical(digits: Path, tmp_path: Path, option: str) -> None:
     """Kills land in training and right after a snapshot; every resume is from the newest verified checkpoint and
@@ -117,6 +127,7 @@ def test_kills_after_commits_on_jax_resume_bit_identical(digits: Path, tmp_path:
     run.report()
 
 
+@only_without_tensorflow
 @pytest.mark.parametrize(("devices", "batch_size"), [(2, 8), (4, 7)])
 def test_data_parallel_on_several_jax_devices_resumes_bit_identical(
     digits: Path, tmp_path: Path, devices: int, batch_size: int
@@ -171,6 +182,7 @@ def test_a_tensorflow_checkpoint_resumes_on_jax_with_every_variable_exact(digits
     check_resumes(run)
 
 
+@only_without_tensorflow
 def test_the_jax_pipeline_gives_each_epoch_the_tensorflow_pipelines_order(digits: Path, tmp_path: Path) -> None:
     """Both pipelines take each epoch's order from (seed, epoch) alone, and a resumed epoch goes on from its
     sample: the labels of every batch, from any start, are the uninterrupted epoch's."""
@@ -196,6 +208,7 @@ def test_the_jax_pipeline_gives_each_epoch_the_tensorflow_pipelines_order(digits
         assert np.array_equal(tf_labels, np.concatenate([batch[1] for batch in data.train_batches(epoch=1)]))
 
 
+@only_without_tensorflow
 def test_jax_refuses_what_it_cannot_do_in_one_line_per_job(digits: Path, tmp_path: Path) -> None:
     env = jax_env(tmp_path)
     queue = tmp_path / "queue"
@@ -225,6 +238,7 @@ def test_a_keras_backend_the_engine_does_not_train_on_is_refused_before_any_clai
     assert job_of(tmp_path / "queue", NAME).read_state().status.value == "queued"
 
 
+@only_without_tensorflow
 def test_the_users_own_code_is_refused_on_jax_in_one_line(tmp_path: Path) -> None:
     script = (
         "import keras, runner\n"
