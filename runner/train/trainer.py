@@ -77,7 +77,7 @@ class KerasTrainer:
         check_loss_matches_labels(spec)
         backend = backends.current()
         backend.check_exports(spec)
-        backend.warn_if_gpu_unused(context)
+        backends.warn_if_gpu_unused(context, backend)
         data = backend.prepare_dataset(
             spec.dataset, seed=spec.training.seed, cache_dir=self.cache_dir, console=context.console
         )

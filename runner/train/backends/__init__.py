@@ -9,8 +9,11 @@ import importlib
 import os
 from types import ModuleType
 
+from rich.markup import escape
+
 from runner.errors import TrainerError
 from runner.settings import ENGINE_BACKENDS
+from runner.training import RunContext
 
 SUPPORTED = ENGINE_BACKENDS
 
@@ -29,6 +32,18 @@ def check_supported(name: str) -> None:
             f"Keras runs on the {name} backend (KERAS_BACKEND={os.environ.get('KERAS_BACKEND', name)}), and runner's "
             "engine trains on tensorflow or jax: unset KERAS_BACKEND, or set it to tensorflow or jax"
         )
+
+
+def warn_if_gpu_unused(context: RunContext, backend: ModuleType) -> bool:
+    """Warn (console, log, a ``gpu-unused`` event) when the session has a GPU that ``backend`` does not use."""
+    device = context.claim.claimed.device
+    if not device or device == "CPU" or backend.sees_an_accelerator():
+        return False
+    message = f"nvidia-smi reports {device}, but {backend.no_gpu_advice()}"
+    context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    context.log.warning("%s", message)
+    context.job.events.append("gpu-unused", generation=context.generation, device=device)
+    return True
 
 
 def current() -> ModuleType:

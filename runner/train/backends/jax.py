@@ -18,14 +18,12 @@ import jax
 import keras
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import UnidentifiedImageError
-from rich.markup import escape
 
 from runner.errors import TrainerError
 from runner.spec import JobSpec
 from runner.train.data.arrays import image_reader, prepare_dataset
 from runner.train.engine.jax_loop import JaxEvaluateLoop
 from runner.train.engine.jax_loop import JaxStepLoop as StepLoop
-from runner.training import RunContext
 
 __all__ = [
     "BACKEND",
@@ -40,10 +38,10 @@ __all__ = [
     "is_out_of_memory",
     "jit_by_default",
     "mixed_policy",
+    "no_gpu_advice",
     "place",
     "prepare_dataset",
     "sees_an_accelerator",
-    "warn_if_gpu_unused",
     "xla_problem",
 ]
 
@@ -86,19 +84,12 @@ def xla_problem() -> str | None:
     return None
 
 
-def warn_if_gpu_unused(context: RunContext) -> bool:
-    """Warn when the session has a GPU that JAX does not use (a CPU-only jaxlib)."""
-    device = context.claim.claimed.device
-    if not device or device == "CPU" or sees_an_accelerator():
-        return False
-    message = (
-        f"nvidia-smi reports {device}, but JAX {jax.__version__} runs on {jax.default_backend()}, so training runs "
-        "on the CPU: install a JAX with CUDA support (pip install 'jax[cuda12]')"
+def no_gpu_advice() -> str:
+    """What follows "nvidia-smi reports <GPU>, but " when JAX uses none (a CPU-only jaxlib): why, and the fix."""
+    return (
+        f"JAX {jax.__version__} runs on {jax.default_backend()}, so training runs on the CPU: install a JAX with "
+        "CUDA support (pip install 'jax[cuda12]')"
     )
-    context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
-    context.log.warning("%s", message)
-    context.job.events.append("gpu-unused", generation=context.generation, device=device)
-    return True
 
 
 def configure_determinism(spec: JobSpec) -> None:

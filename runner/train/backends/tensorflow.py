@@ -17,13 +17,11 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from rich.markup import escape
 
 from runner.spec import JobSpec
 from runner.train.backends.devices import Placement, place
 from runner.train.data.pipeline import image_loader, prepare_dataset
 from runner.train.engine.loop import EvaluateLoop, StepLoop
-from runner.training import RunContext
 
 __all__ = [
     "BACKEND",
@@ -37,11 +35,11 @@ __all__ = [
     "is_out_of_memory",
     "jit_by_default",
     "mixed_policy",
+    "no_gpu_advice",
     "place",
     "prepare_dataset",
     "sees_an_accelerator",
     "tensorflow_sees_a_gpu",
-    "warn_if_gpu_unused",
     "xla_problem",
 ]
 
@@ -63,20 +61,13 @@ def tensorflow_sees_a_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def warn_if_gpu_unused(context: RunContext) -> bool:
-    """Warn (console, log, a ``gpu-unused`` event) when the session has a GPU that TensorFlow does not see."""
-    device = context.claim.claimed.device
-    if not device or device == "CPU" or tensorflow_sees_a_gpu():
-        return False
-    message = (
-        f"nvidia-smi reports {device}, but TensorFlow {tf.__version__} sees no GPU, so training runs on the CPU: "
-        "install a TensorFlow with GPU support (pip install 'tensorflow[and-cuda]') whose CUDA libraries match the "
-        "driver, and check that $CUDA_VISIBLE_DEVICES does not hide the GPU"
+def no_gpu_advice() -> str:
+    """What follows "nvidia-smi reports <GPU>, but " when TensorFlow sees none: why, and the fix."""
+    return (
+        f"TensorFlow {tf.__version__} sees no GPU, so training runs on the CPU: install a TensorFlow with GPU "
+        "support (pip install 'tensorflow[and-cuda]') whose CUDA libraries match the driver, and check that "
+        "$CUDA_VISIBLE_DEVICES does not hide the GPU"
     )
-    context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
-    context.log.warning("%s", message)
-    context.job.events.append("gpu-unused", generation=context.generation, device=device)
-    return True
 
 
 def configure_determinism(spec: JobSpec) -> None:

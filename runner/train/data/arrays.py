@@ -29,10 +29,13 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
 from runner.errors import DatasetError
-from runner.paths import default_cache_dir
 from runner.spec import DatasetSpec
-from runner.train.data.cache import fetch_source
-from runner.train.data.common import MEMORY_BUDGET_BYTES, decode_progress, describe, epoch_order, naming_the_copy
+from runner.train.data.common import (
+    decode_progress,
+    epoch_order,
+    folder_fields,
+    read_source,
+)
 from runner.train.data.image_folder import Examples, find_images
 
 _THREADS = min(16, os.cpu_count() or 2)
@@ -232,42 +235,28 @@ def prepare_dataset(
             "dataset.augment runs in TensorFlow's input pipeline, which the JAX backend does not use: remove it, or "
             "put the random changes in the model (model.params.augment: true for the built-in networks)"
         )
-    cache_dir = cache_dir or default_cache_dir()
-    root = fetch_source(spec, cache_dir=cache_dir, console=console)
-    try:
-        data = _read_images(root, spec, seed=seed, console=console, memory_budget=memory_budget)
-    except DatasetError as error:
-        raise naming_the_copy(error, root, cache_dir) from None
-    describe(data, console)
-    return data
+    return read_source(
+        spec,
+        lambda root: _read_images(root, spec, seed=seed, console=console, memory_budget=memory_budget),
+        cache_dir=cache_dir,
+        console=console,
+    )
 
 
 def _read_images(
     root: Path, spec: DatasetSpec, *, seed: int, console: Console | None, memory_budget: int | None
 ) -> ArrayFolderData:
     folder = find_images(root, spec, seed=seed)
-    channels = 1 if spec.color_mode == "grayscale" else 3
-    read = image_reader(spec.image_size, channels)
-    count = len(folder.train) + (len(folder.validation) if folder.validation is not None else 0)
-    budget = MEMORY_BUDGET_BYTES if memory_budget is None else memory_budget
-    in_memory = count * spec.image_size[0] * spec.image_size[1] * channels <= budget
+    fields = folder_fields(folder, spec, seed=seed, memory_budget=memory_budget)
+    read = image_reader(spec.image_size, fields["channels"])
 
     def images(examples: Examples) -> _Images:
-        if in_memory:
+        if fields["in_memory"]:
             return _Images(examples.labels, decoded=_decode_all(examples, root, read, console))
         return _Images(examples.labels, files=examples.files, load=read)
 
     return ArrayFolderData(
-        class_names=folder.class_names,
-        image_size=spec.image_size,
-        channels=channels,
-        label_mode=spec.label_mode,
-        batch_size=spec.batch_size,
-        num_train=len(folder.train),
-        num_validation=len(folder.validation) if folder.validation is not None else 0,
-        seed=seed,
-        in_memory=in_memory,
-        train_counts=tuple(int(n) for n in np.bincount(folder.train.labels, minlength=len(folder.class_names))),
+        **fields,
         _train=images(folder.train),
         _validation=images(folder.validation) if folder.validation is not None else None,
     )

@@ -5,6 +5,7 @@ same order, a pure function of (seed, epoch), so a resumed run sees the batches 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from runner.errors import DatasetError
+from runner.paths import default_cache_dir
+from runner.spec import DatasetSpec
+from runner.train.data.cache import fetch_source
+from runner.train.data.image_folder import ImageFolder
 
 MEMORY_BUDGET_BYTES = 2 * 1024**3
 """Decoded images (uint8) up to this many bytes are kept in memory; a larger dataset is decoded every epoch.
@@ -61,3 +66,45 @@ def decode_progress(console: Console | None, total: int) -> Iterator[Callable[[i
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("decode", total=total)
         yield lambda done: progress.advance(task, done)
+
+
+def read_source(
+    spec: DatasetSpec,
+    read: Callable[[Path], Any],
+    *,
+    cache_dir: Path | None,
+    console: Console | None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """Fetch, check and unpack the source into the local cache (once), give its folder to ``read``, and describe
+    what it returned on the console; a problem in runner's local copy says so (`--refresh-data` fetches again)."""
+    cache_dir = cache_dir or default_cache_dir()
+    root = fetch_source(spec, cache_dir=cache_dir, console=console, sleep=sleep)
+    try:
+        data = read(root)
+    except DatasetError as error:
+        raise naming_the_copy(error, root, cache_dir) from None
+    describe(data, console)
+    return data
+
+
+def folder_fields(folder: ImageFolder, spec: DatasetSpec, *, seed: int, memory_budget: int | None) -> dict[str, Any]:
+    """What both pipelines' data hold of a folder of images: the classes, sizes and counts, and whether the
+    decoded images fit ``memory_budget`` (default :data:`MEMORY_BUDGET_BYTES`) to be kept in memory."""
+    channels = 1 if spec.color_mode == "grayscale" else 3
+    count = len(folder.train) + (len(folder.validation) if folder.validation is not None else 0)
+    budget = MEMORY_BUDGET_BYTES if memory_budget is None else memory_budget
+    return {
+        "class_names": folder.class_names,
+        "image_size": spec.image_size,
+        "channels": channels,
+        "label_mode": spec.label_mode,
+        "batch_size": spec.batch_size,
+        "num_train": len(folder.train),
+        "num_validation": len(folder.validation) if folder.validation is not None else 0,
+        "seed": seed,
+        "in_memory": count * spec.image_size[0] * spec.image_size[1] * channels <= budget,
+        "train_counts": tuple(
+            int(count) for count in np.bincount(folder.train.labels, minlength=len(folder.class_names))
+        ),
+    }

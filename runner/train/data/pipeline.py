@@ -21,11 +21,15 @@ import tensorflow as tf
 from rich.console import Console
 
 from runner.errors import DatasetError
-from runner.paths import default_cache_dir
 from runner.spec import AugmentSpec, DatasetSpec
 from runner.train.data.augment import augmenter
-from runner.train.data.cache import fetch_source
-from runner.train.data.common import MEMORY_BUDGET_BYTES, decode_progress, describe, epoch_order, naming_the_copy
+from runner.train.data.common import (
+    MEMORY_BUDGET_BYTES,
+    decode_progress,
+    epoch_order,
+    folder_fields,
+    read_source,
+)
 from runner.train.data.download import is_transient_download
 from runner.train.data.image_folder import Examples, find_images
 
@@ -191,47 +195,33 @@ def prepare_dataset(
     ``memory_budget`` (default :data:`MEMORY_BUDGET_BYTES`) bounds the decoded images kept in memory;
     ``sleep`` is the pause between download retries.
     """
-    cache_dir = cache_dir or default_cache_dir()
-    root = fetch_source(spec, cache_dir=cache_dir, console=console, sleep=sleep)
-    try:
-        data = _read_images(root, spec, seed=seed, console=console, memory_budget=memory_budget)
-    except DatasetError as error:
-        raise naming_the_copy(error, root, cache_dir) from None
-    describe(data, console)
-    return data
+    return read_source(
+        spec,
+        lambda root: _read_images(root, spec, seed=seed, console=console, memory_budget=memory_budget),
+        cache_dir=cache_dir,
+        console=console,
+        sleep=sleep,
+    )
 
 
 def _read_images(
     root: Path, spec: DatasetSpec, *, seed: int, console: Console | None, memory_budget: int | None
 ) -> ImageFolderData:
     folder = find_images(root, spec, seed=seed)
-    channels = 1 if spec.color_mode == "grayscale" else 3
-    load = image_loader(spec.image_size, channels)
-    count = len(folder.train) + (len(folder.validation) if folder.validation is not None else 0)
-    budget = MEMORY_BUDGET_BYTES if memory_budget is None else memory_budget
-    in_memory = count * spec.image_size[0] * spec.image_size[1] * channels <= budget
+    fields = folder_fields(folder, spec, seed=seed, memory_budget=memory_budget)
+    load = image_loader(spec.image_size, fields["channels"])
 
     def batcher(examples: Examples) -> _Batcher:
-        if in_memory:
+        if fields["in_memory"]:
             return _DecodedImages(_decode_all(examples, root, load, console), examples.labels)
         return _ImageFiles(examples, load)
 
-    data = ImageFolderData(
-        class_names=folder.class_names,
-        image_size=spec.image_size,
-        channels=channels,
-        label_mode=spec.label_mode,
-        batch_size=spec.batch_size,
-        num_train=len(folder.train),
-        num_validation=len(folder.validation) if folder.validation is not None else 0,
-        seed=seed,
-        in_memory=in_memory,
+    return ImageFolderData(
+        **fields,
         augment=spec.augment,
-        train_counts=tuple(int(count) for count in np.bincount(folder.train.labels, minlength=len(folder.class_names))),
         _train=batcher(folder.train),
         _validation=batcher(folder.validation) if folder.validation is not None else None,
     )
-    return data
 
 
 def image_loader(image_size: tuple[int, int], channels: int) -> Callable[[tf.Tensor], tf.Tensor]:
