@@ -102,14 +102,17 @@ def test_a_jax_job_trains_exports_and_shows_its_backend(digits: Path, tmp_path: 
 
 
 @only_without_tensorflow
-@pytest.mark.parametrize("option", ["compiled", "uncompiled"])
+@pytest.mark.parametrize("option", ["compiled", "uncompiled", "augmented"])
 def test_kills_after_commits_on_jax_resume_bit_identical(digits: Path, tmp_path: Path, option: str) -> None:
     """Kills land in training and right after a snapshot; every resume is from the newest verified checkpoint and
-    the end is the uninterrupted run's, bit for bit (variables, state, history.csv, TensorBoard, status)."""
+    the end is the uninterrupted run's, bit for bit (variables, state, history.csv, TensorBoard, status).
+    ``augmented``: the images are changed by ``dataset.augment`` in the NumPy pipeline, each by its own draws."""
     overrides: dict[str, object] = {"training": THREE_PER_CALL, "checkpoint": EVERY_CALL}
-    if option == "compiled":
+    if option != "uncompiled":
         # Compiled, the 4 epochs train in less time than two commits take: more epochs keep a session training.
         overrides |= {**WITHOUT_RANDOM_ROTATION, "training": {**THREE_PER_CALL, "epochs": 12}}
+    if option == "augmented":
+        overrides["dataset"] = {"augment": {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1, "brightness": 0.1}}
     reference_run = new_run(tmp_path / "reference", digits, seed=0, **overrides)
     reference_run.finish()
     reference = Reference.of(reference_run.queue, NAME, reference_run.env)
@@ -120,7 +123,7 @@ def test_kills_after_commits_on_jax_resume_bit_identical(digits: Path, tmp_path:
     run.finish()
 
     assert all(session.landed for session in run.sessions), run.summary()
-    assert ("XLA on" if option == "compiled" else "XLA off") in engine_line(run)
+    assert ("XLA off" if option == "uncompiled" else "XLA on") in engine_line(run)
     assert any(event["step"] > 0 for event in run.resumes()), run.summary()
     check_resumes(run)
     assert_same_result(run, reference)
@@ -208,18 +211,19 @@ def test_the_jax_pipeline_gives_each_epoch_the_tensorflow_pipelines_order(digits
         assert np.array_equal(tf_labels, np.concatenate([batch[1] for batch in data.train_batches(epoch=1)]))
 
 
-@only_without_tensorflow
-def test_jax_refuses_what_it_cannot_do_in_one_line_per_job(digits: Path, tmp_path: Path) -> None:
+@pytest.mark.skipif(HAS_TENSORFLOW, reason="Keras on JAX writes a SavedModel where TensorFlow is installed")
+def test_a_saved_model_export_without_tensorflow_is_refused_in_one_line_before_training(
+    digits: Path, tmp_path: Path
+) -> None:
     env = jax_env(tmp_path)
     queue = tmp_path / "queue"
-    submit_keras_spec(tmp_path, queue, digits, "augmented", env, dataset={"augment": {"flip": "horizontal"}})
-    if not HAS_TENSORFLOW:
-        submit_keras_spec(tmp_path, queue, digits, "saved", env, export={"formats": ["keras", "saved_model"]})
+    submit_keras_spec(tmp_path, queue, digits, "saved", env, export={"formats": ["keras", "saved_model"]})
     result = run_cli("work", "--queue", str(queue), env=env, timeout=600)
     assert "Traceback" not in result.stderr
-    assert "job 'augmented' failed: dataset.augment runs in TensorFlow's input pipeline" in result.stderr
-    if not HAS_TENSORFLOW:
-        assert "job 'saved' failed: export.formats has saved_model" in result.stderr
+    assert "job 'saved' failed: export.formats has saved_model" in result.stderr
+    assert not (job_of(queue, "saved").paths.folder / "checkpoints").exists() or not any(
+        (job_of(queue, "saved").paths.folder / "checkpoints").iterdir()
+    ), "refused before any training"
 
 
 @pytest.mark.parametrize("backend", ["torch", "numpy"])

@@ -10,10 +10,10 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from runner.checkpoints import CheckpointStore  # noqa: E402
-from runner.queue import Queue  # noqa: E402
-from runner.train.snapshots.snapshot import TrainingState, capture_snapshot, load_snapshot  # noqa: E402
-from tests.conftest import make_spec  # noqa: E402
+from runner.checkpoints import CheckpointStore
+from runner.queue import Queue
+from runner.train.snapshots.snapshot import TrainingState, capture_snapshot, load_snapshot
+from tests.conftest import make_spec
 
 
 def tiny_model() -> keras.Model:
@@ -81,6 +81,51 @@ def test_a_snapshot_committed_from_memory_restores_the_values_of_its_moment(tmp_
 
 
 @pytest.mark.parametrize(
+    ("written_on", "said"),
+    [
+        (
+            {"backend": "jax", "precision": "mixed_float16"},
+            "checkpoint c1 was trained on Keras' jax backend under the mixed_float16 policy, whose optimizer has",
+        ),
+        (
+            {"backend": keras.backend.backend(), "precision": "mixed_float16"},
+            f"runs {keras.backend.backend()} under float32, whose optimizer has",
+        ),
+    ],
+    ids=["other-backend", "other-policy"],
+)
+def test_a_snapshot_of_another_mixed_precision_is_refused_in_one_line_naming_both(
+    tmp_path: Path, written_on: dict[str, str], said: str
+) -> None:
+    """float16 keeps a loss scale in the optimizer and a TPU's bfloat16 none: a snapshot whose optimizer differs
+    for that reason is refused naming both sides, not called corrupt (which would pass over a sound checkpoint)."""
+    from runner.errors import CheckpointCorrupt, TrainerError
+
+    x, y = np.random.default_rng(0).normal(size=(16, 4)), np.random.default_rng(1).normal(size=(16, 1))
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        mixed = tiny_model()
+        mixed.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    capture_snapshot(mixed, TrainingState(epoch=1, **written_on)).write(tmp_path / "snapshot")
+    plain = tiny_model()
+    plain.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)
+
+    with pytest.raises(TrainerError) as refused:
+        load_snapshot(plain, tmp_path / "snapshot", checkpoint="c1")
+    assert not isinstance(refused.value, CheckpointCorrupt)
+    [line] = str(refused.value).splitlines()
+    assert said in line and "float16 keeps a loss scale" in line, line
+    assert f"KERAS_BACKEND={written_on['backend']}" in line
+
+    same = {"backend": keras.backend.backend(), "precision": None}  # written before the policy was recorded
+    capture_snapshot(mixed, TrainingState(epoch=1, **same)).write(tmp_path / "older")
+    with pytest.raises(CheckpointCorrupt, match="optimizer variables but the model has"):
+        load_snapshot(plain, tmp_path / "older", checkpoint="c0")
+
+
+@pytest.mark.parametrize(
     "value",
     [
         np.zeros((3, 4), "float32"),
@@ -93,9 +138,9 @@ def test_a_snapshot_committed_from_memory_restores_the_values_of_its_moment(tmp_
     ids=["float32", "0-d", "strided", "empty", "bool", "big-endian"],
 )
 def test_each_array_is_stored_as_np_save_stores_it(value: np.ndarray) -> None:
-    import io  # noqa: PLC0415
+    import io
 
-    from runner.train.snapshots.snapshot import _write_npy  # noqa: PLC0415
+    from runner.train.snapshots.snapshot import _write_npy
 
     ours, numpys = io.BytesIO(), io.BytesIO()
     _write_npy(ours, value)

@@ -468,7 +468,7 @@ class _Session:
         if self.evaluate is not None:
             self.evaluate.reset()
         back.generation, back.batch_size = self.context.generation, new
-        back.devices, back.backend = self.loop.placement.replicas, self.backend.BACKEND
+        self._stamp(back)
         self._use_batch_size(back)  # recorded in state.json first: a kill right after must not lose it
         report_halving(self.context, at=state, during=during, back_to=back, checkpoint=checkpoint, old=old)
         self.snapshot_position = (back.epoch, back.step) if checkpoint else None
@@ -616,11 +616,16 @@ class _Session:
             self._say_if_trajectory_changed(state, info.id)
         state.generation = context.generation
         state.steps_per_epoch = self.data.steps_per_epoch
-        state.devices, state.backend = self.loop.placement.replicas, self.backend.BACKEND
+        self._stamp(state)
         self.elapsed_before = state.elapsed_s
         context.claim.fence()
         write_history(context.job.paths.history, state.history)  # right even if the last session died mid-write
         return state
+
+    def _stamp(self, state: TrainingState) -> None:
+        """Record in ``state`` what this session trains with: devices, Keras backend, dtype policy."""
+        state.devices, state.backend = self.loop.placement.replicas, self.backend.BACKEND
+        state.precision = keras.config.dtype_policy().name
 
     def _say_if_trajectory_changed(self, state: TrainingState, checkpoint: str) -> None:
         """A resume on another number of devices, or on another Keras backend, continues from the checkpoint's

@@ -29,10 +29,12 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
 from runner.errors import DatasetError
-from runner.spec import DatasetSpec
+from runner.spec import AugmentSpec, DatasetSpec
+from runner.train.data.array_augment import array_augmenter
 from runner.train.data.common import (
     decode_progress,
     epoch_order,
+    first_sample,
     folder_fields,
     read_source,
 )
@@ -69,8 +71,15 @@ class Batches:
     """One pass over some examples in a given order, as Keras batches (float32 images, encoded labels, and sample
     weights with ``class_weight``), prepared one batch ahead on a thread."""
 
-    def __init__(self, data: ArrayFolderData, images: _Images, order: np.ndarray, weights: np.ndarray | None) -> None:
-        self.data, self.images, self.order, self.weights = data, images, order, weights
+    def __init__(
+        self,
+        data: ArrayFolderData,
+        images: _Images,
+        order: np.ndarray,
+        weights: np.ndarray | None,
+        augment: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        self.data, self.images, self.order, self.weights, self.augment = data, images, order, weights, augment
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.data.batch_size)
@@ -78,8 +87,10 @@ class Batches:
     def batch(self, number: int, pool: ThreadPoolExecutor) -> tuple[np.ndarray, ...]:
         """Batch ``number`` (0-based) of this pass."""
         size = self.data.batch_size
-        images, labels = self.images.take(self.order[number * size : (number + 1) * size], pool)
-        batch = (images.astype(np.float32), encode_labels(labels, self.data.label_mode, self.data.num_classes))
+        ids = self.order[number * size : (number + 1) * size]
+        images, labels = self.images.take(ids, pool)
+        pixels = images.astype(np.float32) if self.augment is None else self.augment(images.astype(np.float32), ids)
+        batch = (pixels, encode_labels(labels, self.data.label_mode, self.data.num_classes))
         return batch if self.weights is None else (*batch, self.weights[labels])
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
@@ -137,6 +148,8 @@ class ArrayFolderData:
     in_memory: bool
     train_counts: tuple[int, ...] = ()
     class_weights: tuple[float, ...] | None = None
+    augment: AugmentSpec | None = None
+    """Random changes to the training images (``dataset.augment``)."""
     _train: _Images = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _validation: _Images | None = field(default=None, repr=False, compare=False)
 
@@ -163,11 +176,11 @@ class ArrayFolderData:
 
     def train_batches(self, *, epoch: int, start_step: int = 0, start_sample: int | None = None) -> Batches:
         """Batches of epoch ``epoch`` from batch ``start_step`` (or sample ``start_sample``) on."""
-        if start_sample is None:
-            start_sample = min(start_step * self.batch_size, self.num_train)
+        start_sample = first_sample(self, epoch=epoch, start_step=start_step, start_sample=start_sample)
         order = epoch_order(self.seed, epoch, self.num_train)[start_sample:]
         weights = None if self.class_weights is None else np.asarray(self.class_weights, dtype=np.float32)
-        return Batches(self, self._train, order, weights)
+        augment = None if self.augment is None else array_augmenter(self.augment, seed=self.seed, epoch=epoch)
+        return Batches(self, self._train, order, weights, augment)
 
     def validation_batches(self) -> keras.utils.PyDataset | None:
         """Validation batches in a fixed order; ``None`` when the dataset has no validation images."""
@@ -230,11 +243,6 @@ def prepare_dataset(
     **_: Any,
 ) -> ArrayFolderData:
     """Fetch and unpack the source into the local cache (once), find the classes, check and decode the images."""
-    if spec.augment is not None:
-        raise DatasetError(
-            "dataset.augment runs in TensorFlow's input pipeline, which the JAX backend does not use: remove it, or "
-            "put the random changes in the model (model.params.augment: true for the built-in networks)"
-        )
     return read_source(
         spec,
         lambda root: _read_images(root, spec, seed=seed, console=console, memory_budget=memory_budget),
@@ -257,6 +265,7 @@ def _read_images(
 
     return ArrayFolderData(
         **fields,
+        augment=spec.augment,
         _train=images(folder.train),
         _validation=images(folder.validation) if folder.validation is not None else None,
     )

@@ -9,18 +9,12 @@ have to travel with every snapshot, and they run in the model, where the export 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import tensorflow as tf
 
 from runner.spec import AugmentSpec
-
-_DRAWS = 8
-"""Uniform numbers drawn per image: two flips, turn, zoom, two shifts, contrast, brightness."""
-
-_EPOCH_STRIDE = 1 << 32
-"""Seeds of one epoch's images lie apart from the next epoch's: (epoch x this + image index)."""
+from runner.train.data.augment_transform import DRAWS, EPOCH_STRIDE, transform_rows
 
 
 def augmenter(spec: AugmentSpec, *, seed: int, epoch: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
@@ -29,10 +23,10 @@ def augmenter(spec: AugmentSpec, *, seed: int, epoch: int) -> Callable[[tf.Tenso
 
     def augment(images: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
         seeds = tf.stack(
-            [tf.fill(tf.shape(ids), tf.constant(seed, tf.int64)), tf.cast(ids, tf.int64) + epoch * _EPOCH_STRIDE], 1
+            [tf.fill(tf.shape(ids), tf.constant(seed, tf.int64)), tf.cast(ids, tf.int64) + epoch * EPOCH_STRIDE], 1
         )
         draws = tf.map_fn(
-            lambda pair: tf.random.stateless_uniform([_DRAWS], seed=pair), seeds, fn_output_signature=tf.float32
+            lambda pair: tf.random.stateless_uniform([DRAWS], seed=pair), seeds, fn_output_signature=tf.float32
         )
         spread = 2.0 * draws - 1.0  # each in [-1, 1)
         if spec.flip in ("horizontal", "both"):
@@ -60,25 +54,7 @@ def _transform(images: tf.Tensor, spec: AugmentSpec, spread: tf.Tensor) -> tf.Te
     """Turn about the centre, zoom and shift in one resampling (bilinear, edges reflected, as Keras' layers)."""
     shape = tf.shape(images)
     height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    angle = spec.rotation * 2.0 * math.pi * spread[:, 2]
-    scale = 1.0 + spec.zoom * spread[:, 3]  # above 1: zoomed in
-    shift_x, shift_y = spec.translation * width * spread[:, 4], spec.translation * height * spread[:, 5]
-    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
-    centre_x, centre_y = (width - 1.0) / 2.0, (height - 1.0) / 2.0
-    # Each output pixel (x, y) reads the input at (a0 x + a1 y + a2, b0 x + b1 y + b2).
-    transforms = tf.stack(
-        [
-            cos,
-            sin,
-            centre_x - cos * centre_x - sin * centre_y - shift_x,
-            -sin,
-            cos,
-            centre_y + sin * centre_x - cos * centre_y - shift_y,
-            tf.zeros_like(cos),
-            tf.zeros_like(cos),
-        ],
-        axis=1,
-    )
+    transforms = transform_rows(spec, spread, height, width, tf)
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images,
         transforms=transforms,

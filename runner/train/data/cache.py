@@ -46,6 +46,7 @@ from runner.train.data.download import Identity, download, probe, same_file
 DRIVE_ROOT = Path("/content/drive")
 """Where Colab mounts Google Drive: sources under it are copied to local disk before training reads them."""
 
+
 @dataclass(frozen=True)
 class DatasetSource:
     """What ``dataset.source`` names: a URL, an archive file or a folder."""

@@ -35,6 +35,22 @@ def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(count)
 
 
+def first_sample(data: Any, *, epoch: int, start_step: int, start_sample: int | None) -> int:
+    """Where in ``epoch``'s order a pass over ``data``'s training examples starts: at batch ``start_step``, or at
+    sample ``start_sample`` (after the batch size changed mid-epoch, the samples done are no longer a multiple of
+    the batch size). A value out of range is a ``ValueError`` that names it."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be 0 or more, got {epoch!r}")
+    if not 0 <= start_step <= data.steps_per_epoch:
+        raise ValueError(f"start_step must be between 0 and {data.steps_per_epoch}, got {start_step!r}")
+    if start_sample is None:
+        return int(min(start_step * data.batch_size, data.num_train))
+    if start_step or not 0 <= start_sample <= data.num_train:
+        limits = f"between 0 and {data.num_train}, without start_step"
+        raise ValueError(f"start_sample must be {limits}, got {start_sample!r}")
+    return start_sample
+
+
 def naming_the_copy(error: DatasetError, root: Path, cache_dir: Path) -> DatasetError:
     """``error``, naming the local copy it was found in when runner reads one (not the user's own folder)."""
     if not root.is_relative_to(cache_dir):

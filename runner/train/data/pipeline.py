@@ -27,6 +27,7 @@ from runner.train.data.common import (
     MEMORY_BUDGET_BYTES,
     decode_progress,
     epoch_order,
+    first_sample,
     folder_fields,
     read_source,
 )
@@ -111,15 +112,7 @@ class ImageFolderData:
         ``start_sample`` starts at that sample of the epoch's order instead: after the batch size changed mid-epoch,
         the samples done are no longer a multiple of the batch size.
         """
-        if epoch < 0:
-            raise ValueError(f"epoch must be 0 or more, got {epoch!r}")
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step must be between 0 and {self.steps_per_epoch}, got {start_step!r}")
-        if start_sample is None:
-            start_sample = min(start_step * self.batch_size, self.num_train)
-        elif start_step or not 0 <= start_sample <= self.num_train:
-            limits = f"between 0 and {self.num_train}, without start_step"
-            raise ValueError(f"start_sample must be {limits}, got {start_sample!r}")
+        start_sample = first_sample(self, epoch=epoch, start_step=start_step, start_sample=start_sample)
         order = epoch_order(self.seed, epoch, self.num_train)
         augment = None if self.augment is None else augmenter(self.augment, seed=self.seed, epoch=epoch)
         return self._finish(self._train.batches(order[start_sample:], self.batch_size), self.class_weights, augment)

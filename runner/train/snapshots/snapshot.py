@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import keras
 import numpy as np
 
-from runner.errors import CheckpointCorrupt
+from runner.errors import CheckpointCorrupt, TrainerError
 from runner.train.models.build import finalize_layers
 
 STATE_FILE = "state.json"
@@ -81,6 +81,9 @@ class TrainingState:
     trajectory (the batch is split, and summed, another way)."""
     backend: str = "tensorflow"
     """The Keras backend that took the snapshot."""
+    precision: str | None = None
+    """Keras' dtype policy the model trained under (``float32``, ``mixed_float16``, ``mixed_bfloat16``); ``None`` in
+    snapshots written before it was recorded."""
     callbacks: dict[str, Any] | None = None
     """The state of the Keras callbacks of a job of the user's own code (``runner.fit``), by callback."""
     callback_arrays: dict[str, list[np.ndarray]] | None = field(default=None, repr=False, compare=False)
@@ -283,6 +286,7 @@ def _load_variables(model: keras.Model, folder: Path, state: TrainingState, chec
     with np.load(folder / VARIABLES_FILE) as arrays:
         _assign(_model_variables(model), arrays, "model", checkpoint)
         finalize_layers(model)
+        _check_same_optimizer(model, arrays, state, checkpoint)
         _assign(_optimizer_variables(model), arrays, "optimizer", checkpoint)
         model.reset_metrics()
         # Not built yet: a user's fit of data runner cannot describe; its epoch starts with fresh metrics anyway.
@@ -296,6 +300,25 @@ def _load_variables(model: keras.Model, folder: Path, state: TrainingState, chec
         for name in sorted(name for name in arrays.files if name.startswith(f"{CALLBACKS}/")):
             held.setdefault(name.split("/")[1], []).append(arrays[name])
         state.callback_arrays = held or None
+
+
+def _check_same_optimizer(model: keras.Model, arrays: Any, state: TrainingState, checkpoint: str) -> None:
+    """Refuse, in one line naming both, a snapshot of another backend or dtype policy whose optimizer has other
+    variables: mixed precision's float16 keeps a loss scale (Keras' ``LossScaleOptimizer``), a TPU's bfloat16
+    none. The checkpoint is sound, so this is not :class:`CheckpointCorrupt` (which would pass over it)."""
+    held = sum(name.startswith("optimizer/") for name in arrays.files)
+    here = len(_optimizer_variables(model))
+    backend, policy = keras.backend.backend(), keras.config.dtype_policy().name
+    if held == here or (state.backend == backend and state.precision in (None, policy)):
+        return
+    then = f"the {state.precision} policy" if state.precision else "another dtype policy"
+    raise TrainerError(
+        f"checkpoint {checkpoint} was trained on Keras' {state.backend} backend under {then}, whose "
+        f"optimizer has {held} variables, and this session runs {backend} under {policy}, whose optimizer has "
+        f"{here} (float16 keeps a loss scale, a TPU's bfloat16 none): resume the job on {state.backend} under "
+        f"{then} (KERAS_BACKEND={state.backend}, on the same kind of accelerator), or `runner edit` it with another "
+        "training.mixed_precision to train again from the start"
+    )
 
 
 def _assign_per_device(model: keras.Model, arrays: Any) -> None:
