@@ -3,7 +3,7 @@
 Real `runner work` processes train the tiny digits job on JAX's CPU: it trains, snapshots, dies by SIGKILL after
 commits and resumes bit for bit, exports, and shows its backend in status; on two and four JAX devices it trains
 data parallel (``keras.distribution.DataParallel``). CI runs this file on both legs that have JAX, one of them a
-machine without TensorFlow. A checkpoint written on TensorFlow resumes on JAX with every variable exact.
+machine without TensorFlow. A checkpoint written on either backend resumes on the other with every variable exact.
 """
 
 from __future__ import annotations
@@ -156,10 +156,13 @@ def test_data_parallel_on_several_jax_devices_resumes_bit_identical(
     assert_same_result(run, reference)
 
 
-@pytest.mark.skipif(not HAS_TENSORFLOW, reason="needs TensorFlow too, to write the checkpoint")
-def test_a_tensorflow_checkpoint_resumes_on_jax_with_every_variable_exact(digits: Path, tmp_path: Path) -> None:
+@pytest.mark.skipif(not HAS_TENSORFLOW, reason="needs TensorFlow too, to write or read the checkpoint")
+@pytest.mark.parametrize(("before", "after"), [("tensorflow", "jax"), ("jax", "tensorflow")])
+def test_a_checkpoint_resumes_on_the_other_backend_with_every_variable_exact(
+    digits: Path, tmp_path: Path, before: str, after: str
+) -> None:
     run = new_run(tmp_path, digits, seed=4, training=THREE_PER_CALL, checkpoint=EVERY_CALL)
-    run.env = jax_env(tmp_path, backend="tensorflow")
+    run.env = jax_env(tmp_path, backend=before)
     run.session(Kill.after_commit(2, delay_s=(0.0, 0.05)))
     assert run.sessions[0].landed, run.summary()
     checkpoint = run.job.paths.checkpoints / str(run.sessions[0].must_restore)
@@ -167,21 +170,21 @@ def test_a_tensorflow_checkpoint_resumes_on_jax_with_every_variable_exact(digits
     restored = subprocess.run(
         [sys.executable, "-m", "tests.support.restore_elsewhere", str(run.job.paths.folder), str(checkpoint),
          str(tmp_path / "scratch")],
-        capture_output=True, text=True, env=jax_env(tmp_path), cwd=REPO, timeout=300, check=False,
+        capture_output=True, text=True, env=jax_env(tmp_path, backend=after), cwd=REPO, timeout=300, check=False,
     )  # fmt: skip
     assert restored.returncode == 0, restored.stderr[-2000:]
     compared = json.loads(restored.stdout.splitlines()[-1])
-    assert compared["backend"] == "jax" and compared["compared"] > 20
-    assert compared["differ"] == [], "restored on JAX, these arrays are not the checkpoint's"
+    assert compared["backend"] == after and compared["compared"] > 20
+    assert compared["differ"] == [], f"restored on {after}, these arrays are not the checkpoint's"
 
-    run.env = jax_env(tmp_path)
+    run.env = jax_env(tmp_path, backend=after)
     result = run.finish()
-    message = "was written by Keras' tensorflow backend and this session runs jax"
+    message = f"was written by Keras' {before} backend and this session runs {after}"
     assert message in result.stderr, result.stderr[-2000:]
     (changed,) = run.events("backend-changed")
-    assert (changed["before"], changed["after"]) == ("tensorflow", "jax")
+    assert (changed["before"], changed["after"]) == (before, after)
     record = status_record(run.queue, NAME, run.env)
-    assert record["state"] == "done" and record["backend"] == "jax" and message in record["trajectory_changed"]
+    assert record["state"] == "done" and record["backend"] == after and message in record["trajectory_changed"]
     check_resumes(run)
 
 
@@ -259,3 +262,18 @@ def test_the_users_own_code_is_refused_on_jax_in_one_line(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().startswith("runner.fit, runner.keras.Checkpointing and runner.data train your own code")
     assert "Keras runs on jax here: set KERAS_BACKEND=tensorflow" in done.stdout
+
+
+@only_without_tensorflow
+def test_deterministic_on_a_jax_gpu_without_xla_s_flag_is_warned_about_with_the_fix() -> None:
+    """XLA reads its flags once per process, so runner cannot set the GPU's determinism flag for one job; it says
+    when ``deterministic: true`` cannot hold. (No GPU here: the decision is checked for each platform.)"""
+    from runner.train.backends.jax import GPU_DETERMINISM_FLAG, determinism_warning
+
+    warning = determinism_warning(deterministic=True, platform="gpu", xla_flags="--xla_gpu_autotune_level=0")
+    assert warning is not None and f"XLA_FLAGS={GPU_DETERMINISM_FLAG}" in warning and "\n" not in warning
+    flags = f"--xla_gpu_autotune_level=0 {GPU_DETERMINISM_FLAG}"
+    assert determinism_warning(deterministic=True, platform="gpu", xla_flags=flags) is None
+    assert determinism_warning(deterministic=True, platform="cpu", xla_flags="") is None
+    assert determinism_warning(deterministic=True, platform="tpu", xla_flags="") is None
+    assert determinism_warning(deterministic=False, platform="gpu", xla_flags="") is None

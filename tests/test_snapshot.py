@@ -125,6 +125,25 @@ def test_a_snapshot_of_another_mixed_precision_is_refused_in_one_line_naming_bot
         load_snapshot(plain, tmp_path / "older", checkpoint="c0")
 
 
+def test_a_snapshot_of_a_newer_format_is_refused_in_one_line_not_taken_for_damaged(tmp_path: Path) -> None:
+    import json
+
+    from runner.errors import CheckpointCorrupt, TrainerError
+    from runner.train.snapshots.snapshot import SNAPSHOT_FORMAT, STATE_FILE
+
+    model = tiny_model()
+    capture_snapshot(model, TrainingState(epoch=1)).write(tmp_path / "snapshot")
+    state_file = tmp_path / "snapshot" / STATE_FILE
+    document = json.loads(state_file.read_text())
+    assert document["format"] == SNAPSHOT_FORMAT
+    state_file.write_text(json.dumps({**document, "format": SNAPSHOT_FORMAT + 1, "a_later_field": 1}))
+
+    with pytest.raises(TrainerError) as refused:
+        load_snapshot(model, tmp_path / "snapshot", checkpoint="c9")
+    assert not isinstance(refused.value, CheckpointCorrupt)
+    assert f"checkpoint c9 was written by a newer runner (snapshot format {SNAPSHOT_FORMAT + 1}" in str(refused.value)
+
+
 @pytest.mark.parametrize(
     "value",
     [

@@ -84,7 +84,9 @@ class KerasTrainer:
         if spec.training.class_weight is not None:
             data = dataclasses.replace(data, class_weights=class_weights(spec.training.class_weight, data))
             _say_class_weights(context, data)
-        backend.configure_determinism(spec)
+        if (warning := backend.configure_determinism(spec)) is not None:
+            context.console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
+            context.log.warning("%s", warning)
         policy = configure_precision(spec)
         placement = _placed(context, backend)
         try:

@@ -79,7 +79,7 @@ def _visible_devices() -> list[str]:
 
 def place(setting: str, *, batch_size: int) -> tuple[Placement, str | None]:
     """The placement for ``training.distribute`` and a warning to show (once per process), or ``None``. Any
-``batch_size`` splits (unevenly where it must: a device may get one image fewer, or none)."""
+    ``batch_size`` splits (unevenly where it must: a device may get one image fewer, or none)."""
     devices = _visible_devices()
     if setting == "none" or (setting == "auto" and len(devices) < 2):
         return Placement(tuple(devices[:1])), None

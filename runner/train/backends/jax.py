@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "StepLoop",
     "check_exports",
     "configure_determinism",
+    "determinism_warning",
     "evaluate_loop",
     "image_reader",
     "is_out_of_memory",
@@ -92,10 +94,31 @@ def no_gpu_advice() -> str:
     )
 
 
-def configure_determinism(spec: JobSpec) -> None:
-    """Seed every generator from the spec. XLA on the CPU is deterministic; on a GPU, bit-identical steps need
-    ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` set before Python starts (docs/colab.md)."""
+GPU_DETERMINISM_FLAG = "--xla_gpu_deterministic_ops=true"
+"""What XLA on a GPU needs for bit-identical steps. XLA reads its flags once, when JAX first starts a device, so a
+worker cannot turn it on for one job: it is the user's to set before Python starts."""
+
+
+def configure_determinism(spec: JobSpec) -> str | None:
+    """Seed every generator from the spec; a warning to show when ``deterministic`` cannot hold here, or ``None``.
+    XLA on the CPU (and a TPU) is deterministic; on a GPU only with :data:`GPU_DETERMINISM_FLAG`."""
     keras.utils.set_random_seed(spec.training.seed)
+    return determinism_warning(
+        deterministic=spec.training.deterministic,
+        platform=jax.default_backend(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
+
+
+def determinism_warning(*, deterministic: bool, platform: str, xla_flags: str) -> str | None:
+    """Why ``deterministic: true`` does not hold on ``platform`` with these XLA flags, and the fix; or ``None``."""
+    if not deterministic or platform != "gpu" or GPU_DETERMINISM_FLAG in xla_flags.split():
+        return None
+    return (
+        f"training.deterministic: true, but XLA on the GPU is deterministic only with XLA_FLAGS={GPU_DETERMINISM_FLAG}, "
+        "which is not set: a resumed run may differ from an uninterrupted one in the last bits; set it before Python "
+        "starts (in a notebook, os.environ in the first cell, before keras is imported)"
+    )
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -70,11 +70,13 @@ def no_gpu_advice() -> str:
     )
 
 
-def configure_determinism(spec: JobSpec) -> None:
-    """Seed every generator from the spec; with ``deterministic``, also make TensorFlow's ops deterministic."""
+def configure_determinism(spec: JobSpec) -> str | None:
+    """Seed every generator from the spec; with ``deterministic``, also make TensorFlow's ops deterministic (which
+    holds everywhere: no warning to give)."""
     keras.utils.set_random_seed(spec.training.seed)
     if spec.training.deterministic:
         tf.config.experimental.enable_op_determinism()
+    return None
 
 
 def is_out_of_memory(error: BaseException) -> bool:

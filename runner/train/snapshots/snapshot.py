@@ -9,7 +9,10 @@ generation and the batch size in effect. The data order is a pure function of (s
 the whole data state.
 
 Format 1 (before the metric variables were saved) held the epoch's metrics as sums in ``state.json``; such a
-snapshot still loads, with the epoch's running metrics starting again from the resume point.
+snapshot still loads, with the epoch's running metrics starting again from the resume point. Format 3 added the
+devices, backend and dtype policy a snapshot was trained with, and each device's part of the metrics' totals
+(a format 2 snapshot loads as one device's, on TensorFlow). A snapshot of a newer format than this runner
+reads is refused in one line, never taken for a damaged one.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from runner.train.models.build import finalize_layers
 
 STATE_FILE = "state.json"
 VARIABLES_FILE = "variables.npz"
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 BEST = "best"
 """The prefix of the best epoch's model variables in ``variables.npz`` (only when the spec keeps them)."""
 PER_DEVICE = "per_device"
@@ -265,7 +268,12 @@ def load_snapshot(
     error: Exception | None = None
     try:
         document = json.loads((folder / STATE_FILE).read_text())
-        document.pop("format", None)
+        written = document.pop("format", 1)
+        if isinstance(written, int) and written > SNAPSHOT_FORMAT:
+            raise TrainerError(
+                f"checkpoint {checkpoint} was written by a newer runner (snapshot format {written}; this runner "
+                f"reads up to {SNAPSHOT_FORMAT}): install the runner that trained the job on this machine too"
+            )
         document.pop("sums", None)  # format 1: the epoch's metrics were sums here
         state = TrainingState(**document)
     except (OSError, ValueError, TypeError) as failure:
