@@ -277,3 +277,36 @@ def test_deterministic_on_a_jax_gpu_without_xla_s_flag_is_warned_about_with_the_
     assert determinism_warning(deterministic=True, platform="cpu", xla_flags="") is None
     assert determinism_warning(deterministic=True, platform="tpu", xla_flags="") is None
     assert determinism_warning(deterministic=False, platform="gpu", xla_flags="") is None
+
+
+@only_without_tensorflow
+def test_out_of_memory_on_jax_halves_the_batch_or_fails_in_one_line(digits: Path, tmp_path: Path) -> None:
+    """XLA's out-of-memory error (``RESOURCE_EXHAUSTED``, from a stand-in for a small GPU's memory) is what
+    ``on_oom`` acts on: ``halve_batch`` halves until a batch fits and finishes, ``fail`` says what to change."""
+    env = jax_env(tmp_path)
+    queue = tmp_path / "queue"
+    model = {"builtin": None, "factory": "tests.support.jax_memory_limit:oom_model", "params": {"max_batch": 5}}
+    for name, on_oom in (("halve", "halve_batch"), ("fail", "fail")):
+        training = {"epochs": 2, "steps_per_execution": 1, "on_oom": on_oom}
+        submit_keras_spec(
+            tmp_path, queue, digits, name, env, dataset={"batch_size": 16}, model=model, training=training
+        )
+    result = run_cli("work", "--queue", str(queue), env=env, timeout=600)
+    said = " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+    ooms = [event for event in job_of(queue, "halve").events.read() if event["event"] == "oom"]
+    assert [(oom["batch_size_from"], oom["batch_size_to"]) for oom in ooms] == [(16, 8), (8, 4)], said[-3000:]
+    state = job_of(queue, "halve").read_state()
+    assert (state.status.value, state.batch_size, state.backend) == ("done", 4, "jax")
+    assert "on with batch size 4" in said
+    assert len(job_of(queue, "halve").paths.history.read_text().splitlines()) == 3  # a header and 2 epochs
+
+    line = (
+        "out of memory at batch size 16 and image size 16x16: lower dataset.batch_size (to 8, say) or "
+        "dataset.image_size (to [8, 8], say), or set training.on_oom: halve_batch"
+    )
+    assert f"job 'fail' failed: {line}" in said
+    failed = job_of(queue, "fail").read_state()
+    assert (failed.status.value, failed.error) == ("failed", line)
+    assert "RESOURCE_EXHAUSTED" in job_of(queue, "fail").paths.log.read_text()  # the whole story in the log
