@@ -166,6 +166,8 @@ def test_a_checkpoint_resumes_on_the_other_backend_with_every_variable_exact(
     run.session(Kill.after_commit(2, delay_s=(0.0, 0.05)))
     assert run.sessions[0].landed, run.summary()
     checkpoint = run.job.paths.checkpoints / str(run.sessions[0].must_restore)
+    written = json.loads((checkpoint / "state.json").read_text())
+    assert (written["backend"], written["devices"], written["precision"]) == (before, 1, "float32")
 
     restored = subprocess.run(
         [sys.executable, "-m", "tests.support.restore_elsewhere", str(run.job.paths.folder), str(checkpoint),
@@ -272,8 +274,11 @@ def test_deterministic_on_a_jax_gpu_without_xla_s_flag_is_warned_about_with_the_
 
     warning = determinism_warning(deterministic=True, platform="gpu", xla_flags="--xla_gpu_autotune_level=0")
     assert warning is not None and f"XLA_FLAGS={GPU_DETERMINISM_FLAG}" in warning and "\n" not in warning
-    flags = f"--xla_gpu_autotune_level=0 {GPU_DETERMINISM_FLAG}"
-    assert determinism_warning(deterministic=True, platform="gpu", xla_flags=flags) is None
+    for on in (GPU_DETERMINISM_FLAG, "--xla_gpu_deterministic_ops", "--xla_gpu_deterministic_ops=True"):
+        flags = f"--xla_gpu_autotune_level=0 {on}"
+        assert determinism_warning(deterministic=True, platform="gpu", xla_flags=flags) is None, flags
+    off = f"{GPU_DETERMINISM_FLAG} --xla_gpu_deterministic_ops=false"  # the last one counts, as in XLA
+    assert determinism_warning(deterministic=True, platform="gpu", xla_flags=off) is not None
     assert determinism_warning(deterministic=True, platform="cpu", xla_flags="") is None
     assert determinism_warning(deterministic=True, platform="tpu", xla_flags="") is None
     assert determinism_warning(deterministic=False, platform="gpu", xla_flags="") is None

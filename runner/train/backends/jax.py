@@ -112,13 +112,19 @@ def configure_determinism(spec: JobSpec) -> str | None:
 
 def determinism_warning(*, deterministic: bool, platform: str, xla_flags: str) -> str | None:
     """Why ``deterministic: true`` does not hold on ``platform`` with these XLA flags, and the fix; or ``None``."""
-    if not deterministic or platform != "gpu" or GPU_DETERMINISM_FLAG in xla_flags.split():
+    if not deterministic or platform != "gpu" or _flag_on(xla_flags, GPU_DETERMINISM_FLAG.split("=")[0]):
         return None
     return (
         f"training.deterministic: true, but XLA on the GPU is deterministic only with XLA_FLAGS={GPU_DETERMINISM_FLAG}, "
         "which is not set: a resumed run may differ from an uninterrupted one in the last bits; set it before Python "
         "starts (in a notebook, os.environ in the first cell, before keras is imported)"
     )
+
+
+def _flag_on(xla_flags: str, name: str) -> bool:
+    """Whether the boolean XLA flag ``name`` is on in ``xla_flags`` (``--name``, ``--name=true``, ``=1``...)."""
+    values = [word.partition("=")[2] for word in xla_flags.split() if word.partition("=")[0] == name]
+    return bool(values) and values[-1].lower() in ("", "true", "1")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -7,11 +7,12 @@ are a pure function of (seed, epoch, image), as on TensorFlow: a resumed job aug
 uninterrupted one would, in whatever batch it lands (after a halved batch too), with no generator state to keep.
 The numbers differ from TensorFlow's stateless ones, as the decoded pixels already do (a job is best kept on one
 backend). The turn, zoom and shift resample with ``keras.ops.image.affine_transform`` (bilinear, edges
-reflected), which runs on the accelerator JAX has.
+reflected), on the host's CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import keras
@@ -56,11 +57,25 @@ def array_augmenter(spec: AugmentSpec, *, seed: int, epoch: int) -> Callable[[np
 
 def resample(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``images`` turned, zoomed and shifted by one projective transform row each: bilinear, edges reflected, as
-    TensorFlow's ``ImageProjectiveTransformV3`` on the other pipeline."""
-    transformed = keras.ops.image.affine_transform(
-        images, rows.astype(np.float32), interpolation="bilinear", fill_mode="reflect", data_format="channels_last"
-    )
-    return keras.ops.convert_to_numpy(transformed)
+    TensorFlow's ``ImageProjectiveTransformV3`` on the other pipeline.
+
+    On JAX this runs on the host's CPU, as tf.data's augmentation does: the batch is a NumPy array on the host
+    already, an accelerator's default matmul precision (bfloat16 on a TPU) would move the sampling points, and
+    the coordinates' temporary arrays (about 1 GB for 128 images of 224x224x3) would compete with training for
+    the accelerator's memory."""
+    with _on_the_host():
+        transformed = keras.ops.image.affine_transform(
+            images, rows.astype(np.float32), interpolation="bilinear", fill_mode="reflect", data_format="channels_last"
+        )
+        return keras.ops.convert_to_numpy(transformed)
+
+
+def _on_the_host() -> contextlib.AbstractContextManager[object]:
+    if keras.backend.backend() != "jax":
+        return contextlib.nullcontext()
+    import jax  # noqa: PLC0415 (only on the JAX backend)
+
+    return jax.default_device(jax.devices("cpu")[0])
 
 
 def _flip(images: np.ndarray, which: np.ndarray, *, axis: int) -> np.ndarray:

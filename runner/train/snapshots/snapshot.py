@@ -10,9 +10,8 @@ the whole data state.
 
 Format 1 (before the metric variables were saved) held the epoch's metrics as sums in ``state.json``; such a
 snapshot still loads, with the epoch's running metrics starting again from the resume point. Format 3 added the
-devices, backend and dtype policy a snapshot was trained with, and each device's part of the metrics' totals
-(a format 2 snapshot loads as one device's, on TensorFlow). A snapshot of a newer format than this runner
-reads is refused in one line, never taken for a damaged one.
+dtype policy a snapshot was trained under (``precision``). A snapshot of a newer format than this runner reads is
+refused in one line that says so, never reported as a damaged one.
 """
 
 from __future__ import annotations
@@ -292,9 +291,9 @@ def load_snapshot(
 
 def _load_variables(model: keras.Model, folder: Path, state: TrainingState, checkpoint: str) -> None:
     with np.load(folder / VARIABLES_FILE) as arrays:
+        _check_same_optimizer(model, arrays, state, checkpoint)  # before any variable changes
         _assign(_model_variables(model), arrays, "model", checkpoint)
         finalize_layers(model)
-        _check_same_optimizer(model, arrays, state, checkpoint)
         _assign(_optimizer_variables(model), arrays, "optimizer", checkpoint)
         model.reset_metrics()
         # Not built yet: a user's fit of data runner cannot describe; its epoch starts with fresh metrics anyway.
@@ -311,14 +310,15 @@ def _load_variables(model: keras.Model, folder: Path, state: TrainingState, chec
 
 
 def _check_same_optimizer(model: keras.Model, arrays: Any, state: TrainingState, checkpoint: str) -> None:
-    """Refuse, in one line naming both, a snapshot of another backend or dtype policy whose optimizer has other
+    """Refuse, in one line naming both, a snapshot trained under another dtype policy whose optimizer has other
     variables: mixed precision's float16 keeps a loss scale (Keras' ``LossScaleOptimizer``), a TPU's bfloat16
-    none. The checkpoint is sound, so this is not :class:`CheckpointCorrupt` (which would pass over it)."""
+    none. The checkpoint is sound, so this is not :class:`CheckpointCorrupt`, whose message would call it
+    damaged and blame a changed model."""
     held = sum(name.startswith("optimizer/") for name in arrays.files)
     here = len(_optimizer_variables(model))
     backend, policy = keras.backend.backend(), keras.config.dtype_policy().name
-    if held == here or (state.backend == backend and state.precision in (None, policy)):
-        return
+    if held == here or state.precision == policy or (state.precision is None and state.backend == backend):
+        return  # the same optimizer, or a difference that is not the policy's: the count check says it
     then = f"the {state.precision} policy" if state.precision else "another dtype policy"
     raise TrainerError(
         f"checkpoint {checkpoint} was trained on Keras' {state.backend} backend under {then}, whose "
