@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Protocol
 
 from rich.console import Console
+from rich.markup import escape
 
 from runner import defaults
 from runner.checkpoints import CheckpointInfo, CheckpointStore
@@ -66,6 +67,11 @@ class RunContext:
     def generation(self) -> int:
         """This claim's generation; stored in each checkpoint."""
         return self.claim.generation
+
+    def warn(self, message: str) -> None:
+        """Say ``message`` as a warning on the console (one line, however long) and in the job's log."""
+        self.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+        self.log.warning("%s", message)
 
     def should_stop(self) -> bool:
         """Whether to checkpoint and stop now: a signal, a cancel, the lease lost, or the time limit reached.

@@ -85,8 +85,7 @@ class KerasTrainer:
             data = dataclasses.replace(data, class_weights=class_weights(spec.training.class_weight, data))
             _say_class_weights(context, data)
         if (warning := backend.configure_determinism(spec)) is not None:
-            context.console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
-            context.log.warning("%s", warning)
+            context.warn(warning)
         policy = configure_precision(spec)
         placement = _placed(context, backend)
         try:
@@ -143,8 +142,7 @@ def _placed(context: RunContext, backend: ModuleType) -> Any:
     """Where the job trains (``training.distribute``), said in the log, the events and state.json (for status)."""
     placement, warning = backend.place(context.spec.training.distribute, batch_size=context.spec.dataset.batch_size)
     if warning is not None:
-        context.console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
-        context.log.warning("%s", warning)
+        context.warn(warning)
     context.job.events.append(
         "devices",
         generation=context.generation,
@@ -656,8 +654,7 @@ class _Session:
             f"checkpoint {checkpoint} {' and '.join(changes)}: training goes on, but from here it differs from an "
             "uninterrupted run"
         )
-        self.context.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
-        self.context.log.warning("%s", message)
+        self.context.warn(message)
         self.context.claim.update(trajectory_changed=message)  # for status: the job's trajectory is not one run's
 
     def _snapshot(self, state: TrainingState, publisher: Publisher) -> None:

@@ -9,8 +9,6 @@ import importlib
 import os
 from types import ModuleType
 
-from rich.markup import escape
-
 from runner.errors import TrainerError
 from runner.settings import ENGINE_BACKENDS
 from runner.training import RunContext
@@ -40,8 +38,7 @@ def warn_if_gpu_unused(context: RunContext, backend: ModuleType) -> bool:
     if not device or device == "CPU" or backend.sees_an_accelerator():
         return False
     message = f"nvidia-smi reports {device}, but {backend.no_gpu_advice()}"
-    context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
-    context.log.warning("%s", message)
+    context.warn(message)
     context.job.events.append("gpu-unused", generation=context.generation, device=device)
     return True
 

@@ -18,11 +18,10 @@ from typing import Any
 import jax
 import keras
 from jax.sharding import NamedSharding, PartitionSpec
-from PIL import UnidentifiedImageError
 
 from runner.errors import TrainerError
 from runner.spec import JobSpec
-from runner.train.data.arrays import image_reader, prepare_dataset
+from runner.train.data.arrays import DECODE_ERRORS, image_reader, prepare_dataset
 from runner.train.engine.jax_loop import JaxEvaluateLoop
 from runner.train.engine.jax_loop import JaxStepLoop as StepLoop
 
@@ -49,8 +48,6 @@ __all__ = [
 
 BACKEND = "jax"
 
-DECODE_ERRORS: tuple[type[BaseException], ...] = (UnidentifiedImageError, OSError, ValueError)
-"""What decoding an image that is not one raises (for `runner predict`)."""
 
 RUNTIME_ERRORS: tuple[type[BaseException], ...] = (jax.errors.JaxRuntimeError,)
 """What a failing step raises (out of memory among them)."""

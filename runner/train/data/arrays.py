@@ -42,6 +42,9 @@ from runner.train.data.image_folder import Examples, find_images
 
 _THREADS = min(16, os.cpu_count() or 2)
 
+DECODE_ERRORS: tuple[type[BaseException], ...] = (UnidentifiedImageError, OSError, ValueError)
+"""What Pillow raises for a file that is not an image it can decode."""
+
 
 @dataclass(frozen=True)
 class _Images:
@@ -61,7 +64,7 @@ class _Images:
         def read(path: Path) -> np.ndarray:
             try:
                 return load(path)
-            except (UnidentifiedImageError, OSError, ValueError) as error:
+            except DECODE_ERRORS as error:
                 raise DatasetError(f"image {path} cannot be decoded ({error}): replace or delete it") from None
 
         return np.stack(list(pool.map(read, [self.files[i] for i in indices]))), self.labels[indices]
@@ -89,7 +92,9 @@ class Batches:
         size = self.data.batch_size
         ids = self.order[number * size : (number + 1) * size]
         images, labels = self.images.take(ids, pool)
-        pixels = images.astype(np.float32) if self.augment is None else self.augment(images.astype(np.float32), ids)
+        pixels = images.astype(np.float32)
+        if self.augment is not None:
+            pixels = self.augment(pixels, ids)
         batch = (pixels, encode_labels(labels, self.data.label_mode, self.data.num_classes))
         return batch if self.weights is None else (*batch, self.weights[labels])
 
@@ -217,7 +222,7 @@ def _decode_all(
     def read_or_none(path: Path) -> np.ndarray | str:
         try:
             return read(path)
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except DECODE_ERRORS as error:
             return str(error).splitlines()[0] if str(error) else type(error).__name__
 
     images: np.ndarray | None = None
