@@ -26,7 +26,7 @@ from runner.spec import JobSpec, load_spec
 from runner.words import counted
 
 KILL_AFTER_EPOCHS = 3
-"""The worker is killed once this many epochs are checkpointed, a few seconds into the next one."""
+"""The worker is killed once this many epochs are done and a checkpoint past them is committed."""
 
 _POLL_S = 0.25
 
@@ -79,12 +79,15 @@ def _start_worker(root: Path) -> subprocess.Popen[bytes]:
 
 
 def _kill_after_checkpoint(queue: Queue, name: str, worker: subprocess.Popen[bytes]) -> tuple[int, int] | None:
-    """SIGKILL the worker a moment after its checkpoint of epoch KILL_AFTER_EPOCHS; (epoch, step) of the newest."""
+    """SIGKILL the worker once a checkpoint past epoch KILL_AFTER_EPOCHS is committed; (epoch, step) of the newest.
+
+    Driven by what the job folder shows, not by a delay: on a CPU that is the first mid-epoch checkpoint of the next
+    epoch (the resume is mid-epoch); on an accelerator whose epochs are shorter than the mid-epoch cadence, the next
+    epoch's end. The worker goes on training while it is signalled, as a session does when Colab drops it."""
     job = queue.job(name)
     while worker.poll() is None:
         state = job.read_state()
-        if state.epoch >= KILL_AFTER_EPOCHS:
-            time.sleep(1.0)  # into the next epoch, so that the resume is mid-epoch
+        if (state.epoch, state.step) > (KILL_AFTER_EPOCHS, 0):
             worker.send_signal(signal.SIGKILL)
             worker.wait()
             state = job.read_state()

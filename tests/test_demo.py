@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.checkpoints import parse_checkpoint_id
 from runner.history import read_history
 from runner.job import Job, JobStatus
 from runner.paths import QueuePaths
@@ -34,14 +35,30 @@ def test_demo_kills_resumes_and_reaches_95_percent(tmp_path: Path) -> None:
     events = job.events.read()
     resumed = [event for event in events if event["event"] == "resumed"]
     assert len(resumed) == 1
-    last_checkpoint_before = [e for e in events if e["event"] == "checkpoint" and e["time"] < resumed[0]["time"]][-1]
-    assert resumed[0]["checkpoint"] == last_checkpoint_before["checkpoint"]
+    assert_resumed_from_the_newest_commit(events, resumed[0])
 
     history = read_history(job.paths.history)
     epochs = load_spec(REPO / "jobs" / "digits.yaml").training.epochs
     assert [row["epoch"] for row in history] == [str(epoch) for epoch in range(epochs)]
     assert float(history[-1]["val_accuracy"]) >= 0.95
     assert (job.paths.final / "model.keras").is_file()
+
+
+def assert_resumed_from_the_newest_commit(events: list[dict], resumed: dict) -> None:
+    """The resume restored the newest checkpoint committed before the kill, and nothing before it was trained again.
+
+    Its ``checkpoint`` event is the last one logged before the resume, unless the kill fell between the checkpoint's
+    rename and its event (the event is written after the commit): then it is newer than every logged one and its
+    event is nowhere in the log."""
+    checkpoints = [event for event in events if event["event"] == "checkpoint"]
+    logged_before = [event["checkpoint"] for event in checkpoints if event["time"] < resumed["time"]]
+    assert logged_before, "the kill landed before the first checkpoint"
+    if resumed["checkpoint"] != logged_before[-1]:
+        newest_logged = max(logged_before, key=parse_checkpoint_id)
+        assert parse_checkpoint_id(resumed["checkpoint"]) > parse_checkpoint_id(newest_logged), "not the newest"
+        assert resumed["checkpoint"] not in {event["checkpoint"] for event in checkpoints}
+    later = [event for event in checkpoints if event["time"] > resumed["time"]]
+    assert later and (later[0]["epoch"], later[0]["step"]) > (resumed["epoch"], resumed["step"]), "work was redone"
 
 
 def test_the_jobs_folder_digits_spec_is_the_bundled_one() -> None:
