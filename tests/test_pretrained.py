@@ -448,14 +448,14 @@ def test_kills_around_the_switch_end_as_the_uninterrupted_run_and_a_resume_downl
     queue = tmp_path / "queue"
     submit_keras_spec(tmp_path, queue, digits, NAME, env, **FINE_TUNED, checkpoint={"every_minutes": 0.000001})
     run = KillRun(queue, NAME, env, rng=random.Random(5), folder=tmp_path)
-    for nth in (2, 3, 2, 3, 2):
+    for nth in (2, 6, 3):  # one resume before the switch (epoch 2), two after it
         run.session(Kill.after_commit(nth, delay_s=(0.0, 0.05)))
     # The last session runs on a fresh machine with no way to the weights: a resume must not need them.
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
     run.env = {**env, "RUNNER_WEIGHTS_URL": "http://127.0.0.1:9"}
     run.finish()
 
-    assert len(run.landed("training")) >= 4, run.summary()
+    assert len(run.landed("training")) == 3, run.summary()
     assert run.mid_epoch_resumes() >= 1, run.summary()
     assert [event for event in run.resumes() if event["epoch"] >= 2], f"no resume after the switch: {run.summary()}"
     assert [event for event in run.resumes() if event["epoch"] < 2], f"no resume before the switch: {run.summary()}"
