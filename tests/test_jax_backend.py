@@ -120,10 +120,13 @@ def test_kills_after_commits_on_jax_resume_bit_identical(digits: Path, tmp_path:
     run = new_run(tmp_path / "killed", digits, seed=11, **overrides)
     run.session(Kill.at("snapshot-taken", 3))
     run.session(Kill.after_commit(2, delay_s=(0.0, 0.05)))
-    run.finish()
+    result = run.finish()
 
     assert all(session.landed for session in run.sessions), run.summary()
     assert ("XLA off" if option == "uncompiled" else "XLA on") in engine_line(run)
+    # The job's own pipeline took the changes (test_augment.py checks what they do to the images).
+    augmented = "augmented (flip horizontal, rotation 0.05, zoom 0.1, brightness 0.1)"
+    assert (augmented in " ".join((result.stdout + result.stderr).split())) == (option == "augmented")
     assert any(event["step"] > 0 for event in run.resumes()), run.summary()
     check_resumes(run)
     assert_same_result(run, reference)

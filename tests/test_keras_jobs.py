@@ -218,6 +218,7 @@ def test_the_augmented_tutorial_job_runs_end_to_end(scratch: Path, tutorial_zip:
     console = console_of(result)
     assert result.returncode == 0, console[-4000:]
     assert "Traceback" not in console
+    assert "augmented (flip horizontal, rotation 0.1, zoom 0.1)" in " ".join(console.split()), console[-4000:]
 
     job = job_of(queue, "cats-vs-dogs-augmented")
     assert_only_changes(

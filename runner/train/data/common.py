@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from runner.errors import DatasetError
 from runner.paths import default_cache_dir
-from runner.spec import DatasetSpec
+from runner.spec import AugmentSpec, DatasetSpec
 from runner.train.data.cache import fetch_source
 from runner.train.data.image_folder import ImageFolder
 
@@ -59,17 +59,24 @@ def naming_the_copy(error: DatasetError, root: Path, cache_dir: Path) -> Dataset
 
 
 def describe(data: Any, console: Console | None) -> None:
-    """One line on the console: how many images and classes, and whether they are kept in memory."""
+    """One line on the console: how many images and classes, whether they are kept in memory, and the changes
+    ``dataset.augment`` makes to the training images."""
     if console is None:
         return
     names = ", ".join(data.class_names[:10]) + (", ..." if data.num_classes > 10 else "")
     where = "kept in memory" if data.in_memory else "decoded from disk every epoch"
+    changes = "" if data.augment is None else f", augmented ({augment_changes(data.augment)})"
     console.print(
         escape(
             f"dataset: {data.num_train} training and {data.num_validation} validation images, "
-            f"{data.num_classes} classes ({names}), {where}"
+            f"{data.num_classes} classes ({names}), {where}{changes}"
         )
     )
+
+
+def augment_changes(augment: AugmentSpec) -> str:
+    """What ``augment`` changes, in the spec's own words: ``flip horizontal, rotation 0.05``."""
+    return ", ".join(f"{name} {value}" for name, value in augment.model_dump().items() if value)
 
 
 @contextmanager
