@@ -81,9 +81,9 @@ def _start_worker(root: Path) -> subprocess.Popen[bytes]:
 def _kill_after_checkpoint(queue: Queue, name: str, worker: subprocess.Popen[bytes]) -> tuple[int, int] | None:
     """SIGKILL the worker once a checkpoint past epoch KILL_AFTER_EPOCHS is committed; (epoch, step) of the newest.
 
-    Driven by what the job folder shows, not by a delay: on a CPU that is the first mid-epoch checkpoint of the next
-    epoch (the resume is mid-epoch); on an accelerator whose epochs are shorter than the mid-epoch cadence, the next
-    epoch's end. The worker goes on training while it is signalled, as a session does when Colab drops it."""
+    Driven by what the job folder shows, not by a delay: the first checkpoint past that epoch, mid-epoch where an
+    epoch outlasts the job's mid-epoch cadence (0.6 s), else at the next epoch's end. The worker goes on training
+    while it is signalled, as a session does when Colab drops it."""
     job = queue.job(name)
     while worker.poll() is None:
         state = job.read_state()
