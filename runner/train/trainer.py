@@ -214,8 +214,7 @@ def _warn_if_unscaled(context: RunContext, model: keras.Model, data: Any) -> Non
     if context.spec.model.factory is None:
         return  # the built-in networks rescale inside
     if (warning := unscaled_input_warning(model, context.spec, data.largest_training_pixel())) is not None:
-        context.console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
-        context.log.warning("%s", warning)
+        context.warn(warning)
 
 
 @dataclass

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import keras
-from rich.markup import escape
 
 from runner.errors import OutOfMemory
 from runner.spec import JobSpec
@@ -77,8 +76,7 @@ def report_halving(
         f"out of {'GPU ' if backends.current().sees_an_accelerator() else ''}memory at batch size {old} ({when}): going back to {where} and on "
         f"with batch size {new} (training.on_oom: halve_batch; this changes the training trajectory)"
     )
-    context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
-    context.log.warning("%s", message)
+    context.warn(message)
     context.job.events.append(
         "oom",
         generation=context.generation,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from rich.markup import escape
 
 from runner import defaults, storage
 from runner.errors import StorageError
@@ -33,8 +32,7 @@ def warn_if_short_of_space(context: RunContext, model: keras.Model) -> bool:
         f"plus one being written need about {needed / 1e6:.1f} MB ({each / 1e6:.1f} MB each): free some space "
         "(on Drive, empty the trash: deleted files count for 30 days) or lower checkpoint.keep"
     )
-    context.console.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
-    context.log.warning("%s", message)
+    context.warn(message)
     context.job.events.append("space-warning", free_bytes=free, needed_bytes=needed, checkpoint_bytes=each)
     return True
 
