@@ -223,7 +223,7 @@ MUTATIONS = (
     Mutation(
         "schedule", "augmentation drawn from a stateful generator, not from (seed, epoch, image)",
         "runner/train/data/augment.py",
-        (("lambda pair: tf.random.stateless_uniform([_DRAWS], seed=pair)", "lambda pair: tf.random.uniform([_DRAWS])"),),
+        (("lambda pair: tf.random.stateless_uniform([DRAWS], seed=pair)", "lambda pair: tf.random.uniform([DRAWS])"),),
         (SCHEDULES,),
     ),
     Mutation(
