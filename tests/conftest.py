@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 from runner.queue import Queue
 from runner.spec import JobSpec, parse_spec
+from tests.support import warm_start
 
 REPO = Path(__file__).resolve().parent.parent
 COUNTING_TRAINER = "tests.support.counting_trainer:CountingTrainer"
@@ -71,14 +73,14 @@ def runner_env(**extra: str) -> dict[str, str]:
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ``python -m runner ARGS`` as a real process and capture its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args],
-        capture_output=True,
-        text=True,
-        env=env or runner_env(),
-        timeout=timeout,
-        cwd=REPO,
-    )
+    process = start_python("-m", "runner", *args, env=env or runner_env())
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.wait(), out, err)
 
 
 def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -87,7 +89,13 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
 
 
 def start_python(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    """Start ``python ARGS`` in the background, in its own process group (so that a test can kill all of it)."""
+    """Start ``python ARGS`` in the background, in its own process group (so that a test can kill all of it);
+    a session that trains starts warm where it can (tests/support/warm_start.py)."""
+    if warm_start.warm_startable(args, env):
+        try:
+            return warm_start.start(args, env, REPO)  # type: ignore[return-value]
+        except (OSError, RuntimeError):
+            pass  # a starter that cannot start or went away: this session starts cold
     return subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,

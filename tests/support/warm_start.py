@@ -1,0 +1,300 @@
+"""Warm starts: each TensorFlow session of the suite a real process of its own, without its five-second import.
+
+A `runner work` that trains the tests' tiny jobs spends most of its life importing TensorFlow and Keras (about
+5 of 7 seconds on two cores), and the suite starts some 150 of them: on two cores that import alone was a third
+of the suite's time. A warm starter is a process that has imported Keras (and with it TensorFlow, or JAX) and
+nothing of runner. For each session it forks a child, which becomes a process group of its own, takes the
+session's pipes, environment, working directory and arguments, and runs ``python -m <module>`` as the interpreter
+does: Python's own top level prints an uncaught exception and exits 1, joins threads and runs ``atexit``
+handlers. So the session is a real process still: the test reads its output, SIGKILLs its group and sees it die
+of SIGKILL, as with :class:`subprocess.Popen`. runner is imported in the child, so all it reads from the
+environment when imported (kill points, the quiet window, the trainer) comes from the session's environment.
+
+What a child shares is what the starter imported, under the starter's environment. So a starter serves only
+sessions whose environment equals its own but for variables that runner alone reads (``RUNNER_*``) and pytest's
+bookkeeping; it imports Keras as ``runner.train`` does (``TF_CPP_MIN_LOG_LEVEL`` defaulting to 2, file
+descriptor 2 silenced); and sessions that change how TensorFlow starts run cold, in a new interpreter: those that
+ask for its start-up messages (``--verbose``, ``$RUNNER_TF_VERBOSE``), split the CPU (``$RUNNER_LOGICAL_CPUS``,
+which sets oneDNN's switch before TensorFlow is imported), or use the counting trainer (no TensorFlow to save).
+A child reseeds Python's and NumPy's global generators, as a new interpreter would; the hash seed is the
+starter's. ``TESTS_COLD_START=1`` turns warm starts off (CI's Colab leg runs so); the demo, the notebook and the
+start-up chatter tests always start cold.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import locale
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+COLD_START_ENV = "TESTS_COLD_START"
+"""Set to 1 to start every session in a new interpreter."""
+
+WARM_MODULES = {"runner": ("work", "predict"), "tests.support.own_code_job": (), "tests.support.colab_cli": ()}
+"""The modules a warm starter runs (with, for runner, the commands that load the trainer)."""
+
+MAX_STARTERS = 3
+"""Starters kept per test process (each holds TensorFlow in memory); the least recently used goes first."""
+
+_OWN_VARIABLES = ("PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_TESTRUNUID", "PYTEST_XDIST_WORKER_COUNT")
+
+
+def warm_startable(args: tuple[str, ...], env: dict[str, str]) -> bool:
+    """Whether ``python ARGS`` under ``env`` may start warm (see the module's docstring)."""
+    if os.environ.get(COLD_START_ENV) == "1" or len(args) < 2 or args[0] != "-m" or args[1] not in WARM_MODULES:
+        return False
+    commands = WARM_MODULES[args[1]]
+    if commands and (len(args) < 3 or args[2] not in commands):
+        return False
+    if "--verbose" in args or env.get("RUNNER_TF_VERBOSE") or env.get("RUNNER_TRAINER"):
+        return False
+    return env.get("RUNNER_LOGICAL_CPUS", "").strip() in ("", "1")
+
+
+def _starter_environment(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith("RUNNER_") and k not in _OWN_VARIABLES}
+
+
+class WarmProcess:
+    """A forked session, with the parts of :class:`subprocess.Popen` the tests use."""
+
+    def __init__(self, args: list[str], pid: int, status: socket.socket, stdout: int, stderr: int) -> None:
+        self.args, self.pid, self.returncode = args, pid, None
+        self.stdin = None
+        encoding = locale.getpreferredencoding(False)
+        self.stdout, self.stderr = open(stdout, encoding=encoding), open(stderr, encoding=encoding)  # noqa: SIM115
+        """As text-mode pipes: for a test that closes them or reads lines (then not :meth:`communicate` too)."""
+        self._status = status
+        self._read: dict[Any, bytearray] = {self.stdout: bytearray(), self.stderr: bytearray()}
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._status], [], [], 0)[0]:
+            self._read_status()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self._status], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            self._read_status()
+        assert self.returncode is not None
+        return self.returncode
+
+    def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while open_pipes := [pipe for pipe in self._read if not pipe.closed]:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = select.select(open_pipes, [], [], left)[0]
+            if not ready:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            for pipe in ready:
+                chunk = os.read(pipe.fileno(), 65536)
+                if chunk:
+                    self._read[pipe] += chunk
+                else:
+                    pipe.close()
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return _text(self._read[self.stdout]), _text(self._read[self.stderr])
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def _read_status(self) -> None:
+        line = _read_line(self._status)
+        self.returncode = int(line) if line else -signal.SIGKILL  # a starter that died took its children along
+        self._status.close()
+
+
+def _text(data: bytes) -> str:
+    """As :class:`subprocess.Popen` decodes a text-mode pipe."""
+    text = data.decode(locale.getpreferredencoding(False))
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_line(sock: socket.socket) -> str:
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+class WarmStarter:
+    """A process that has imported Keras under one environment and forks sessions from it."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.warm_start", str(theirs.fileno())],
+            env=env,
+            cwd=cwd,
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,  # it says why it could not start on the socket; a full pipe would stall it
+        )
+        theirs.close()
+        said = _read_line(self.control)
+        if said != "ready":
+            self.close()
+            raise RuntimeError(f"the warm starter did not start: {said or 'it ended'}")
+
+    def start(self, args: list[str], module_args: tuple[str, ...], env: dict[str, str], cwd: Path) -> WarmProcess:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        try:
+            socket.send_fds(self.control, [b"S"], [theirs.fileno(), out_write, err_write])
+            request = {"module": module_args[1], "argv": list(module_args[2:]), "env": env, "cwd": str(cwd)}
+            ours.sendall(json.dumps(request).encode() + b"\n")
+        finally:
+            for fd in (theirs.fileno(), out_write, err_write):
+                os.close(fd)
+            theirs.detach()
+        pid = _read_line(ours)
+        if not pid:
+            raise RuntimeError("the warm starter went away")
+        return WarmProcess(args, int(pid), ours, out_read, err_read)
+
+    def close(self) -> None:
+        self.control.close()  # the starter reads EOF and ends
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
+
+
+_starters: dict[tuple[tuple[str, str], ...], WarmStarter] = {}
+
+
+def start(args: tuple[str, ...], env: dict[str, str], cwd: Path) -> WarmProcess:
+    """``python ARGS`` under ``env`` in ``cwd``, forked from a warm starter (started on first need)."""
+    starter_env = _starter_environment(env)
+    key = tuple(sorted(starter_env.items()))
+    starter = _starters.pop(key, None)
+    if starter is None or starter.process.poll() is not None:
+        while len(_starters) >= MAX_STARTERS:
+            _starters.pop(next(iter(_starters))).close()
+        starter = WarmStarter(starter_env, cwd)
+    _starters[key] = starter  # most recently used last
+    return starter.start([sys.executable, *args], args, env, cwd)
+
+
+@atexit.register
+def _close_all() -> None:
+    while _starters:
+        _starters.popitem()[1].close()
+
+
+# --- the starter process --------------------------------------------------------------------------------------
+
+
+class _Session:
+    def __init__(self, request: dict[str, Any], stdout: int, stderr: int) -> None:
+        self.request, self.stdout, self.stderr = request, stdout, stderr
+
+    def become(self) -> None:
+        """In the forked child: turn into ``python -m <module> <argv>`` under the session's environment."""
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(self.stdout, 1)
+        os.dup2(self.stderr, 2)
+        for fd in (devnull, self.stdout, self.stderr):
+            os.close(fd)
+        os.chdir(self.request["cwd"])
+        os.environ.clear()
+        os.environ.update(self.request["env"])
+        import random
+
+        random.seed()
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()
+        sys.argv = [self.request["module"], *self.request["argv"]]
+
+    def run(self) -> None:
+        import runpy
+
+        runpy.run_module(self.request["module"], run_name="__main__", alter_sys=True)
+
+
+def _import_keras() -> None:
+    """Import Keras as ``runner.train`` does: TensorFlow's C++ start-up chatter to /dev/null."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _serve(control: socket.socket) -> _Session | None:
+    """Fork a child per request until the test process goes away; in a child, return its session."""
+    children: dict[int, socket.socket] = {}
+    while True:
+        if select.select([control], [], [], 0.02)[0]:
+            message, fds, _, _ = socket.recv_fds(control, 1, 3)
+            if not message:
+                return None
+            status = socket.socket(fileno=fds[0])
+            request = json.loads(_read_line(status))
+            pid = os.fork()
+            if pid == 0:
+                control.close()
+                status.close()
+                for other in children.values():
+                    other.close()
+                return _Session(request, fds[1], fds[2])
+            os.close(fds[1])
+            os.close(fds[2])
+            status.sendall(f"{pid}\n".encode())
+            children[pid] = status
+        while children:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            status = children.pop(pid)
+            try:
+                status.sendall(f"{os.waitstatus_to_exitcode(wait_status)}\n".encode())
+            except OSError:
+                pass  # the test stopped listening
+            status.close()
+
+
+if __name__ == "__main__":
+    _control = socket.socket(fileno=int(sys.argv[1]))
+    try:
+        _import_keras()
+    except BaseException as error:  # noqa: BLE001 - said to the test, which starts cold instead
+        _control.sendall(f"{type(error).__name__}: {error}\n".encode())
+        raise SystemExit(1) from None
+    _control.sendall(b"ready\n")
+    _session = _serve(_control)
+    if _session is not None:
+        _session.become()
+        del _control
+        _session.run()
