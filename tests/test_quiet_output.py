@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.support.warm_start import COLD_START_ENV
 from tests.support.keras_jobs import keras_env, make_digit_folders, submit_keras_spec
 
 pytestmark = pytest.mark.slow
@@ -20,6 +21,7 @@ def test_two_jobs_with_an_h5_export_print_each_line_once_and_no_library_chatter(
     data = make_digit_folders(tmp_path / "digits")  # grayscale: the path that made oneDNN print an E line
     env = keras_env(tmp_path / "cache")
     env.pop("TF_CPP_MIN_LOG_LEVEL")
+    env[COLD_START_ENV] = "1"  # a new interpreter, whose import of TensorFlow is what chatters
     queue = tmp_path / "queue"
     submit_keras_spec(tmp_path, queue, data, "first", env, training={"epochs": 1}, export={"formats": ["keras", "h5"]})
     submit_keras_spec(tmp_path, queue, data, "second", env, training={"epochs": 1}, priority=-1)
@@ -38,6 +40,7 @@ def test_verbose_lets_tensorflows_start_up_messages_through(tmp_path: Path) -> N
     data = make_digit_folders(tmp_path / "digits")
     env = keras_env(tmp_path / "cache")
     env.pop("TF_CPP_MIN_LOG_LEVEL")
+    env[COLD_START_ENV] = "1"  # a new interpreter, whose import of TensorFlow is what chatters
     queue = tmp_path / "queue"
     submit_keras_spec(tmp_path, queue, data, "loud", env, training={"epochs": 1})
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import time
 import subprocess
 from pathlib import Path
 
@@ -57,6 +59,26 @@ def test_a_sigkilled_child_dies_of_sigkill_and_its_output_so_far_is_read(tmp_pat
     out, _ = child.communicate(timeout=30)
     assert child.returncode == -signal.SIGKILL
     assert said(out)["argv"] == ["sleep", "60"] and "atexit ran" not in out
+
+
+def test_an_ended_child_stays_signallable_until_the_test_has_seen_it_end(tmp_path: Path) -> None:
+    """As a Popen child stays a zombie until it is reaped: a test that saw it run may still signal its group."""
+    child = probe("exit", "0", tmp_path=tmp_path)
+    deadline = time.monotonic() + 60
+    while not select.select([child._status], [], [], 0.05)[0]:  # the starter has sent its exit code
+        assert time.monotonic() < deadline
+    os.killpg(child.pid, signal.SIGKILL)  # no ProcessLookupError: not reaped yet
+    child.communicate(timeout=30)
+    assert child.returncode == 0
+
+
+def test_a_session_outlives_its_starter_being_let_go_and_reports_its_own_exit(tmp_path: Path) -> None:
+    child = probe("sleep", "3", tmp_path=tmp_path)
+    for starter in list(warm_start._starters.values()):
+        starter.close()  # as when starters for other environments push it out
+    warm_start._starters.clear()
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0 and out.splitlines()[-1] == "atexit ran"
 
 
 def test_two_children_draw_different_random_numbers(tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ descriptor 2 silenced); and sessions that change how TensorFlow starts run cold,
 ask for its start-up messages (``--verbose``, ``$RUNNER_TF_VERBOSE``), split the CPU (``$RUNNER_LOGICAL_CPUS``,
 which sets oneDNN's switch before TensorFlow is imported), or use the counting trainer (no TensorFlow to save).
 A child reseeds Python's and NumPy's global generators, as a new interpreter would; the hash seed is the
-starter's. ``TESTS_COLD_START=1`` turns warm starts off (CI's Colab leg runs so); the demo, the notebook and the
-start-up chatter tests always start cold.
+starter's, which is why the uninterrupted runs the kill tests compare with start cold. ``TESTS_COLD_START=1``
+turns warm starts off (CI's Colab leg runs so); the demo, the notebook and the start-up chatter tests always
+start cold.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 COLD_START_ENV = "TESTS_COLD_START"
-"""Set to 1 to start every session in a new interpreter."""
+"""Set to 1 in the suite's environment to start every session in a new interpreter, or in a session's to start
+that one so (the start-up chatter tests, the uninterrupted runs that the kill tests compare with)."""
 
 WARM_MODULES = {"runner": ("work", "predict"), "tests.support.own_code_job": (), "tests.support.colab_cli": ()}
 """The modules a warm starter runs (with, for runner, the commands that load the trainer)."""
@@ -50,7 +52,8 @@ _OWN_VARIABLES = ("PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_TE
 
 def warm_startable(args: tuple[str, ...], env: dict[str, str]) -> bool:
     """Whether ``python ARGS`` under ``env`` may start warm (see the module's docstring)."""
-    if os.environ.get(COLD_START_ENV) == "1" or len(args) < 2 or args[0] != "-m" or args[1] not in WARM_MODULES:
+    cold = "1" in (os.environ.get(COLD_START_ENV), env.get(COLD_START_ENV))
+    if cold or len(args) < 2 or args[0] != "-m" or args[1] not in WARM_MODULES:
         return False
     commands = WARM_MODULES[args[1]]
     if commands and (len(args) < 3 or args[2] not in commands):
@@ -74,6 +77,7 @@ class WarmProcess:
         self.stdout, self.stderr = open(stdout, encoding=encoding), open(stderr, encoding=encoding)  # noqa: SIM115
         """As text-mode pipes: for a test that closes them or reads lines (then not :meth:`communicate` too)."""
         self._status = status
+        self._status_lines = status.makefile("rb")
         self._read: dict[Any, bytearray] = {self.stdout: bytearray(), self.stderr: bytearray()}
 
     def poll(self) -> int | None:
@@ -95,7 +99,8 @@ class WarmProcess:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = select.select(open_pipes, [], [], left)[0]
             if not ready:
-                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+                so_far = _text(self._read[self.stdout]), _text(self._read[self.stderr])
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0, *so_far)
             for pipe in ready:
                 chunk = os.read(pipe.fileno(), 65536)
                 if chunk:
@@ -107,7 +112,10 @@ class WarmProcess:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass  # as Popen: it ended meanwhile
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -116,9 +124,11 @@ class WarmProcess:
         self.send_signal(signal.SIGTERM)
 
     def _read_status(self) -> None:
-        line = _read_line(self._status)
-        self.returncode = int(line) if line else -signal.SIGKILL  # a starter that died took its children along
-        self._status.close()
+        line = self._status_lines.readline().strip()
+        # Nothing: the starter died, and the kernel SIGKILLed its children (PR_SET_PDEATHSIG).
+        self.returncode = int(line) if line else -signal.SIGKILL
+        self._status_lines.close()
+        self._status.close()  # the starter reaps the child now: until then it stays a zombie, as under Popen
 
 
 def _text(data: bytes) -> str:
@@ -128,12 +138,13 @@ def _text(data: bytes) -> str:
 
 
 def _read_line(sock: socket.socket) -> str:
+    """One line, byte by byte: nothing after it is taken from the socket."""
     data = bytearray()
     while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
+        byte = sock.recv(1)
+        if not byte:
             break
-        data += chunk
+        data += byte
     return data.decode().strip()
 
 
@@ -162,23 +173,27 @@ class WarmStarter:
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         try:
-            socket.send_fds(self.control, [b"S"], [theirs.fileno(), out_write, err_write])
-            request = {"module": module_args[1], "argv": list(module_args[2:]), "env": env, "cwd": str(cwd)}
-            ours.sendall(json.dumps(request).encode() + b"\n")
-        finally:
-            for fd in (theirs.fileno(), out_write, err_write):
-                os.close(fd)
-            theirs.detach()
-        pid = _read_line(ours)
-        if not pid:
-            raise RuntimeError("the warm starter went away")
-        return WarmProcess(args, int(pid), ours, out_read, err_read)
+            try:
+                socket.send_fds(self.control, [b"S"], [theirs.fileno(), out_write, err_write])
+                request = {"module": module_args[1], "argv": list(module_args[2:]), "env": env, "cwd": str(cwd)}
+                ours.sendall(json.dumps(request).encode() + b"\n")
+            finally:
+                theirs.close()
+                os.close(out_write)
+                os.close(err_write)
+            pid = _read_line(ours)
+            if not pid:
+                raise RuntimeError("the warm starter went away")
+            return WarmProcess(args, int(pid), ours, out_read, err_read)
+        except BaseException:
+            ours.close()
+            os.close(out_read)
+            os.close(err_read)
+            raise
 
     def close(self) -> None:
-        self.control.close()  # the starter reads EOF and ends
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.communicate()
+        """Let the starter go: it ends once the sessions it started have ended and been reaped."""
+        self.control.close()
 
 
 _starters: dict[tuple[tuple[str, str], ...], WarmStarter] = {}
@@ -207,12 +222,16 @@ def _close_all() -> None:
 
 
 class _Session:
-    def __init__(self, request: dict[str, Any], stdout: int, stderr: int) -> None:
-        self.request, self.stdout, self.stderr = request, stdout, stderr
+    def __init__(self, request: dict[str, Any], stdout: int, stderr: int, imported_env: dict[str, str]) -> None:
+        self.request, self.stdout, self.stderr, self.imported_env = request, stdout, stderr, imported_env
 
     def become(self) -> None:
         """In the forked child: turn into ``python -m <module> <argv>`` under the session's environment."""
+        starter = os.getppid()
         os.setsid()
+        _die_with_parent()
+        if os.getppid() != starter:  # the starter died before the line above: so do we
+            os._exit(1)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(self.stdout, 1)
@@ -222,6 +241,8 @@ class _Session:
         os.chdir(self.request["cwd"])
         os.environ.clear()
         os.environ.update(self.request["env"])
+        for name, value in self.imported_env.items():  # what importing TensorFlow set (TF2_BEHAVIOR...)
+            os.environ.setdefault(name, value)
         import random
 
         random.seed()
@@ -235,8 +256,19 @@ class _Session:
         runpy.run_module(self.request["module"], run_name="__main__", alter_sys=True)
 
 
-def _import_keras() -> None:
-    """Import Keras as ``runner.train`` does: TensorFlow's C++ start-up chatter to /dev/null."""
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the starter dies (Linux's PR_SET_PDEATHSIG): a starter that
+    crashed reports no exit code, and the test then takes the session for SIGKILLed, which it must be."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def _import_keras() -> dict[str, str]:
+    """Import Keras as ``runner.train`` does (TensorFlow's C++ start-up chatter to /dev/null); the environment
+    variables the import set."""
+    before = dict(os.environ)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -247,53 +279,69 @@ def _import_keras() -> None:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+    return {name: value for name, value in os.environ.items() if before.get(name) != value}
 
 
-def _serve(control: socket.socket) -> _Session | None:
-    """Fork a child per request until the test process goes away; in a child, return its session."""
-    children: dict[int, socket.socket] = {}
-    while True:
-        if select.select([control], [], [], 0.02)[0]:
+def _exit_code(pid: int) -> int | None:
+    """The exit code (as Popen gives it) of a child that has ended, without reaping it; ``None`` if it runs."""
+    ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if ended is None or ended.si_pid == 0:
+        return None
+    return ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
+
+
+def _serve(control: socket.socket, imported_env: dict[str, str]) -> _Session | None:
+    """Fork a child per request; in a child, return its session. Each child's exit code goes to the test on its
+    status socket; the child is reaped only when the test closes that socket, so that until the test has seen it
+    end it stays a zombie whose process group can still be signalled, as with Popen. Once the test process has
+    gone away, serve the children left until they end, then return."""
+    running: dict[int, socket.socket] = {}
+    reported: dict[socket.socket, int] = {}
+    accepting = True
+    while accepting or running or reported:
+        waiting_on = ([control] if accepting else []) + list(reported)
+        for ready in select.select(waiting_on, [], [], 0.02)[0]:
+            if ready is not control:
+                os.waitpid(reported.pop(ready), 0)  # the test has read the exit code
+                ready.close()
+                continue
             message, fds, _, _ = socket.recv_fds(control, 1, 3)
             if not message:
-                return None
+                accepting = False
+                continue
             status = socket.socket(fileno=fds[0])
             request = json.loads(_read_line(status))
             pid = os.fork()
             if pid == 0:
                 control.close()
-                status.close()
-                for other in children.values():
+                for other in (status, *running.values(), *reported):
                     other.close()
-                return _Session(request, fds[1], fds[2])
+                return _Session(request, fds[1], fds[2], imported_env)
             os.close(fds[1])
             os.close(fds[2])
             status.sendall(f"{pid}\n".encode())
-            children[pid] = status
-        while children:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            status = children.pop(pid)
-            try:
-                status.sendall(f"{os.waitstatus_to_exitcode(wait_status)}\n".encode())
-            except OSError:
-                pass  # the test stopped listening
-            status.close()
+            running[pid] = status
+        for pid, status in list(running.items()):
+            if (code := _exit_code(pid)) is not None:
+                del running[pid]
+                try:
+                    status.sendall(f"{code}\n".encode())
+                    reported[status] = pid
+                except OSError:  # the test stopped listening
+                    os.waitpid(pid, 0)
+                    status.close()
+    return None
 
 
 if __name__ == "__main__":
     _control = socket.socket(fileno=int(sys.argv[1]))
     try:
-        _import_keras()
+        _imported_env = _import_keras()
     except BaseException as error:  # noqa: BLE001 - said to the test, which starts cold instead
         _control.sendall(f"{type(error).__name__}: {error}\n".encode())
         raise SystemExit(1) from None
     _control.sendall(b"ready\n")
-    _session = _serve(_control)
+    _session = _serve(_control, _imported_env)
     if _session is not None:
         _session.become()
         del _control
