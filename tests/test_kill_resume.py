@@ -59,7 +59,7 @@ def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Referen
     return uninterrupted_run(tmp, digits, NAME, keras_env(tmp / "cache"))[0]
 
 
-LONG = {"steps_per_execution": 1, "epochs": 8}
+LONG = {**ONE_STEP_PER_CALL, "epochs": 8}
 """With EVERY_STEP, a snapshot after every step, for 72 steps: room for six sessions killed at commits, each of
 which, under load, may hold a snapshot up to ten steps past the one before (the publisher keeps only the newest)."""
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.support.warm_start import COLD_START_ENV
 from tests.support.keras_jobs import keras_env, make_digit_folders, submit_keras_spec
+from tests.support.warm_start import COLD_START_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,6 @@ def test_verbose_lets_tensorflows_start_up_messages_through(tmp_path: Path) -> N
     data = make_digit_folders(tmp_path / "digits")
     env = keras_env(tmp_path / "cache")
     env.pop("TF_CPP_MIN_LOG_LEVEL")
-    env[COLD_START_ENV] = "1"  # a new interpreter, whose import of TensorFlow is what chatters
     queue = tmp_path / "queue"
     submit_keras_spec(tmp_path, queue, data, "loud", env, training={"epochs": 1})
 

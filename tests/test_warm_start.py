@@ -8,8 +8,8 @@ import json
 import os
 import select
 import signal
-import time
 import subprocess
+import time
 from pathlib import Path
 
 import pytest

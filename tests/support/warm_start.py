@@ -77,7 +77,6 @@ class WarmProcess:
         self.stdout, self.stderr = open(stdout, encoding=encoding), open(stderr, encoding=encoding)  # noqa: SIM115
         """As text-mode pipes: for a test that closes them or reads lines (then not :meth:`communicate` too)."""
         self._status = status
-        self._status_lines = status.makefile("rb")
         self._read: dict[Any, bytearray] = {self.stdout: bytearray(), self.stderr: bytearray()}
 
     def poll(self) -> int | None:
@@ -124,10 +123,9 @@ class WarmProcess:
         self.send_signal(signal.SIGTERM)
 
     def _read_status(self) -> None:
-        line = self._status_lines.readline().strip()
+        line = _read_line(self._status)
         # Nothing: the starter died, and the kernel SIGKILLed its children (PR_SET_PDEATHSIG).
         self.returncode = int(line) if line else -signal.SIGKILL
-        self._status_lines.close()
         self._status.close()  # the starter reaps the child now: until then it stays a zombie, as under Popen
 
 
@@ -168,14 +166,15 @@ class WarmStarter:
             self.close()
             raise RuntimeError(f"the warm starter did not start: {said or 'it ended'}")
 
-    def start(self, args: list[str], module_args: tuple[str, ...], env: dict[str, str], cwd: Path) -> WarmProcess:
+    def start(self, args: tuple[str, ...], env: dict[str, str], cwd: Path) -> WarmProcess:
+        """``python -m MODULE ARGV`` (``args``) forked under ``env`` in ``cwd``."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         try:
             try:
                 socket.send_fds(self.control, [b"S"], [theirs.fileno(), out_write, err_write])
-                request = {"module": module_args[1], "argv": list(module_args[2:]), "env": env, "cwd": str(cwd)}
+                request = {"module": args[1], "argv": list(args[2:]), "env": env, "cwd": str(cwd)}
                 ours.sendall(json.dumps(request).encode() + b"\n")
             finally:
                 theirs.close()
@@ -184,7 +183,7 @@ class WarmStarter:
             pid = _read_line(ours)
             if not pid:
                 raise RuntimeError("the warm starter went away")
-            return WarmProcess(args, int(pid), ours, out_read, err_read)
+            return WarmProcess([sys.executable, *args], int(pid), ours, out_read, err_read)
         except BaseException:
             ours.close()
             os.close(out_read)
@@ -209,7 +208,7 @@ def start(args: tuple[str, ...], env: dict[str, str], cwd: Path) -> WarmProcess:
             _starters.pop(next(iter(_starters))).close()
         starter = WarmStarter(starter_env, cwd)
     _starters[key] = starter  # most recently used last
-    return starter.start([sys.executable, *args], args, env, cwd)
+    return starter.start(args, env, cwd)
 
 
 @atexit.register
